@@ -1,5 +1,10 @@
-"""grok: a JAX + Haiku implementation of the Grok-2 architecture, with Grok-1 as a preset."""
+"""grok: a JAX + Haiku implementation of the Grok-2 architecture, with Grok-1 as a preset.
 
+Start with ``grok.load_pretrained(path)`` for a checkpoint in the released layout, or
+``grok.GrokConfig`` and ``grok.model`` for the modules themselves.
+"""
+
+from grok.api import Model, load_pretrained
 from grok.config import GROK1, GROK2, TINY_GROK1, TINY_GROK2, GrokConfig, get_preset, load_config
 from grok.errors import (
     CheckpointError,
@@ -11,6 +16,7 @@ from grok.errors import (
     TokenizerError,
     UnsafePickleError,
 )
+from grok.kv_cache import KVCache
 
 __all__ = [
     "GROK1",
@@ -22,10 +28,13 @@ __all__ = [
     "GenerationError",
     "GrokConfig",
     "GrokError",
+    "KVCache",
     "MemoryPlanError",
+    "Model",
     "ShardingError",
     "TokenizerError",
     "UnsafePickleError",
     "get_preset",
     "load_config",
+    "load_pretrained",
 ]

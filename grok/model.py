@@ -1,0 +1,139 @@
+"""The decoder layer and the language model, as Haiku modules, and the pure forward function.
+
+Glossary: B batch, T query positions, S cache slots, D model width, V vocab, L layers.
+
+    h = embed[tokens] * embedding_multiplier_scale                      # [B, T, D]
+    for each of the L layers (under hk.layer_stack, so compile time does not grow with L):
+        h = h + post_attn_norm(Attention(pre_attn_norm(h)))
+        x = pre_moe_norm(h)
+        h = h + post_moe_norm((DenseMLP(x) + MoE(x)) / sqrt 2)          # Grok-1: MoE(x)
+    logits = final_cap(final_norm(h) @ (lm_head * output_multiplier_scale)^T)
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+from grok.attention import Attention
+from grok.config import GrokConfig
+from grok.kv_cache import KVCache
+from grok.layers import RMSNorm, soft_cap
+from grok.moe import DenseMLP, MoE, residual_moe
+from grok.rope import RopeTable
+
+
+class DecoderLayer(hk.Module):
+    """One block: attention and the (residual) MoE, each between a pre- and a post-norm."""
+
+    def __init__(self, config: GrokConfig, dtype: jnp.dtype, moe_impl: str = "auto", name=None):
+        super().__init__(name=name)
+        self.config = config
+        self.dtype = dtype
+        self.moe_impl = moe_impl
+
+    def __call__(self, h, positions, rope_cos, rope_sin, layer_cache, kv_lengths):
+        """h [B, T, D] -> ([B, T, D], updated layer cache or None)."""
+        cfg, dt = self.config, self.dtype
+        eps = cfg.rms_norm_eps
+        a, layer_cache = Attention(cfg, dt, name="attn")(
+            RMSNorm(eps, dt, name="pre_attn_norm")(h),
+            positions,
+            rope_cos,
+            rope_sin,
+            layer_cache,
+            kv_lengths,
+        )
+        h = h + RMSNorm(eps, dt, name="post_attn_norm")(a)
+        x = RMSNorm(eps, dt, name="pre_moe_norm")(h)
+        dense = DenseMLP(cfg, dt, name="mlp")(x) if cfg.has_dense_mlp else None
+        f = residual_moe(dense, MoE(cfg, dt, name="moe")(x, self.moe_impl))
+        h = h + RMSNorm(eps, dt, name="post_moe_norm")(f)
+        return h, layer_cache
+
+
+class LanguageModel(hk.Module):
+    """Embedding, L decoder layers, final norm and the (untied or tied) head."""
+
+    def __init__(self, config: GrokConfig, dtype: jnp.dtype, moe_impl: str = "auto"):
+        super().__init__(name="grok")
+        self.config = config
+        self.dtype = dtype
+        self.moe_impl = moe_impl
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        rope: RopeTable,
+        cache: KVCache | None,
+        kv_lengths: jax.Array,
+    ) -> tuple[jax.Array, KVCache | None]:
+        cfg, dt = self.config, self.dtype
+        v, d = cfg.vocab_size, cfg.hidden_size
+        embed = hk.get_parameter(
+            "embed_tokens", (v, d), dt, init=hk.initializers.TruncatedNormal(1.0)
+        )  # [V, D]
+        h = embed[tokens] * jnp.asarray(cfg.embedding_multiplier_scale, dt)  # [B, T, D]
+        rope_cos = rope.cos[positions]  # [B, T, H/2]
+        rope_sin = rope.sin[positions]
+
+        def layer(h, k_cache, v_cache):
+            layer_cache = None if k_cache is None else (k_cache, v_cache)
+            h, layer_cache = DecoderLayer(cfg, dt, self.moe_impl, name="layer")(
+                h, positions, rope_cos, rope_sin, layer_cache, kv_lengths
+            )
+            return h, layer_cache
+
+        stack = hk.layer_stack(cfg.num_hidden_layers, with_per_layer_inputs=True, name="layers")
+        if cache is None:
+            h, _ = stack(lambda h: (layer(h, None, None)[0], None))(h)
+            new_cache = None
+        else:
+            h, (k_new, v_new) = stack(layer)(h, cache.k, cache.v)
+            new_cache = KVCache(k=k_new, v=v_new, lengths=kv_lengths)
+
+        out = RMSNorm(cfg.rms_norm_eps, dt, name="final_norm")(h)  # [B, T, D]
+        if cfg.tie_word_embeddings:
+            head = embed
+        else:
+            head = hk.get_parameter(
+                "lm_head", (v, d), dt, init=hk.initializers.VarianceScaling(1.0, "fan_in")
+            )  # [V, D]
+        logits = jnp.einsum("BTD,VD->BTV", out, head, preferred_element_type=jnp.float32)
+        logits = logits * cfg.output_multiplier_scale
+        return soft_cap(logits, cfg.final_logit_softcapping), new_cache  # [B, T, V] float32
+
+
+class ForwardFns(NamedTuple):
+    init: callable
+    apply: callable
+
+
+@functools.lru_cache(maxsize=64)
+def forward_fns(config: GrokConfig, dtype: jnp.dtype, moe_impl: str = "auto") -> ForwardFns:
+    """The model as a pair of pure functions (Haiku ``transform`` without an RNG in apply).
+
+    ``apply(params, tokens [B,T] int32, positions [B,T] int32, rope, cache, kv_lengths [B])``
+    returns ``(logits [B, T, V] float32, cache or None)``.
+    """
+
+    def fn(tokens, positions, rope, cache, kv_lengths):
+        return LanguageModel(config, dtype, moe_impl)(tokens, positions, rope, cache, kv_lengths)
+
+    t = hk.without_apply_rng(hk.transform(fn))
+    return ForwardFns(t.init, t.apply)
+
+
+def init_params(config: GrokConfig, seed: int = 0, dtype: jnp.dtype = jnp.float32) -> dict:
+    """Random parameters for ``config`` (Haiku's initialisers)."""
+    from grok.rope import rope_table
+
+    fns = forward_fns(config, jnp.dtype(dtype))
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    rope = rope_table(config, 1)
+    return fns.init(jax.random.PRNGKey(seed), tokens, tokens, rope, None, jnp.ones((1,), jnp.int32))

@@ -1,0 +1,216 @@
+"""The router, the experts and the residual MoE block.
+
+Glossary: M tokens (B * T flattened), D model width, F dense MLP width, Fe expert width,
+E experts, k experts per token, A = M * k token-expert assignments.
+
+Only the k chosen experts do work for a token:
+- few assignments (decode): each assignment gathers its expert's weights, so only chosen
+  experts' weights are read;
+- many assignments (prefill): assignments are sorted by expert and cut into fixed-size
+  blocks that each belong to one expert (groups padded to the block size); a scan runs one
+  [block, D] x [D, Fe] matmul per block, skipping empty blocks. Work is the active
+  tokens-times-experts plus at most one partial block per expert.
+``moe_dense_reference`` computes every expert and masks: the slow oracle for tests.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+from grok.config import GrokConfig
+from grok.layers import activation, soft_cap
+
+SQRT2 = math.sqrt(2.0)  # the residual MoE divides (dense + MoE) by this
+
+
+def route(
+    x: jax.Array,
+    w_gate: jax.Array,
+    *,
+    cap: float | None,
+    k: int,
+    renormalize: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Top-k routing in float32.
+
+    Args:
+      x: [..., D] tokens; w_gate: [D, E] router weight.
+    Returns:
+      (weights [..., k] float32, experts [..., k] int32, probs [..., E] float32). The weights
+      are the softmax probabilities at the chosen experts, not renormalised unless asked.
+      Ties break toward the lower expert index.
+    """
+    logits = jnp.einsum(
+        "...D,DE->...E",
+        x.astype(jnp.float32),
+        w_gate.astype(jnp.float32),
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    logits = soft_cap(logits, cap)
+    probs = jax.nn.softmax(logits, axis=-1)  # [..., E]
+    weights, experts = jax.lax.top_k(probs, k)  # lax.top_k puts the lower index first on ties
+    if renormalize:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights, experts.astype(jnp.int32), probs
+
+
+def _gated_mlp(x, w1, w3, w2, act):
+    """``w2(act(x w1) * (x w3))`` for x [.., D], w1/w3 [D, F], w2 [F, D]."""
+    return jnp.dot(act(jnp.dot(x, w1)) * jnp.dot(x, w3), w2)
+
+
+def moe_gather(
+    x: jax.Array,
+    weights: jax.Array,
+    experts: jax.Array,
+    w1: jax.Array,
+    w3: jax.Array,
+    w2: jax.Array,
+    act: Callable[[jax.Array], jax.Array],
+) -> jax.Array:
+    """Expert outputs by gathering each assignment's expert weights (for small M).
+
+    x [M, D], weights/experts [M, k], w1/w3 [E, D, Fe], w2 [E, Fe, D] -> [M, D].
+    """
+    g1, g3, g2 = w1[experts], w3[experts], w2[experts]  # [M, k, D, Fe], [M, k, Fe, D]
+    h = act(jnp.einsum("MD,MkDF->MkF", x, g1)) * jnp.einsum("MD,MkDF->MkF", x, g3)
+    y = jnp.einsum("MkF,MkFD->MkD", h, g2)  # [M, k, D]
+    return jnp.einsum("MkD,Mk->MD", y.astype(jnp.float32), weights).astype(x.dtype)
+
+
+def block_size_for(num_assignments: int, num_experts: int) -> int:
+    """Rows per expert block: padding (at most E partial blocks) stays near A / 8."""
+    target = max(8, num_assignments // (8 * num_experts))
+    return min(256, 1 << (target.bit_length() - 1))
+
+
+def moe_blocks(
+    x: jax.Array,
+    weights: jax.Array,
+    experts: jax.Array,
+    w1: jax.Array,
+    w3: jax.Array,
+    w2: jax.Array,
+    act: Callable[[jax.Array], jax.Array],
+    block: int | None = None,
+) -> jax.Array:
+    """Expert outputs by sorting assignments into per-expert blocks (for large M).
+
+    x [M, D], weights/experts [M, k], w1/w3 [E, D, Fe], w2 [E, Fe, D] -> [M, D].
+    """
+    m, d = x.shape
+    k = experts.shape[1]
+    e = w1.shape[0]
+    a = m * k
+    block = block or block_size_for(a, e)
+    num_blocks = a // block + e  # static upper bound on blocks after per-expert padding
+
+    flat_expert = experts.reshape(a)  # [A]
+    order = jnp.argsort(flat_expert, stable=True)  # [A], assignments sorted by expert
+    sorted_expert = flat_expert[order]
+    group_sizes = jnp.bincount(flat_expert, length=e)  # [E]
+    padded_sizes = (group_sizes + block - 1) // block * block
+    padded_ends = jnp.cumsum(padded_sizes)
+    padded_starts = padded_ends - padded_sizes
+    group_starts = jnp.cumsum(group_sizes) - group_sizes
+    rank_in_group = jnp.arange(a) - group_starts[sorted_expert]
+    dest = padded_starts[sorted_expert] + rank_in_group  # [A] row in the padded buffer
+
+    rows = num_blocks * block
+    token_of = order // k  # [A] source token of each sorted assignment
+    xs = jnp.zeros((rows, d), x.dtype).at[dest].set(x[token_of])  # [R, D]
+    block_start = jnp.arange(num_blocks) * block
+    block_expert = jnp.minimum(jnp.searchsorted(padded_ends, block_start, side="right"), e - 1)
+    block_used = block_start < padded_ends[-1]
+
+    def one_block(_, inputs):
+        xb, eb, used = inputs  # [block, D], (), ()
+        yb = jax.lax.cond(
+            used,
+            lambda: _gated_mlp(xb, w1[eb], w3[eb], w2[eb], act),
+            lambda: jnp.zeros_like(xb),
+        )
+        return None, yb
+
+    _, ys = jax.lax.scan(
+        one_block, None, (xs.reshape(num_blocks, block, d), block_expert, block_used)
+    )
+    ys = ys.reshape(rows, d)[dest]  # [A, D] back in sorted-assignment order
+    ws = weights.reshape(a)[order]  # [A]
+    out = jnp.zeros((m, d), jnp.float32).at[token_of].add(ys.astype(jnp.float32) * ws[:, None])
+    return out.astype(x.dtype)
+
+
+def moe_dense_reference(x, weights, experts, w1, w3, w2, act) -> jax.Array:
+    """Every expert on every token, masked: E / k times the work. A test oracle only."""
+    e = w1.shape[0]
+    h = act(jnp.einsum("MD,EDF->MEF", x, w1)) * jnp.einsum("MD,EDF->MEF", x, w3)
+    y = jnp.einsum("MEF,EFD->MED", h, w2).astype(jnp.float32)  # [M, E, D]
+    gate = jnp.sum(jax.nn.one_hot(experts, e) * weights[..., None], axis=1)  # [M, E]
+    return jnp.einsum("MED,ME->MD", y, gate).astype(x.dtype)
+
+
+class MoE(hk.Module):
+    """Router and experts. Parameters: router [D, E] (float32), w1/w3 [E, D, Fe], w2 [E, Fe, D]."""
+
+    def __init__(self, config: GrokConfig, dtype: jnp.dtype, name: str | None = None):
+        super().__init__(name=name)
+        self.config = config
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array, impl: str = "auto") -> jax.Array:
+        """x [B, T, D] -> [B, T, D]. ``impl``: "auto", "gather", "blocks" or "dense"."""
+        cfg = self.config
+        d, e, fe = cfg.hidden_size, cfg.num_local_experts, cfg.moe_intermediate_size
+        init = hk.initializers.VarianceScaling(1.0, "fan_in", "truncated_normal")
+        w_gate = hk.get_parameter("router", (d, e), jnp.float32, init=init)  # [D, E]
+        w1 = hk.get_parameter("w1", (e, d, fe), self.dtype, init=init)  # [E, D, Fe]
+        w3 = hk.get_parameter("w3", (e, d, fe), self.dtype, init=init)  # [E, D, Fe]
+        w2 = hk.get_parameter("w2", (e, fe, d), self.dtype, init=init)  # [E, Fe, D]
+
+        b, t, _ = x.shape
+        xm = x.reshape(b * t, d).astype(self.dtype)  # [M, D]
+        weights, experts, _ = route(
+            xm,
+            w_gate,
+            cap=cfg.router_logit_softcapping,
+            k=cfg.num_experts_per_tok,
+            renormalize=cfg.moe_router_renormalize,
+        )
+        act = activation(cfg.hidden_act)
+        if impl == "auto":
+            # Up to E assignments, gathering reads each chosen expert about once; beyond that
+            # the block path reads each used expert once per block.
+            impl = "gather" if xm.shape[0] * cfg.num_experts_per_tok <= e else "blocks"
+        fn = {"gather": moe_gather, "blocks": moe_blocks, "dense": moe_dense_reference}[impl]
+        return fn(xm, weights, experts, w1, w3, w2, act).reshape(b, t, d)
+
+
+class DenseMLP(hk.Module):
+    """The residual (dense) MLP: ``down(act(x gate) * (x up))``. gate/up [D, F], down [F, D]."""
+
+    def __init__(self, config: GrokConfig, dtype: jnp.dtype, name: str | None = None):
+        super().__init__(name=name)
+        self.config = config
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B, T, D] -> [B, T, D]."""
+        d, f = self.config.hidden_size, self.config.intermediate_size
+        init = hk.initializers.VarianceScaling(1.0, "fan_in", "truncated_normal")
+        gate = hk.get_parameter("gate_proj", (d, f), self.dtype, init=init)  # [D, F]
+        up = hk.get_parameter("up_proj", (d, f), self.dtype, init=init)  # [D, F]
+        down = hk.get_parameter("down_proj", (f, d), self.dtype, init=init)  # [F, D]
+        return _gated_mlp(x.astype(self.dtype), gate, up, down, activation(self.config.hidden_act))
+
+
+def residual_moe(dense_out: jax.Array | None, moe_out: jax.Array) -> jax.Array:
+    """Grok-2: (dense + MoE) / sqrt 2; without a dense MLP (Grok-1): the MoE output alone."""
+    if dense_out is None:
+        return moe_out
+    return (dense_out + moe_out) / jnp.asarray(SQRT2, moe_out.dtype)
