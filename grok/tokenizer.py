@@ -1,0 +1,659 @@
+"""Tokenizers of Grok-2 (``tokenizer.tok.json``) and Grok-1 (``tokenizer.model``); chat format.
+
+Both tokenizers sit behind one interface, :class:`Tokenizer`: ``encode`` text to ids,
+``decode`` ids to text, and the ids generation needs (``eos_id``, ``pad_id``, ``bos_id``,
+``separator_id``). Every id handed to ``decode`` is checked: an id outside ``[0, V)`` or one
+that names no token raises :class:`~grok.errors.TokenizerError` with the id and the range.
+
+Grok-2's file (``../shared/spec/grok2.md`` section 5) is a byte-level BPE run by ``tiktoken``.
+What this module requires of a file's ``regular_tokens`` so that tiktoken runs it correctly:
+
+- every entry has a distinct, non-empty byte string and a distinct id; the id is the token's
+  BPE rank, i.e. its merge priority (lower merges first);
+- no special token shares an id with a regular token;
+- every byte of the text being encoded exists as a single-byte regular token (tiktoken's BPE
+  starts from single bytes and aborts the process on a byte it cannot look up). A byte-level
+  BPE holds all 256 bytes; a file that lacks some still loads, and encoding text containing a
+  missing byte raises :class:`TokenizerError` naming the byte instead of crashing;
+- for a multi-byte token ever to be produced, it must be reachable by merging adjacent tokens
+  of lower rank (the usual BPE property). This is not checked: an unreachable token costs
+  nothing but its row in the embedding, and encode/decode stay lossless without it.
+
+Grok-1's file is a SentencePiece model (pad 0, bos 1, eos 2, unk 3) run by ``sentencepiece``
+itself, so ids equal the released tokenizer's ids exactly.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import operator
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import sentencepiece
+import tiktoken
+
+from grok.errors import GenerationError, TokenizerError
+
+# The "V1" word split of the Grok-2 tokenizer (spec section 5): words with an optional leading
+# non-letter, single digits, punctuation runs, newline runs and whitespace runs.
+V1_PAT_STR = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+PAD_TOKEN = "<|pad|>"
+EOS_TOKEN = "<|eos|>"
+SEPARATOR_TOKEN = "<|separator|>"
+
+TOK_JSON_NAME = "tokenizer.tok.json"
+SENTENCEPIECE_NAME = "tokenizer.model"
+
+
+class Tokenizer(abc.ABC):
+    """Text <-> token ids, with the ids generation needs.
+
+    Attributes:
+      vocab_size: V, one more than the largest id the tokenizer can produce or decode.
+      eos_id: end of sequence; generation stops on it.
+      pad_id: the id used to pad prompts in a batch.
+      bos_id: beginning of sequence, or None when the format has none (Grok-2).
+      separator_id: the chat turn separator, or None when the format has none (Grok-1).
+      special_tokens: text of each special (control) token -> its id.
+    """
+
+    vocab_size: int
+    eos_id: int
+    pad_id: int
+    bos_id: int | None
+    separator_id: int | None
+    special_tokens: Mapping[str, int]
+    _special_ids: frozenset[int]  # the values of special_tokens, for fast membership tests
+
+    @abc.abstractmethod
+    def encode(self, text: str, *, allow_special: bool = True) -> list[int]:
+        """Token ids of ``text``.
+
+        Args:
+          text: the text to encode.
+          allow_special: when True, the text of a special token becomes that single token;
+            when False it is encoded as ordinary text. Pass False for text you do not trust.
+        """
+
+    @abc.abstractmethod
+    def decode(self, ids: Sequence[int], *, skip_special: bool = False) -> str:
+        """Text of ``ids`` ([T] ints); bytes that are not valid UTF-8 become U+FFFD.
+
+        Raises TokenizerError for an id outside [0, V) or one that names no token.
+        """
+
+    @abc.abstractmethod
+    def id_to_piece(self, token_id: int) -> str:
+        """The text of one token, as the tokenizer stores it (for display and debugging)."""
+
+    def is_special(self, token_id: int) -> bool:
+        """Whether ``token_id`` is a special (control) token."""
+        return self.check_id(token_id) in self._special_ids
+
+    def check_id(self, token_id: Any) -> int:
+        """``token_id`` as an int, or TokenizerError if it is not an integer in [0, V)."""
+        if isinstance(token_id, bool):
+            raise TokenizerError(f"token id {token_id!r} is a bool, expected an int")
+        try:
+            value = operator.index(token_id)
+        except TypeError:
+            raise TokenizerError(
+                f"token id {token_id!r} is a {type(token_id).__name__}, expected an int"
+            ) from None
+        if not 0 <= value < self.vocab_size:
+            raise TokenizerError(
+                f"token id {value} is out of range: valid ids are 0 <= id < {self.vocab_size}"
+            )
+        return value
+
+    def check_ids(self, ids: Sequence[int]) -> list[int]:
+        """``ids`` ([T]; a list, tuple or 1-D numpy/JAX array) as a list of ints in [0, V)."""
+        if hasattr(ids, "tolist") and hasattr(ids, "ndim"):
+            if ids.ndim != 1:
+                raise TokenizerError(f"expected a 1-D sequence of ids [T], got shape {ids.shape}")
+            ids = ids.tolist()
+        return [self.check_id(i) for i in ids]
+
+
+class TokJsonTokenizer(Tokenizer):
+    """Grok-2's byte-level BPE tokenizer (``tokenizer.tok.json``), run by tiktoken.
+
+    There is no BOS token. ``eos_id`` is ``<|eos|>`` (2 in the release), ``pad_id`` is
+    ``<|pad|>`` and ``separator_id`` is ``<|separator|>`` (None if the file has none).
+    Build one with :meth:`from_file`, or directly from the parsed tables.
+    """
+
+    def __init__(
+        self,
+        regular_tokens: Mapping[bytes, int],
+        special_tokens: Mapping[str, int],
+        *,
+        pat_str: str = V1_PAT_STR,
+        vocab_size: int | None = None,
+        default_allowed_special: frozenset[str] = frozenset(),
+        source: str = "<memory>",
+    ):
+        """Builds the tokenizer from validated tables.
+
+        Args:
+          regular_tokens: BPE token bytes -> id (= merge rank).
+          special_tokens: special token text -> id.
+          pat_str: the regex that splits text into words before BPE.
+          vocab_size: V; raised to the largest id + 1 when smaller.
+          default_allowed_special: what the file's ``default_allowed_special`` lists (kept for
+            reference; ``encode(allow_special=True)`` allows every special token).
+          source: the file the tables came from, named in error messages.
+        """
+        _check_tables(regular_tokens, special_tokens, source)
+        for name in (EOS_TOKEN, PAD_TOKEN):
+            if name not in special_tokens:
+                raise TokenizerError(f"{source}: special token {name} is missing")
+        self.source = source
+        self.pat_str = pat_str
+        self.default_allowed_special = default_allowed_special
+        self.special_tokens = dict(special_tokens)
+        self._special_ids = frozenset(special_tokens.values())
+        self.eos_id = special_tokens[EOS_TOKEN]
+        self.pad_id = special_tokens[PAD_TOKEN]
+        self.bos_id = None
+        self.separator_id = special_tokens.get(SEPARATOR_TOKEN)
+        max_id = max([*regular_tokens.values(), *special_tokens.values()])
+        self.vocab_size = max(vocab_size or 0, max_id + 1)
+        self._id_to_bytes = {i: b for b, i in regular_tokens.items()}
+        self._id_to_bytes.update({i: t.encode("utf-8") for t, i in special_tokens.items()})
+        single_bytes = {b[0] for b in regular_tokens if len(b) == 1}
+        self._missing_bytes = frozenset(range(256)) - single_bytes
+        try:
+            self._encoding = tiktoken.Encoding(
+                os.path.basename(source),
+                pat_str=pat_str,
+                mergeable_ranks=dict(regular_tokens),
+                special_tokens=dict(special_tokens),
+            )
+        except ValueError as e:  # the Rust regex engine rejects pat_str
+            raise TokenizerError(f"{source}: pat_str is not a valid split pattern: {e}") from e
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> TokJsonTokenizer:
+        """Loads and validates a ``tokenizer.tok.json`` file (spec section 5).
+
+        Raises TokenizerError naming the file and the entry for a missing file, invalid JSON,
+        a missing key, a value of the wrong type, duplicate bytes or ids, or an id shared by a
+        regular and a special token.
+        """
+        path = os.fspath(path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            raise TokenizerError(f"{path}: tokenizer file not found") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise TokenizerError(f"{path}: cannot read as JSON: {e}") from e
+        return cls(**_parse_tok_json(data, path), source=path)
+
+    def encode(self, text: str, *, allow_special: bool = True) -> list[int]:
+        """Token ids of ``text`` (no BOS is added: Grok-2 has none)."""
+        if not isinstance(text, str):
+            raise TokenizerError(f"encode takes a str, got {type(text).__name__}")
+        if self._missing_bytes:
+            self._check_bytes_present(text)
+        if allow_special:
+            return self._encoding.encode(text, allowed_special="all")
+        return self._encoding.encode_ordinary(text)
+
+    def decode(self, ids: Sequence[int], *, skip_special: bool = False) -> str:
+        """Text of ``ids`` [T]; special tokens appear as their text unless ``skip_special``."""
+        return self.decode_bytes(ids, skip_special=skip_special).decode("utf-8", errors="replace")
+
+    def decode_bytes(self, ids: Sequence[int], *, skip_special: bool = False) -> bytes:
+        """The raw bytes of ``ids`` [T] (a token may end inside a UTF-8 character)."""
+        ids = [self._check_assigned(i) for i in self.check_ids(ids)]
+        if skip_special:
+            ids = [i for i in ids if i not in self._special_ids]
+        return b"".join(self._id_to_bytes[i] for i in ids)
+
+    def id_to_piece(self, token_id: int) -> str:
+        """The token's text; bytes that are not valid UTF-8 on their own show as ``\\xNN``."""
+        token_id = self._check_assigned(self.check_id(token_id))
+        return self._id_to_bytes[token_id].decode("utf-8", errors="backslashreplace")
+
+    def _check_assigned(self, token_id: int) -> int:
+        if token_id not in self._id_to_bytes:
+            raise TokenizerError(
+                f"token id {token_id} names no token of {self.source} (it is inside the valid "
+                f"range 0 <= id < {self.vocab_size} but neither a regular nor a special token)"
+            )
+        return token_id
+
+    def _check_bytes_present(self, text: str) -> None:
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates: tiktoken encodes them as U+FFFD
+            data = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode()
+        missing = sorted(self._missing_bytes.intersection(data))
+        if missing:
+            raise TokenizerError(
+                f"{self.source}: cannot encode the text: byte 0x{missing[0]:02x} is not a "
+                "single-byte regular token, and byte-level BPE needs every byte it meets"
+            )
+
+
+def _parse_tok_json(data: Any, path: str) -> dict[str, Any]:
+    """The constructor arguments of TokJsonTokenizer from a parsed tok.json, validated."""
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    for key in ("regular_tokens", "special_tokens"):
+        if key not in data:
+            raise TokenizerError(f"{path}: required key {key!r} is missing")
+        if not isinstance(data[key], list):
+            raise TokenizerError(f"{path}: {key!r} must be a list, got {type(data[key]).__name__}")
+    regular: dict[bytes, int] = {}
+    for n, entry in enumerate(data["regular_tokens"]):
+        token_bytes, token_id = _parse_entry(entry, f"{path}: regular_tokens[{n}]")
+        if token_bytes in regular:
+            raise TokenizerError(
+                f"{path}: regular_tokens[{n}] repeats the bytes {token_bytes!r} "
+                f"of id {regular[token_bytes]}"
+            )
+        regular[token_bytes] = token_id
+    if not regular:
+        raise TokenizerError(f"{path}: 'regular_tokens' is empty")
+    special: dict[str, int] = {}
+    for n, entry in enumerate(data["special_tokens"]):
+        token_bytes, token_id = _parse_entry(entry, f"{path}: special_tokens[{n}]")
+        text = _utf8(token_bytes, f"{path}: special_tokens[{n}]")
+        if text in special:
+            raise TokenizerError(
+                f"{path}: special_tokens[{n}] repeats {text!r} of id {special[text]}"
+            )
+        special[text] = token_id
+
+    pat_str = data.get("pat_str")
+    if pat_str is None:
+        word_split = data.get("word_split", "V1")
+        if word_split != "V1":
+            raise TokenizerError(
+                f"{path}: word_split {word_split!r} is unknown (only 'V1' is defined) and "
+                "no pat_str is given"
+            )
+        pat_str = V1_PAT_STR
+    elif not isinstance(pat_str, str) or not pat_str:
+        raise TokenizerError(f"{path}: 'pat_str' must be a non-empty string, got {pat_str!r}")
+
+    vocab_size = data.get("vocab_size")
+    if vocab_size is not None and (
+        isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1
+    ):
+        raise TokenizerError(f"{path}: 'vocab_size' must be a positive int, got {vocab_size!r}")
+
+    allowed: set[str] = set()
+    raw_allowed = data.get("default_allowed_special", [])
+    if not isinstance(raw_allowed, list):
+        raise TokenizerError(
+            f"{path}: 'default_allowed_special' must be a list, got {type(raw_allowed).__name__}"
+        )
+    for n, item in enumerate(raw_allowed):
+        where = f"{path}: default_allowed_special[{n}]"
+        allowed.add(_utf8(_parse_bytes(item, where), where))
+    return {
+        "regular_tokens": regular,
+        "special_tokens": special,
+        "pat_str": pat_str,
+        "vocab_size": vocab_size,
+        "default_allowed_special": frozenset(allowed),
+    }
+
+
+def _parse_entry(entry: Any, where: str) -> tuple[bytes, int]:
+    """(bytes, id) of one ``{"bytes": [ints], "token": id}`` entry."""
+    if not isinstance(entry, dict):
+        raise TokenizerError(f"{where}: expected an object, got {type(entry).__name__}")
+    for key in ("bytes", "token"):
+        if key not in entry:
+            raise TokenizerError(f"{where}: key {key!r} is missing")
+    token_id = entry["token"]
+    if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
+        raise TokenizerError(f"{where}: 'token' must be a non-negative int, got {token_id!r}")
+    return _parse_bytes(entry["bytes"], f"{where}.bytes"), token_id
+
+
+def _parse_bytes(value: Any, where: str) -> bytes:
+    if not isinstance(value, list) or not value:
+        raise TokenizerError(f"{where}: expected a non-empty list of byte values, got {value!r}")
+    for b in value:
+        if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b <= 255:
+            raise TokenizerError(f"{where}: {b!r} is not a byte value (an int in 0..255)")
+    return bytes(value)
+
+
+def _utf8(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise TokenizerError(f"{where}: special token bytes {data!r} are not UTF-8") from None
+
+
+def _check_tables(regular: Mapping[bytes, int], special: Mapping[str, int], source: str) -> None:
+    """Types, distinct ids, and no id shared by a regular and a special token."""
+    if not regular:
+        raise TokenizerError(f"{source}: there are no regular tokens")
+    id_to_regular: dict[int, bytes] = {}
+    for token_bytes, token_id in regular.items():
+        if not isinstance(token_bytes, bytes) or not token_bytes:
+            raise TokenizerError(f"{source}: regular token {token_bytes!r} is not non-empty bytes")
+        if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
+            raise TokenizerError(
+                f"{source}: regular token {token_bytes!r} has id {token_id!r}, "
+                "expected a non-negative int"
+            )
+        if token_id in id_to_regular:
+            raise TokenizerError(
+                f"{source}: id {token_id} is used by two regular tokens, "
+                f"{id_to_regular[token_id]!r} and {token_bytes!r}"
+            )
+        id_to_regular[token_id] = token_bytes
+    id_to_special: dict[int, str] = {}
+    for text, token_id in special.items():
+        if not isinstance(text, str) or not text:
+            raise TokenizerError(f"{source}: special token {text!r} is not a non-empty str")
+        if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
+            raise TokenizerError(
+                f"{source}: special token {text!r} has id {token_id!r}, expected a non-negative int"
+            )
+        if token_id in id_to_special:
+            raise TokenizerError(
+                f"{source}: id {token_id} is used by two special tokens, "
+                f"{id_to_special[token_id]!r} and {text!r}"
+            )
+        if token_id in id_to_regular:
+            raise TokenizerError(
+                f"{source}: id {token_id} is used by special token {text!r} and by regular "
+                f"token {id_to_regular[token_id]!r}"
+            )
+        id_to_special[token_id] = text
+
+
+def write_tok_json(
+    path: str | os.PathLike[str],
+    regular_tokens: Mapping[bytes, int],
+    special_tokens: Mapping[str, int],
+    *,
+    pat_str: str | None = None,
+    vocab_size: int | None = None,
+) -> None:
+    """Writes a tokenizer in the released ``tokenizer.tok.json`` format (spec section 5).
+
+    Entries are written in id order with ``word_split: "V1"``. ``pat_str`` is written only when
+    given (readers then use it instead of the V1 pattern). ``vocab_size`` is written only when
+    given; note that vLLM's reader checks it equals the number of tokens and the largest id + 1,
+    so give it for a vocabulary without gaps. The tables are validated as the reader validates
+    them, and the written file is loaded back before returning.
+
+    Args:
+      path: the file to write.
+      regular_tokens: BPE token bytes -> id (= merge rank).
+      special_tokens: special token text -> id; must include ``<|eos|>`` and ``<|pad|>``.
+      pat_str: the split pattern, or None for the V1 pattern.
+      vocab_size: V to record, at least the largest id + 1.
+    """
+    path = os.fspath(path)
+    _check_tables(regular_tokens, special_tokens, path)
+    for name in (EOS_TOKEN, PAD_TOKEN):
+        if name not in special_tokens:
+            raise TokenizerError(f"{path}: special token {name} is missing")
+    max_id = max([*regular_tokens.values(), *special_tokens.values()])
+    if vocab_size is not None and (
+        isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= max_id
+    ):
+        raise TokenizerError(
+            f"{path}: vocab_size must be an int > the largest id {max_id}, got {vocab_size!r}"
+        )
+    data: dict[str, Any] = {
+        "regular_tokens": [
+            {"bytes": list(b), "token": i} for b, i in sorted(regular_tokens.items(), key=_by_id)
+        ],
+        "special_tokens": [
+            {"bytes": list(t.encode("utf-8")), "token": i}
+            for t, i in sorted(special_tokens.items(), key=_by_id)
+        ],
+        "word_split": "V1",
+    }
+    if pat_str is not None:
+        data["pat_str"] = pat_str
+    if vocab_size is not None:
+        data["vocab_size"] = vocab_size
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, separators=(",", ":"))
+    TokJsonTokenizer.from_file(path)
+
+
+def _by_id(item: tuple[Any, int]) -> int:
+    return item[1]
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """Grok-1's SentencePiece tokenizer (``tokenizer.model``): pad 0, bos 1, eos 2, unk 3.
+
+    Ids are exactly those of ``sentencepiece.SentencePieceProcessor`` on the same file:
+    SentencePiece does not parse its control tokens (``[PAD]``, ``[BOS]``, ``[EOS]``) out of
+    text, so neither does this class (``allow_special`` has nothing to allow), and it decodes
+    them to nothing, as SentencePiece does. The chat separator does not exist
+    (``separator_id`` is None).
+    """
+
+    def __init__(self, processor: sentencepiece.SentencePieceProcessor, *, source: str):
+        """Wraps a loaded processor; ``source`` is the file it came from, for messages."""
+        self.source = source
+        self._sp = processor
+        self.vocab_size = processor.get_piece_size()
+        ids = {
+            "pad": processor.pad_id(),
+            "bos": processor.bos_id(),
+            "eos": processor.eos_id(),
+            "unk": processor.unk_id(),
+        }
+        for name in ("pad", "bos", "eos"):
+            if ids[name] < 0:
+                raise TokenizerError(f"{source}: the SentencePiece model defines no {name} id")
+        self.pad_id, self.bos_id, self.eos_id = ids["pad"], ids["bos"], ids["eos"]
+        self.unk_id = ids["unk"] if ids["unk"] >= 0 else None
+        self.separator_id = None
+        # Every control piece (Grok-1: [PAD], [BOS], [EOS]); a scan of V pieces takes ~40 ms.
+        self.special_tokens = {
+            processor.id_to_piece(i): i for i in range(self.vocab_size) if processor.is_control(i)
+        }
+        self._special_ids = frozenset(self.special_tokens.values())
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> SentencePieceTokenizer:
+        """Loads a SentencePiece ``tokenizer.model``; TokenizerError if missing or unreadable."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise TokenizerError(f"{path}: tokenizer file not found")
+        processor = sentencepiece.SentencePieceProcessor()
+        try:
+            processor.Load(model_file=path)
+        except (OSError, RuntimeError) as e:
+            raise TokenizerError(f"{path}: not a readable SentencePiece model: {e}") from e
+        return cls(processor, source=path)
+
+    def encode(self, text: str, *, allow_special: bool = True, add_bos: bool = False) -> list[int]:
+        """Token ids of ``text``, optionally after BOS.
+
+        ``add_bos`` defaults to False because the released Grok-1 runner encoded prompts with
+        SentencePiece's defaults, which add no BOS; pass True for BOS-prefixed documents.
+        ``allow_special`` is accepted for the common interface and changes nothing (see the
+        class docstring).
+        """
+        del allow_special
+        if not isinstance(text, str):
+            raise TokenizerError(f"encode takes a str, got {type(text).__name__}")
+        ids = self._sp.encode(text, out_type=int)
+        return [self.bos_id, *ids] if add_bos else ids
+
+    def decode(self, ids: Sequence[int], *, skip_special: bool = False) -> str:
+        """Text of ``ids`` [T]; control tokens decode to nothing whatever ``skip_special`` is."""
+        del skip_special
+        return self._sp.decode(self.check_ids(ids))
+
+    def id_to_piece(self, token_id: int) -> str:
+        """The SentencePiece piece, e.g. ``"▁Hello"`` or ``"<0xF0>"``."""
+        return self._sp.id_to_piece(self.check_id(token_id))
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
+    """Loads the tokenizer at ``path``.
+
+    A file ending in ``.json`` is read as ``tokenizer.tok.json`` and one ending in ``.model`` as
+    SentencePiece. A directory is searched for ``tokenizer.tok.json``, then ``tokenizer.model``.
+    """
+    p = Path(path)
+    if p.is_dir():
+        for name in (TOK_JSON_NAME, SENTENCEPIECE_NAME):
+            if (p / name).is_file():
+                return load_tokenizer(p / name)
+        raise TokenizerError(
+            f"{p}: no tokenizer in this directory (looked for {TOK_JSON_NAME} and "
+            f"{SENTENCEPIECE_NAME})"
+        )
+    if not p.exists():
+        raise TokenizerError(f"{p}: tokenizer file or directory not found")
+    if p.suffix == ".json":
+        return TokJsonTokenizer.from_file(p)
+    if p.suffix == ".model":
+        return SentencePieceTokenizer.from_file(p)
+    raise TokenizerError(
+        f"{p}: unknown tokenizer file type {p.suffix!r}; expected .json ({TOK_JSON_NAME}) or "
+        f".model ({SENTENCEPIECE_NAME})"
+    )
+
+
+# Chat format (spec section 5). Roles a message may name -> the prefix of its turn.
+_ROLE_PREFIX = {
+    "user": "Human:",
+    "human": "Human:",
+    "system": "System:",
+    "assistant": "Assistant:",
+}
+_TURN_END = SEPARATOR_TOKEN + "\n\n"
+GENERATION_PROMPT = "Assistant:"
+
+
+def _chat_turns(messages: Sequence[tuple[str, str]] | Sequence[Mapping[str, str]]) -> list[str]:
+    """``"{Prefix} {text}"`` of each message, validated; the text of user and system turns is
+    stripped of surrounding whitespace, as the served Grok-2 chat template does."""
+    if isinstance(messages, str | bytes | Mapping):
+        raise GenerationError(
+            f"chat messages must be a sequence of (role, text) pairs or role/content dicts, "
+            f"got {type(messages).__name__}"
+        )
+    turns = []
+    for n, message in enumerate(messages):
+        if isinstance(message, Mapping):
+            if "role" not in message or "content" not in message:
+                raise GenerationError(f"chat message {n} needs 'role' and 'content' keys")
+            role, text = message["role"], message["content"]
+        elif isinstance(message, tuple | list) and len(message) == 2:
+            role, text = message
+        else:
+            raise GenerationError(
+                f"chat message {n} must be a (role, text) pair or a role/content dict, "
+                f"got {message!r}"
+            )
+        if not isinstance(role, str) or role.lower() not in _ROLE_PREFIX:
+            raise GenerationError(
+                f"chat message {n} has role {role!r}; expected one of {sorted(_ROLE_PREFIX)}"
+            )
+        if not isinstance(text, str):
+            raise GenerationError(f"chat message {n} has {type(text).__name__} text, expected str")
+        role = role.lower()
+        if role != "assistant":
+            text = text.strip()
+        turns.append(f"{_ROLE_PREFIX[role]} {text}")
+    return turns
+
+
+def format_chat(
+    messages: Sequence[tuple[str, str]] | Sequence[Mapping[str, str]],
+    *,
+    add_generation_prompt: bool = True,
+) -> str:
+    """The Grok-2 chat prompt for ``messages``.
+
+    Each message becomes ``"Human: {text}<|separator|>\\n\\n"`` (roles ``user``/``human``),
+    ``"System: ..."`` or ``"Assistant: ..."``; with ``add_generation_prompt`` the prompt ends with
+    ``"Assistant:"``. User and system text is stripped of surrounding whitespace, assistant text
+    is kept as is (as in the served template). Messages are ``(role, text)`` pairs or
+    ``{"role": ..., "content": ...}`` dicts.
+
+    The result holds special-token text: encode it with ``allow_special=True``. Text that
+    itself contains special-token text then becomes special tokens too; :func:`encode_chat`
+    encodes message text as plain text instead.
+    """
+    prompt = "".join(turn + _TURN_END for turn in _chat_turns(messages))
+    return prompt + GENERATION_PROMPT if add_generation_prompt else prompt
+
+
+def encode_chat(
+    tokenizer: Tokenizer,
+    messages: Sequence[tuple[str, str]] | Sequence[Mapping[str, str]],
+    *,
+    add_generation_prompt: bool = True,
+) -> list[int]:
+    """Token ids of :func:`format_chat`'s prompt, with message text encoded as plain text.
+
+    Equal to ``tokenizer.encode(format_chat(messages))`` when no message contains
+    special-token text; when one does, that text stays text here, so a user cannot forge a
+    separator or an end of sequence. Needs a tokenizer with a separator (Grok-2's).
+    """
+    separator_id = tokenizer.separator_id
+    if separator_id is None:
+        raise TokenizerError(
+            f"{type(tokenizer).__name__} has no {SEPARATOR_TOKEN} token, so it cannot encode "
+            "the Grok-2 chat format"
+        )
+    ids: list[int] = []
+    # Special tokens split the text for BPE, so each turn's text (with the "\n\n" that follows
+    # the previous separator) encodes on its own exactly as it does inside the whole prompt.
+    pending = ""
+    for turn in _chat_turns(messages):
+        ids += tokenizer.encode(pending + turn, allow_special=False)
+        ids.append(separator_id)
+        pending = "\n\n"
+    tail = pending + (GENERATION_PROMPT if add_generation_prompt else "")
+    if tail:
+        ids += tokenizer.encode(tail, allow_special=False)
+    return ids
+
+
+def chat_stop_ids(tokenizer: Tokenizer) -> list[int]:
+    """Ids that end an assistant turn: ``<|eos|>`` and, where it exists, ``<|separator|>``."""
+    stops = [tokenizer.eos_id]
+    if tokenizer.separator_id is not None:
+        stops.append(tokenizer.separator_id)
+    return stops
+
+
+__all__ = [
+    "EOS_TOKEN",
+    "GENERATION_PROMPT",
+    "PAD_TOKEN",
+    "SEPARATOR_TOKEN",
+    "V1_PAT_STR",
+    "SentencePieceTokenizer",
+    "TokJsonTokenizer",
+    "Tokenizer",
+    "chat_stop_ids",
+    "encode_chat",
+    "format_chat",
+    "load_tokenizer",
+    "write_tok_json",
+]
