@@ -25,6 +25,7 @@ class Model:
       params: the Haiku parameter tree (``jax.Array`` leaves, possibly sharded).
       dtype: the compute/parameter dtype (router kept in float32).
       mesh: the device mesh the parameters live on, or None for one device.
+      quant: None, or "fp8"/"int8" when matrices are kept quantised on the device.
     """
 
     def __init__(
@@ -35,13 +36,15 @@ class Model:
         dtype: Any = jnp.bfloat16,
         mesh: jax.sharding.Mesh | None = None,
         moe_impl: str = "auto",
+        quant: str | None = None,
     ):
         self.config = config
         self.params = params
         self.dtype = jnp.dtype(dtype)
         self.mesh = mesh
         self.moe_impl = moe_impl
-        self._fns = forward_fns(config, self.dtype, moe_impl)
+        self.quant = quant
+        self._fns = forward_fns(config, self.dtype, moe_impl, quant)
         self._apply = jax.jit(self._fns.apply)
 
     @functools.cached_property

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from grok.config import GrokConfig
 from grok.kv_cache import write_layer
-from grok.layers import soft_cap
+from grok.layers import dequant, get_weight, soft_cap
 from grok.rope import apply_rope
 
 NEG_INF = -1e30  # large negative for masked logits (finite: avoids NaN on empty rows)
@@ -65,10 +65,11 @@ class Attention(hk.Module):
     q_proj [D, N, H], k_proj [D, K, H], v_proj [D, K, H], o_proj [N, H, D].
     """
 
-    def __init__(self, config: GrokConfig, dtype: jnp.dtype, name: str | None = None):
+    def __init__(self, config: GrokConfig, dtype: jnp.dtype, quant: str | None = None, name=None):
         super().__init__(name=name)
         self.config = config
         self.dtype = dtype
+        self.quant = quant
 
     def __call__(
         self,
@@ -98,10 +99,12 @@ class Attention(hk.Module):
             cfg.head_dim,
         )
         init = hk.initializers.VarianceScaling(1.0, "fan_in", "truncated_normal")
-        wq = hk.get_parameter("q_proj", (d, n, h), self.dtype, init=init)  # [D, N, H]
-        wk = hk.get_parameter("k_proj", (d, kh, h), self.dtype, init=init)  # [D, K, H]
-        wv = hk.get_parameter("v_proj", (d, kh, h), self.dtype, init=init)  # [D, K, H]
-        wo = hk.get_parameter("o_proj", (n, h, d), self.dtype, init=init)  # [N, H, D]
+        dt, quant = self.dtype, self.quant
+        wq = get_weight("q_proj", (d, n, h), dt, init, quant=quant, in_dims=(0,))  # [D, N, H]
+        wk = get_weight("k_proj", (d, kh, h), dt, init, quant=quant, in_dims=(0,))  # [D, K, H]
+        wv = get_weight("v_proj", (d, kh, h), dt, init, quant=quant, in_dims=(0,))  # [D, K, H]
+        wo = get_weight("o_proj", (n, h, d), dt, init, quant=quant, in_dims=(0, 1))  # [N, H, D]
+        wq, wk, wv, wo = (dequant(w, dt) for w in (wq, wk, wv, wo))
 
         x = x.astype(self.dtype)
         q = jnp.einsum("BTD,DNH->BTNH", x, wq)  # [B, T, N, H]

@@ -6,6 +6,8 @@ Pure functions live here so that they test without ``hk.transform``; the Haiku m
 
 from __future__ import annotations
 
+import dataclasses
+
 import haiku as hk
 import jax
 import jax.numpy as jnp
@@ -48,3 +50,61 @@ class RMSNorm(hk.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         weight = hk.get_parameter("weight", (x.shape[-1],), self.dtype, init=jnp.ones)  # [D]
         return rms_norm(x, weight, self.eps)
+
+
+QUANT_DTYPES = {"fp8": jnp.float8_e4m3fn, "int8": jnp.int8}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantWeight:
+    """A weight kept quantised on the device: ``W = q * scale``.
+
+    ``q`` is float8_e4m3fn or int8; ``scale`` is float32 with the weight's shape except the
+    ``in`` axes, which are 1 (one scale per output channel). Indexing the leading axes (layer,
+    expert) indexes both, so an expert can be picked before it is dequantised.
+    """
+
+    q: jax.Array
+    scale: jax.Array
+
+    def __getitem__(self, index) -> QuantWeight:
+        return QuantWeight(self.q[index], self.scale[index])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.q.shape
+
+
+def dequant(w: jax.Array | QuantWeight, dtype: jnp.dtype) -> jax.Array:
+    """A plain array as is (cast to ``dtype``); a ``QuantWeight`` as ``q * scale`` in ``dtype``."""
+    if isinstance(w, QuantWeight):
+        return (w.q.astype(jnp.float32) * w.scale).astype(dtype)
+    return w.astype(dtype)
+
+
+def scale_shape(shape: tuple[int, ...], in_dims: tuple[int, ...]) -> tuple[int, ...]:
+    """The per-output-channel scale's shape: ``shape`` with the ``in_dims`` set to 1."""
+    return tuple(1 if d in in_dims else n for d, n in enumerate(shape))
+
+
+def get_weight(
+    name: str,
+    shape: tuple[int, ...],
+    dtype: jnp.dtype,
+    init: hk.initializers.Initializer,
+    *,
+    quant: str | None,
+    in_dims: tuple[int, ...],
+) -> jax.Array | QuantWeight:
+    """A matrix parameter, plain or quantised (``quant`` = "fp8" or "int8").
+
+    A quantised weight is two parameters: ``name`` (float8/int8, ``shape``) and
+    ``name + "_scale"`` (float32, ``scale_shape(shape, in_dims)``). ``in_dims`` are the
+    contracted (input) dims of ``shape``, as seen inside the module (no layer axis).
+    """
+    if quant is None:
+        return hk.get_parameter(name, shape, dtype, init=init)
+    q = hk.get_parameter(name, shape, QUANT_DTYPES[quant], init=jnp.zeros)
+    s = hk.get_parameter(name + "_scale", scale_shape(shape, in_dims), jnp.float32, init=jnp.ones)
+    return QuantWeight(q, s)

@@ -30,17 +30,25 @@ from grok.rope import RopeTable
 class DecoderLayer(hk.Module):
     """One block: attention and the (residual) MoE, each between a pre- and a post-norm."""
 
-    def __init__(self, config: GrokConfig, dtype: jnp.dtype, moe_impl: str = "auto", name=None):
+    def __init__(
+        self,
+        config: GrokConfig,
+        dtype: jnp.dtype,
+        moe_impl: str = "auto",
+        quant: str | None = None,
+        name=None,
+    ):
         super().__init__(name=name)
         self.config = config
         self.dtype = dtype
         self.moe_impl = moe_impl
+        self.quant = quant
 
     def __call__(self, h, positions, rope_cos, rope_sin, layer_cache, kv_lengths):
         """h [B, T, D] -> ([B, T, D], updated layer cache or None)."""
         cfg, dt = self.config, self.dtype
         eps = cfg.rms_norm_eps
-        a, layer_cache = Attention(cfg, dt, name="attn")(
+        a, layer_cache = Attention(cfg, dt, self.quant, name="attn")(
             RMSNorm(eps, dt, name="pre_attn_norm")(h),
             positions,
             rope_cos,
@@ -50,8 +58,8 @@ class DecoderLayer(hk.Module):
         )
         h = h + RMSNorm(eps, dt, name="post_attn_norm")(a)
         x = RMSNorm(eps, dt, name="pre_moe_norm")(h)
-        dense = DenseMLP(cfg, dt, name="mlp")(x) if cfg.has_dense_mlp else None
-        f = residual_moe(dense, MoE(cfg, dt, name="moe")(x, self.moe_impl))
+        dense = DenseMLP(cfg, dt, self.quant, name="mlp")(x) if cfg.has_dense_mlp else None
+        f = residual_moe(dense, MoE(cfg, dt, self.quant, name="moe")(x, self.moe_impl))
         h = h + RMSNorm(eps, dt, name="post_moe_norm")(f)
         return h, layer_cache
 
@@ -59,11 +67,18 @@ class DecoderLayer(hk.Module):
 class LanguageModel(hk.Module):
     """Embedding, L decoder layers, final norm and the (untied or tied) head."""
 
-    def __init__(self, config: GrokConfig, dtype: jnp.dtype, moe_impl: str = "auto"):
+    def __init__(
+        self,
+        config: GrokConfig,
+        dtype: jnp.dtype,
+        moe_impl: str = "auto",
+        quant: str | None = None,
+    ):
         super().__init__(name="grok")
         self.config = config
         self.dtype = dtype
         self.moe_impl = moe_impl
+        self.quant = quant
 
     def __call__(
         self,
@@ -84,7 +99,7 @@ class LanguageModel(hk.Module):
 
         def layer(h, k_cache, v_cache):
             layer_cache = None if k_cache is None else (k_cache, v_cache)
-            h, layer_cache = DecoderLayer(cfg, dt, self.moe_impl, name="layer")(
+            h, layer_cache = DecoderLayer(cfg, dt, self.moe_impl, self.quant, name="layer")(
                 h, positions, rope_cos, rope_sin, layer_cache, kv_lengths
             )
             return h, layer_cache
@@ -115,15 +130,20 @@ class ForwardFns(NamedTuple):
 
 
 @functools.lru_cache(maxsize=64)
-def forward_fns(config: GrokConfig, dtype: jnp.dtype, moe_impl: str = "auto") -> ForwardFns:
+def forward_fns(
+    config: GrokConfig, dtype: jnp.dtype, moe_impl: str = "auto", quant: str | None = None
+) -> ForwardFns:
     """The model as a pair of pure functions (Haiku ``transform`` without an RNG in apply).
 
     ``apply(params, tokens [B,T] int32, positions [B,T] int32, rope, cache, kv_lengths [B])``
-    returns ``(logits [B, T, V] float32, cache or None)``.
+    returns ``(logits [B, T, V] float32, cache or None)``. ``moe_impl`` picks the expert path
+    ("auto", "gather", "blocks", "dense"); ``quant`` ("fp8", "int8" or None) says whether the
+    matrices are stored quantised with per-output-channel scales (see ``layers.get_weight``).
     """
 
     def fn(tokens, positions, rope, cache, kv_lengths):
-        return LanguageModel(config, dtype, moe_impl)(tokens, positions, rope, cache, kv_lengths)
+        model = LanguageModel(config, dtype, moe_impl, quant)
+        return model(tokens, positions, rope, cache, kv_lengths)
 
     t = hk.without_apply_rng(hk.transform(fn))
     return ForwardFns(t.init, t.apply)

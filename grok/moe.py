@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from grok.config import GrokConfig
-from grok.layers import activation, soft_cap
+from grok.layers import activation, dequant, get_weight, soft_cap
 
 SQRT2 = math.sqrt(2.0)  # the residual MoE divides (dense + MoE) by this
 
@@ -61,6 +61,8 @@ def route(
 
 def _gated_mlp(x, w1, w3, w2, act):
     """``w2(act(x w1) * (x w3))`` for x [.., D], w1/w3 [D, F], w2 [F, D]."""
+    dt = x.dtype
+    w1, w3, w2 = dequant(w1, dt), dequant(w3, dt), dequant(w2, dt)
     return jnp.dot(act(jnp.dot(x, w1)) * jnp.dot(x, w3), w2)
 
 
@@ -77,7 +79,9 @@ def moe_gather(
 
     x [M, D], weights/experts [M, k], w1/w3 [E, D, Fe], w2 [E, Fe, D] -> [M, D].
     """
-    g1, g3, g2 = w1[experts], w3[experts], w2[experts]  # [M, k, D, Fe], [M, k, Fe, D]
+    dt = x.dtype
+    # Only the chosen experts' (quantised) weights are gathered, then dequantised.
+    g1, g3, g2 = (dequant(w[experts], dt) for w in (w1, w3, w2))  # [M, k, D, Fe], [M, k, Fe, D]
     h = act(jnp.einsum("MD,MkDF->MkF", x, g1)) * jnp.einsum("MD,MkDF->MkF", x, g3)
     y = jnp.einsum("MkF,MkFD->MkD", h, g2)  # [M, k, D]
     return jnp.einsum("MkD,Mk->MD", y.astype(jnp.float32), weights).astype(x.dtype)
@@ -149,6 +153,7 @@ def moe_blocks(
 def moe_dense_reference(x, weights, experts, w1, w3, w2, act) -> jax.Array:
     """Every expert on every token, masked: E / k times the work. A test oracle only."""
     e = w1.shape[0]
+    w1, w3, w2 = (dequant(w, x.dtype) for w in (w1, w3, w2))
     h = act(jnp.einsum("MD,EDF->MEF", x, w1)) * jnp.einsum("MD,EDF->MEF", x, w3)
     y = jnp.einsum("MEF,EFD->MED", h, w2).astype(jnp.float32)  # [M, E, D]
     gate = jnp.sum(jax.nn.one_hot(experts, e) * weights[..., None], axis=1)  # [M, E]
@@ -158,10 +163,11 @@ def moe_dense_reference(x, weights, experts, w1, w3, w2, act) -> jax.Array:
 class MoE(hk.Module):
     """Router and experts. Parameters: router [D, E] (float32), w1/w3 [E, D, Fe], w2 [E, Fe, D]."""
 
-    def __init__(self, config: GrokConfig, dtype: jnp.dtype, name: str | None = None):
+    def __init__(self, config: GrokConfig, dtype: jnp.dtype, quant: str | None = None, name=None):
         super().__init__(name=name)
         self.config = config
         self.dtype = dtype
+        self.quant = quant
 
     def __call__(self, x: jax.Array, impl: str = "auto") -> jax.Array:
         """x [B, T, D] -> [B, T, D]. ``impl``: "auto", "gather", "blocks" or "dense"."""
@@ -169,9 +175,10 @@ class MoE(hk.Module):
         d, e, fe = cfg.hidden_size, cfg.num_local_experts, cfg.moe_intermediate_size
         init = hk.initializers.VarianceScaling(1.0, "fan_in", "truncated_normal")
         w_gate = hk.get_parameter("router", (d, e), jnp.float32, init=init)  # [D, E]
-        w1 = hk.get_parameter("w1", (e, d, fe), self.dtype, init=init)  # [E, D, Fe]
-        w3 = hk.get_parameter("w3", (e, d, fe), self.dtype, init=init)  # [E, D, Fe]
-        w2 = hk.get_parameter("w2", (e, fe, d), self.dtype, init=init)  # [E, Fe, D]
+        dt, quant = self.dtype, self.quant
+        w1 = get_weight("w1", (e, d, fe), dt, init, quant=quant, in_dims=(1,))  # [E, D, Fe]
+        w3 = get_weight("w3", (e, d, fe), dt, init, quant=quant, in_dims=(1,))  # [E, D, Fe]
+        w2 = get_weight("w2", (e, fe, d), dt, init, quant=quant, in_dims=(1,))  # [E, Fe, D]
 
         b, t, _ = x.shape
         xm = x.reshape(b * t, d).astype(self.dtype)  # [M, D]
@@ -194,18 +201,20 @@ class MoE(hk.Module):
 class DenseMLP(hk.Module):
     """The residual (dense) MLP: ``down(act(x gate) * (x up))``. gate/up [D, F], down [F, D]."""
 
-    def __init__(self, config: GrokConfig, dtype: jnp.dtype, name: str | None = None):
+    def __init__(self, config: GrokConfig, dtype: jnp.dtype, quant: str | None = None, name=None):
         super().__init__(name=name)
         self.config = config
         self.dtype = dtype
+        self.quant = quant
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [B, T, D] -> [B, T, D]."""
         d, f = self.config.hidden_size, self.config.intermediate_size
         init = hk.initializers.VarianceScaling(1.0, "fan_in", "truncated_normal")
-        gate = hk.get_parameter("gate_proj", (d, f), self.dtype, init=init)  # [D, F]
-        up = hk.get_parameter("up_proj", (d, f), self.dtype, init=init)  # [D, F]
-        down = hk.get_parameter("down_proj", (f, d), self.dtype, init=init)  # [F, D]
+        dt, quant = self.dtype, self.quant
+        gate = get_weight("gate_proj", (d, f), dt, init, quant=quant, in_dims=(0,))  # [D, F]
+        up = get_weight("up_proj", (d, f), dt, init, quant=quant, in_dims=(0,))  # [D, F]
+        down = get_weight("down_proj", (f, d), dt, init, quant=quant, in_dims=(0,))  # [F, D]
         return _gated_mlp(x.astype(self.dtype), gate, up, down, activation(self.config.hidden_act))
 
 
