@@ -181,6 +181,13 @@ class GrokConfig:
         """
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        window = data.get("sliding_window_size", -1)
+        if window is not None and window > 0 or data.get("global_attn_every_n", 1) not in (1, None):
+            raise ConfigError(
+                f"{source}: sliding-window attention (sliding_window_size={window}, "
+                f"global_attn_every_n={data.get('global_attn_every_n')}) is not supported; "
+                "Grok-2 uses -1 and 1 (every layer global)"
+            )
         kwargs: dict[str, Any] = {}
         for field in dataclasses.fields(cls):
             if field.name not in data:
@@ -401,11 +408,43 @@ TINY_GROK1 = GROK1.replace(
     max_position_embeddings=128,
 )
 
+# The benchmark shape (issue 6): small enough for a CPU, with Grok-2's rope and caps.
+BENCH = GROK2.replace(
+    vocab_size=32000,
+    hidden_size=512,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=64,
+    intermediate_size=1024,
+    moe_intermediate_size=1024,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    embedding_multiplier_scale=22.627416997969522,  # sqrt(512), as Grok-2's is sqrt(D)
+)
+
+# The same shape with Grok-1's knobs and no dense MLP: the shape Mixtral can run.
+BENCH_GROK1 = GROK1.replace(
+    vocab_size=32000,
+    hidden_size=512,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=64,
+    moe_intermediate_size=1024,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    embedding_multiplier_scale=22.627416997969522,  # sqrt(512)
+    attn_output_multiplier=0.125,  # 64 ** -0.5
+)
+
 PRESETS: dict[str, GrokConfig] = {
     "grok2": GROK2,
     "grok1": GROK1,
     "tiny-grok2": TINY_GROK2,
     "tiny-grok1": TINY_GROK1,
+    "bench": BENCH,
+    "bench-grok1": BENCH_GROK1,
 }
 
 

@@ -152,3 +152,8 @@ def test_parameter_counts_from_weight_table():
 
 def test_kv_cache_bytes_per_token():
     assert GROK2.kv_cache_bytes_per_token(2) == 64 * 2 * 8 * 128 * 2 == 256 * 1024
+
+
+def test_sliding_window_refused():
+    with pytest.raises(ConfigError, match="sliding_window_size"):
+        GrokConfig.from_dict(dict(RELEASED, sliding_window_size=4096))
