@@ -114,6 +114,10 @@ def load_pretrained(
       quantize: None, or ``"fp8"`` to keep weights in float8 on the device.
       config: use this config instead of the directory's.
     """
+    from grok.grok1 import is_grok1_checkpoint, load_grok1
+
+    if is_grok1_checkpoint(path):  # Grok-1 ckpt-0 pickles (or their parent); see grok.grok1
+        return load_grok1(path, config=config, dtype=dtype, quantize=quantize, mesh=mesh)
     from grok.checkpoint import ReleasedCheckpoint
 
     if mesh is not None:
