@@ -93,6 +93,34 @@ class Model:
         """
         return self._apply(self.params, tokens, positions, self.rope, cache, kv_lengths)
 
+    def generate(
+        self,
+        prompts: Any,
+        *,
+        max_new_tokens: int,
+        sampler: Any = None,
+        seed: int | Any = 0,
+        stop_tokens: Any = (),
+        on_token: Any = None,
+        return_logits: bool = False,
+    ) -> Any:
+        """Continues B prompts of token ids (any lengths) with prefill and cached decode.
+
+        See ``grok.generate.generate`` for the arguments; returns a ``GenerationResult``.
+        """
+        from grok.generate import generate
+
+        return generate(
+            self,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            sampler=sampler,
+            seed=seed,
+            stop_tokens=stop_tokens,
+            on_token=on_token,
+            return_logits=return_logits,
+        )
+
     def num_parameters(self) -> int:
         return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(self.params))
 

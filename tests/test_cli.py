@@ -1,0 +1,148 @@
+"""grok-sample end to end on a tiny checkpoint and tokenizer written by the test.
+
+The successful runs and a few error paths run ``scripts/sample.py`` in a subprocess with the
+venv's python (as a user would); the other error paths call ``main`` in-process.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_generate import random_params
+
+from grok.cli import sample as cli
+from grok.config import TINY_GROK2
+from grok.testing import write_checkpoint
+from grok.tokenizer import write_tok_json
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "sample.py"
+# 3 special tokens, then the 256 bytes: every text encodes (one token per byte).
+CONFIG = TINY_GROK2.replace(vocab_size=264)
+SPECIALS = {"<|pad|>": 0, "<|separator|>": 1, "<|eos|>": 2}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt")
+    write_checkpoint(path, CONFIG, random_params(CONFIG, 1), tp=2)
+    write_tok_json(path / "tokenizer.tok.json", {bytes([b]): 3 + b for b in range(256)}, SPECIALS)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bare_checkpoint(tmp_path_factory):
+    """A checkpoint directory without a tokenizer."""
+    path = tmp_path_factory.mktemp("bare")
+    write_checkpoint(path, CONFIG, random_params(CONFIG, 1), tp=2)
+    return path
+
+
+def run_script(*args, stdin=""):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+
+def assert_one_line_error(proc, status, *fragments):
+    assert proc.returncode == status, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("grok-sample: error: "), proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_batch_and_streaming_runs_agree(checkpoint, tmp_path):
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text("Hi there, é!", encoding="utf-8")
+    common = ["--checkpoint", checkpoint, "--max-new-tokens", 8, "--dtype", "float32"]
+    batch = run_script(*common, "--prompt", "Hi there, é!", "--prompt", f"@{prompt_file}")
+    assert batch.returncode == 0, batch.stderr
+    assert "time to first token" in batch.stderr and "tokens/s" in batch.stderr
+    parts = batch.stdout.split("--- completion 1 ---\n")
+    assert len(parts) == 2 and parts[0].startswith("--- completion 0 ---\n")
+    first = parts[0].removeprefix("--- completion 0 ---\n")
+    assert first == parts[1] and first.strip()  # the same prompt twice: the same text
+
+    # One prompt (from stdin) streams; the text equals the batch's completion.
+    stream = run_script(*common, "--prompt", "-", stdin="Hi there, é!")
+    assert stream.returncode == 0, stream.stderr
+    assert stream.stdout == first
+    assert "2 sequence(s)" in batch.stderr and "1 sequence(s)" in stream.stderr
+
+
+def test_chat_run(checkpoint):
+    proc = run_script(
+        "--checkpoint", checkpoint, "--chat", "--prompt", "Hello?", "--max-new-tokens", 4,
+        "--temperature", 0.8, "--top-k", 20, "--top-p", 0.9, "--min-p", 0.01, "--seed", 7,
+        "--dtype", "float32",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "time to first token" in proc.stderr
+
+
+def test_bad_flag_value(checkpoint):
+    proc = run_script("--checkpoint", checkpoint, "--prompt", "x", "--dtype", "int7")
+    assert_one_line_error(proc, 2, "--dtype", "int7")
+
+
+def test_missing_tokenizer(bare_checkpoint):
+    proc = run_script("--checkpoint", bare_checkpoint, "--prompt", "x")
+    assert_one_line_error(proc, 1, "no tokenizer", "--tokenizer")
+
+
+def test_prompt_longer_than_context(checkpoint):
+    proc = run_script("--checkpoint", checkpoint, "--prompt", "x" * 200, "--dtype", "float32")
+    assert_one_line_error(proc, 1, "200 tokens", "context")
+
+
+@pytest.mark.parametrize(
+    ("extra", "status", "fragment"),
+    [
+        (["--temperature", "-1"], 1, "temperature"),
+        (["--top-p", "1.5"], 1, "top_p"),
+        (["--max-new-tokens", "-3"], 1, "max_new_tokens"),
+        (["--mesh", "8"], 2, "DATAxMODEL"),
+        (["--prompt", "@/nonexistent/prompt.txt"], 2, "cannot read"),
+        (["--tokenizer", "/nonexistent/tok.json"], 1, "not found"),
+        (["--max-new-tokens", "many"], 2, "invalid int value"),
+    ],
+)
+def test_error_paths_in_process(checkpoint, capsys, extra, status, fragment):
+    argv = ["--checkpoint", str(checkpoint), "--prompt", "x", "--dtype", "float32", *extra]
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == status
+    assert len(err) == 1 and err[0].startswith("grok-sample: error: ") and fragment in err[0]
+
+
+def test_no_checkpoint_and_no_builtin_model(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "builtin_checkpoint", lambda: None)
+    assert cli.main(["--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "no --checkpoint given" in err and "--checkpoint DIR" in err
+
+
+def test_no_prompt(checkpoint, capsys):
+    assert cli.main(["--checkpoint", str(checkpoint)]) == 2
+    assert "no prompt" in capsys.readouterr().err
+
+
+def test_parse_mesh():
+    assert cli.parse_mesh("1x8") == (1, 8)
+    assert cli.parse_mesh("2X4") == (2, 4)
+    for bad in ("8", "0x8", "1x2x3", "axb"):
+        with pytest.raises(cli.UsageError):
+            cli.parse_mesh(bad)
