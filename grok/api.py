@@ -132,29 +132,76 @@ def load_pretrained(
     mesh: jax.sharding.Mesh | None = None,
     quantize: str | None = None,
     config: GrokConfig | None = None,
+    rules: Any = None,
+    device_memory_bytes: int | None = None,
+    kv_batch: int = 0,
+    kv_context: int = 0,
+    quiet: bool = False,
 ) -> Model:
-    """Loads a checkpoint in the released Grok-2 layout.
+    """Loads a checkpoint in the released Grok-2 layout, optionally sharded and quantised.
+
+    Before a byte of weight data is read: the mesh is checked against every dimension
+    (``ShardingError``), the per-device memory is planned and checked (``MemoryPlanError``),
+    and every safetensors header is validated (``CheckpointError``). Each process then reads
+    only its own devices' shards, slice by slice, with a progress bar on a terminal.
 
     Args:
       path: directory with ``config.json`` (or ``config_grok2_like.json``) and safetensors.
       dtype: parameter/compute dtype (``jnp.float32`` computes in float32 throughout).
-      mesh: a device mesh to shard onto (see ``grok.sharding``); None for one device.
-      quantize: None, or ``"fp8"`` to keep weights in float8 on the device.
+      mesh: a ("data", "model") device mesh (``grok.sharding.make_mesh``); None: one device.
+      quantize: None, or ``"fp8"`` to keep the matrices in float8_e4m3fn on the device with
+        per-output-channel float32 scales (router, norms, embedding and head stay ``dtype``).
       config: use this config instead of the directory's.
+      rules: a ``grok.sharding.ShardingRules`` (default: ``DEFAULT_RULES``).
+      device_memory_bytes: memory of one device for the plan check; default: the device's
+        ``memory_stats()["bytes_limit"]`` where the backend reports one, else no check.
+      kv_batch, kv_context: a KV cache (B x S) the plan must leave room for.
+      quiet: no progress bar even on a terminal.
     """
+    if os.fspath(path) == "builtin":  # the small model shipped in the package
+        from grok.builtin import builtin_dir
+
+        path = builtin_dir()
     from grok.grok1 import is_grok1_checkpoint, load_grok1
 
     if is_grok1_checkpoint(path):  # Grok-1 ckpt-0 pickles (or their parent); see grok.grok1
         return load_grok1(path, config=config, dtype=dtype, quantize=quantize, mesh=mesh)
-    from grok.checkpoint import ReleasedCheckpoint
+    from grok.checkpoint import ReleasedCheckpoint, is_quantized, shard_read_bytes
+    from grok.memory_plan import check_fits, device_bytes_limit, mesh_axis_sizes, plan_memory
+    from grok.progress import ProgressBar
+    from grok.sharding import ShardingRules, check_divisible, sharding_fn
 
-    if mesh is not None:
-        raise NotImplementedError("mesh loading lands with the checkpoint issue")
-    if quantize is not None:
-        raise NotImplementedError("quantize lands with the checkpoint issue")
+    if quantize not in (None, "fp8"):
+        raise ConfigError(f"quantize must be None or 'fp8', got {quantize!r}")
     if not os.path.isdir(path):
         raise ConfigError(f"{path}: not a checkpoint directory")
     config = config or load_config(path)
+    rules = rules or ShardingRules()
+    sizes = mesh_axis_sizes(mesh)
+    check_divisible(config, sizes, rules)
+    plan = plan_memory(
+        config,
+        sizes,
+        dtype=dtype,
+        quantize=quantize,
+        batch=kv_batch,
+        context=kv_context,
+        rules=rules,
+    )
+    devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
+    limit = device_memory_bytes or device_bytes_limit(devices[0])
+    check_fits(plan, limit, str(path))
+    sharding_for = sharding_fn(mesh, rules) if mesh is not None else None
     with ReleasedCheckpoint(path, config) as ckpt:
-        params = ckpt.load_params(jnp.dtype(dtype))
-    return Model(config, params, dtype=dtype)
+        default = jax.sharding.SingleDeviceSharding(devices[0])
+        total = sum(
+            shard_read_bytes(
+                spec.shape,
+                sharding_for(spec) if sharding_for else default,
+                1 if quantize and is_quantized(spec) else jnp.dtype(spec.dtype(dtype)).itemsize,
+            )
+            for spec in ckpt.specs
+        )
+        with ProgressBar(total, label=f"loading {os.fspath(path)}", quiet=quiet) as bar:
+            params = ckpt.load_params(jnp.dtype(dtype), sharding_for, bar.update, quantize)
+    return Model(config, params, dtype=dtype, mesh=mesh, quant=quantize)

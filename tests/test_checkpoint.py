@@ -1,0 +1,168 @@
+"""Loader errors: each damaged checkpoint gives a CheckpointError naming the file and tensor,
+and nothing half-loaded is returned."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import grok.checkpoint as checkpoint
+from grok.api import load_pretrained
+from grok.checkpoint import ReleasedCheckpoint
+from grok.config import TINY_GROK2
+from grok.errors import CheckpointError
+from grok.safetensors_io import SafetensorsFile, save_file
+from grok.testing import write_checkpoint
+
+CONFIG = TINY_GROK2
+EMBED = "model.embed_tokens.weight"
+W1 = "model.layers.1.block_sparse_moe.experts.3.w1.weight"
+
+
+@pytest.fixture
+def ckpt(tmp_path, hf_tensors):
+    return write_checkpoint(tmp_path / "ckpt", CONFIG, hf_tensors(CONFIG), tp=8)
+
+
+def file_holding(path, name, rank_marker="common"):
+    for f in sorted(path.glob(f"*-TP-{rank_marker}.safetensors")):
+        if name in SafetensorsFile(f).names:
+            return f
+    raise AssertionError(name)
+
+
+def rewrite(f, change):
+    """Rewrites safetensors file ``f`` with ``change(tensors)`` applied."""
+    with SafetensorsFile(f) as src:
+        tensors = {n: np.array(src.get(n)) for n in src.names}
+    change(tensors)
+    save_file(f, tensors)
+
+
+def load(path):
+    return load_pretrained(path, dtype=jnp.float32, quiet=True)
+
+
+def test_intact_checkpoint_loads(ckpt, hf_tensors):
+    model = load(ckpt)
+    np.testing.assert_array_equal(
+        np.asarray(model.params["grok"]["embed_tokens"]), hf_tensors(CONFIG)[EMBED]
+    )
+
+
+def test_missing_common_file(ckpt):
+    f = file_holding(ckpt, EMBED)
+    f.unlink()
+    with pytest.raises(CheckpointError, match=r"missing tensor\(s\).*"):
+        load(ckpt)
+
+
+def test_missing_tp_rank_in_the_middle(ckpt):
+    next(ckpt.glob("*-TP-003.safetensors")).unlink()
+    with pytest.raises(CheckpointError, match=r"ranks \[0, 1, 2, 4, 5, 6, 7\]"):
+        load(ckpt)
+
+
+def test_missing_last_tp_rank(ckpt):
+    next(ckpt.glob("*-TP-007.safetensors")).unlink()
+    with pytest.raises(
+        CheckpointError, match=r"TP-000.*w1.weight.*shape \[28, 64\] stitched from 7 TP files"
+    ):
+        load(ckpt)
+
+
+def test_truncated_file(ckpt):
+    f = file_holding(ckpt, EMBED)
+    data = f.read_bytes()
+    f.write_bytes(data[:-100])
+    with pytest.raises(CheckpointError, match=f.name):
+        load(ckpt)
+
+
+def test_header_that_does_not_parse(ckpt):
+    f = file_holding(ckpt, EMBED)
+    data = bytearray(f.read_bytes())
+    data[8:20] = b"#not json!#{"
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"{f.name}.*not valid UTF-8 JSON"):
+        load(ckpt)
+
+
+def test_wrong_shape(ckpt):
+    f = file_holding(ckpt, EMBED)
+    rewrite(f, lambda t: t.update({EMBED: t[EMBED][:, :32].copy()}))
+    with pytest.raises(CheckpointError, match=rf"{f.name}.*{EMBED}.*\[256, 32\].*\[256, 64\]"):
+        load(ckpt)
+
+
+def test_wrong_dtype(ckpt):
+    f = file_holding(ckpt, EMBED)
+    rewrite(f, lambda t: t.update({EMBED: t[EMBED].astype(np.int32)}))
+    with pytest.raises(CheckpointError, match=rf"{f.name}.*{EMBED}.*I32"):
+        load(ckpt)
+
+
+def test_missing_tensor(ckpt):
+    f = file_holding(ckpt, EMBED)
+    rewrite(f, lambda t: t.pop(EMBED))
+    with pytest.raises(CheckpointError, match=rf"missing tensor\(s\) {EMBED}"):
+        load(ckpt)
+
+
+def test_duplicate_tensor(ckpt):
+    f = file_holding(ckpt, EMBED)
+    other = next(p for p in ckpt.glob("*-TP-common.safetensors") if p != f)
+    embed = np.array(SafetensorsFile(f).get(EMBED))
+    rewrite(other, lambda t: t.update({EMBED: embed}))
+    with pytest.raises(CheckpointError, match=rf"{EMBED}.*appears in"):
+        load(ckpt)
+
+
+def test_unexpected_tensor(ckpt):
+    rewrite(file_holding(ckpt, EMBED), lambda t: t.update({"model.extra": np.zeros(3)}))
+    with pytest.raises(CheckpointError, match="unexpected tensor 'model.extra'"):
+        load(ckpt)
+
+
+def test_config_that_contradicts_the_weights(ckpt):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["vocab_size"] = 512
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=rf"{EMBED}.*\[256, 64\], expected \[512, 64\]"):
+        load(ckpt)
+    cfg["vocab_size"], cfg["moe_intermediate_size"] = 256, 64
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"w1.weight.*\[32, 64\] stitched.*\[64, 64\]"):
+        load(ckpt)
+
+
+def test_fp8_tensor_without_scale(ckpt):
+    f = file_holding(ckpt, EMBED)
+    rewrite(f, lambda t: t.update({EMBED: t[EMBED].astype(jnp.float8_e4m3fn)}))
+    with pytest.raises(CheckpointError, match=rf"{f.name}.*{EMBED}.*no .*_scale"):
+        load(ckpt)
+
+
+def test_nothing_half_loaded(ckpt, monkeypatch):
+    """A read failing midway deletes every array already built and raises."""
+    built = []
+    real_build, real_read = checkpoint.build_array, ReleasedCheckpoint.read_param_slice
+    calls = {"n": 0}
+
+    def recording_build(*args, **kwargs):
+        built.append(real_build(*args, **kwargs))
+        return built[-1]
+
+    def failing_read(self, spec, index, dtype):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise CheckpointError(f"simulated read failure in {spec.hf_name}")
+        return real_read(self, spec, index, dtype)
+
+    monkeypatch.setattr(checkpoint, "build_array", recording_build)
+    monkeypatch.setattr(ReleasedCheckpoint, "read_param_slice", failing_read)
+    with pytest.raises(CheckpointError, match="simulated read failure"):
+        load(ckpt)
+    assert len(built) == 5
+    assert all(array.is_deleted() for array in built)

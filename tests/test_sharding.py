@@ -1,0 +1,134 @@
+"""Sharded loading on an 8-device CPU mesh (tests/conftest.py sets the device count).
+
+The test config has N = 8 query heads and K = 2 kv heads, so a model axis of 4 or 8 also
+exercises the kv-head replication rule on real devices.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from grok.api import load_pretrained
+from grok.config import GROK2, TINY_GROK2
+from grok.errors import MemoryPlanError, ShardingError
+from grok.memory_plan import plan_memory
+from grok.params import weight_specs
+from grok.sharding import ShardingRules, make_mesh, mesh_sizes, param_partition_specs
+from grok.testing import write_checkpoint
+
+CONFIG = TINY_GROK2.replace(num_attention_heads=8, head_dim=8, num_key_value_heads=2)
+TOKENS = np.array([[3, 17, 255, 0, 42, 9], [7, 7, 100, 200, 1, 64]], np.int32)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, hf_tensors):
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt"), CONFIG, hf_tensors(CONFIG), tp=8)
+
+
+@pytest.fixture(scope="module")
+def single_logits(ckpt):
+    model = load_pretrained(ckpt, dtype=jnp.float32, quiet=True)
+    return np.asarray(model.logits(TOKENS))
+
+
+def test_eight_devices():
+    assert len(jax.devices()) == 8
+
+
+@pytest.mark.parametrize("shape", [(1, 8), (2, 4), (8, 1)])
+def test_sharded_logits_equal_single_device(ckpt, single_logits, shape):
+    mesh = make_mesh(*shape)
+    model = load_pretrained(ckpt, dtype=jnp.float32, mesh=mesh, quiet=True)
+    specs = param_partition_specs(CONFIG, mesh_sizes(mesh))
+    for module, names in specs.items():
+        for name, pspec in names.items():
+            array = model.params[module][name]
+            assert array.sharding.spec == pspec, (module, name)
+            assert array.sharding.mesh.shape == mesh.shape
+    got = np.asarray(model.logits(TOKENS))
+    rel = np.max(np.abs(got - single_logits)) / np.max(np.abs(single_logits))
+    assert rel < 1e-5, rel
+
+
+def test_rules_on_the_8_device_mesh():
+    specs = param_partition_specs(CONFIG, {"data": 2, "model": 4})
+    attn = specs["grok/layers/layer/attn"]
+    assert attn["q_proj"] == P(None, None, "model", None)
+    assert attn["o_proj"] == P(None, "model", None, None)
+    assert attn["k_proj"] == P(None, None, None, None)  # K = 2 < 4: replicated
+    moe = specs["grok/layers/layer/moe"]
+    assert moe["w1"] == P(None, None, None, "model")
+    assert moe["w2"] == P(None, None, "model", None)
+    assert moe["router"] == P(None, None, None)
+    assert specs["grok"]["embed_tokens"] == P("model", None)
+    assert specs["grok/layers/layer/mlp"]["down_proj"] == P(None, "model", None)
+
+
+@pytest.mark.parametrize("model_axis", [1, 2, 4, 8, 16])
+def test_grok2_rules_for_every_model_axis(model_axis):
+    """Grok-2 has K = 8: split up to 8-way, replicated at 16 (no device needed)."""
+    specs = param_partition_specs(GROK2, {"data": 1, "model": model_axis})
+    attn = specs["grok/layers/layer/attn"]
+    split = "model" if model_axis > 1 else None
+    assert attn["q_proj"] == P(None, None, split, None)
+    kv = split if model_axis <= 8 else None
+    assert attn["k_proj"] == P(None, None, kv, None)
+    assert attn["v_proj"] == P(None, None, kv, None)
+    assert specs["grok/layers/layer/moe"]["w1"] == P(None, None, None, split)
+
+
+def test_kv_replication_gives_the_same_attention():
+    """With K < model, every model shard holds all K heads; query head n still reads n // G."""
+    n, k, model = 8, 2, 4
+    g = n // k
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((n, 4))
+    kv = rng.standard_normal((k, 4))
+    full = np.einsum("nh,nh->n", q, kv[np.arange(n) // g])
+    shards = []
+    for r in range(model):  # shard r holds query heads [r * n/model, (r+1) * n/model)
+        heads = np.arange(r * n // model, (r + 1) * n // model)
+        shards.append(np.einsum("nh,nh->n", q[heads], kv[heads // g]))  # replicated kv
+    np.testing.assert_array_equal(np.concatenate(shards), full)
+
+
+def test_indivisible_dimension_is_an_error_before_reading(tmp_path):
+    bad = CONFIG.replace(num_attention_heads=4, head_dim=16)  # N = 4 on a model axis of 8
+    bad.save(tmp_path / "config.json")  # no weights at all: nothing may be read
+    with pytest.raises(ShardingError, match="heads.*size 4.*size 8"):
+        load_pretrained(tmp_path, mesh=make_mesh(1, 8), quiet=True)
+
+
+def test_collision_is_refused():
+    rules = ShardingRules({**ShardingRules().table, "embed": "model"})
+    with pytest.raises(ShardingError, match="both map to mesh axis 'model'"):
+        param_partition_specs(CONFIG, {"data": 1, "model": 2}, rules)
+
+
+def test_memory_plan_matches_the_arrays(ckpt):
+    mesh = make_mesh(2, 4)
+    plan = plan_memory(CONFIG, {"data": 2, "model": 4}, dtype=jnp.float32)
+    model = load_pretrained(ckpt, dtype=jnp.float32, mesh=mesh, quiet=True)
+    dev = mesh.devices.flat[0]
+    on_dev = sum(
+        s.data.nbytes
+        for a in jax.tree_util.tree_leaves(model.params)
+        for s in a.addressable_shards
+        if s.device == dev
+    )
+    assert plan.weights == on_dev
+    with pytest.raises(MemoryPlanError, match="needs"):
+        load_pretrained(ckpt, mesh=mesh, device_memory_bytes=on_dev // 2, quiet=True)
+
+
+def test_grok2_plan_on_8_by_80gb():
+    plan = plan_memory(GROK2, {"data": 1, "model": 8}, batch=1, context=131072)
+    total_params = sum(int(np.prod(s.shape)) for s in weight_specs(GROK2))
+    assert total_params == 269_515_497_472
+    # Everything but norms, router and nothing else is split 8 ways; bf16 is 2 bytes.
+    assert 2 * total_params / 8 <= plan.weights < 2 * total_params / 8 * 1.01
+    assert plan.kv_cache == 32 * (1 << 30) // 8  # 32 GiB per sequence, K split 8-way
+    fp8 = plan_memory(GROK2, {"data": 1, "model": 8}, quantize="fp8")
+    assert fp8.weights < 0.52 * plan.weights
