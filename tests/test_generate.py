@@ -179,3 +179,20 @@ def test_bad_requests(model, prompts, kwargs, error, match):
     kwargs = {"max_new_tokens": 4, **kwargs}
     with pytest.raises(error, match=match):
         model.generate(prompts, **kwargs)
+
+
+@pytest.mark.skipif(jax.device_count() < 2, reason="needs several (host) devices")
+def test_sharded_params_give_the_same_tokens(model):
+    """Parameters sharded over a mesh (nothing moved to one device): same seed, same tokens."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.array(jax.devices()[:2]), ("model",))
+
+    def shard(x):  # split the last dim of every matrix over the mesh
+        spec = [None] * (x.ndim - 1) + ["model" if x.ndim >= 2 else None]
+        return jax.device_put(x, NamedSharding(mesh, PartitionSpec(*spec)))
+
+    sharded = Model(CONFIG, jax.tree.map(shard, model.params), dtype=jnp.float32, mesh=mesh)
+    sampler = Sampler(temperature=1.0)
+    kwargs = {"max_new_tokens": 20, "sampler": sampler, "seed": [11, 12, 13]}
+    assert sharded.generate(PROMPTS, **kwargs).tokens == model.generate(PROMPTS, **kwargs).tokens
