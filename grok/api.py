@@ -189,7 +189,8 @@ def load_pretrained(
         rules=rules,
     )
     devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
-    limit = device_memory_bytes or device_bytes_limit(devices[0])
+    local = [d for d in devices if d.process_index == jax.process_index()] or devices
+    limit = device_memory_bytes or device_bytes_limit(local[0])
     check_fits(plan, limit, str(path))
     sharding_for = sharding_fn(mesh, rules) if mesh is not None else None
     with ReleasedCheckpoint(path, config) as ckpt:

@@ -132,3 +132,43 @@ def test_grok2_plan_on_8_by_80gb():
     assert plan.kv_cache == 32 * (1 << 30) // 8  # 32 GiB per sequence, K split 8-way
     fp8 = plan_memory(GROK2, {"data": 1, "model": 8}, quantize="fp8")
     assert fp8.weights < 0.52 * plan.weights
+
+
+def test_each_distinct_shard_is_read_once():
+    """Replicas over "data" share one read; only addressable devices are asked for."""
+    from grok.checkpoint import build_array
+
+    mesh = make_mesh(4, 2)
+    sharding = jax.sharding.NamedSharding(mesh, P(None, "model"))
+    reads = []
+
+    def read(index):
+        reads.append(index)
+        return np.arange(16, dtype=np.float32).reshape(2, 8)[index]
+
+    array = build_array((2, 8), sharding, read)
+    assert len(reads) == 2
+    np.testing.assert_array_equal(np.asarray(array), np.arange(16).reshape(2, 8))
+    assert array.sharding == sharding
+
+
+def test_progress_bar_is_quiet_off_a_terminal():
+    import io
+
+    from grok.progress import ProgressBar
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stream, quiet, drawn in (
+        (io.StringIO(), False, False),
+        (Tty(), True, False),
+        (Tty(), False, True),
+    ):
+        with ProgressBar(2_000_000_000, stream=stream, quiet=quiet) as bar:
+            bar.update(1_000_000_000)
+            bar.update(1_000_000_000)
+        assert bool(stream.getvalue()) == drawn
+    line = stream.getvalue().strip().split("\r")[-1]
+    assert "2.00/2.00 GB" in line and "GB/s" in line and "left" in line
