@@ -75,7 +75,8 @@ class GenerationResult:
       prompt_lengths: the number of prompt tokens of each sequence.
       time_to_first_token_s: seconds from the call to the first tokens being on the host
         (prefill, including any compilation).
-      decode_time_s: seconds spent in the decode steps after that.
+      decode_time_s: seconds spent in the decode steps after that (including compiling the
+        decode loop, the first time these shapes and this sampler are seen).
       num_decode_tokens: tokens sampled by decode steps (all sequences; stop tokens counted,
         the first token of each sequence, which prefill samples, not).
       logits: when asked for, per sequence the float32 logits [n_i, V] that each sampled token

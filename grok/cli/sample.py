@@ -6,7 +6,8 @@
 
 The completion goes to stdout (streamed token by token for a single prompt; for several
 prompts each completion is printed under a header once the batch is done). Time to first
-token and decode tokens per second go to stderr. Bad input ends with one line on stderr,
+token and decode tokens per second go to stderr (a one-shot run includes compilation in
+both). Bad input ends with one line on stderr,
 ``grok-sample: error: ...``, and exit status 2 (command line) or 1 (anything else).
 """
 
