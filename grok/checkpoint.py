@@ -268,12 +268,15 @@ class ReleasedCheckpoint:
         in_dims = quant_in_dims(spec)
         scales: dict[tuple, np.ndarray] = {}  # full-input-dim scales by output range
 
-        def channel_scale(index: tuple[slice, ...]) -> np.ndarray:
+        def scale_key(index: tuple[slice, ...]) -> tuple:
             full = tuple(
                 slice(None) if d in in_dims else s
                 for d, s in enumerate(_pad_index(index, len(spec.shape)))
             )
-            key = tuple(s.indices(n) for s, n in zip(full, spec.shape, strict=True))
+            return full, _index_key(full, spec.shape)
+
+        def channel_scale(index: tuple[slice, ...]) -> np.ndarray:
+            full, key = scale_key(index)
             if key not in scales:
                 scales[key] = self._channel_scale(spec, full, in_dims)
             return scales[key]
@@ -281,6 +284,11 @@ class ReleasedCheckpoint:
         def read_q(index):
             index = _pad_index(index, len(spec.shape))
             w = self.read_param_slice(spec, index, jnp.float32)
+            full, key = scale_key(index)
+            if key not in scales and _index_key(index, spec.shape) == key:
+                # This shard holds whole input rows: its own amax is the full-row amax.
+                amax = np.max(np.abs(w), axis=in_dims, keepdims=True)
+                scales[key] = _amax_to_scale(amax, spec.hf_name)
             q = np.clip(w / channel_scale(index), -E4M3_MAX, E4M3_MAX)
             return q.astype(jnp.float8_e4m3fn)
 
@@ -300,19 +308,29 @@ class ReleasedCheckpoint:
     def _channel_scale(
         self, spec: WeightSpec, index: tuple[slice, ...], in_dims: tuple[int, ...]
     ) -> np.ndarray:
-        """amax / 448 over the whole input dims for the output range ``index``, unit by unit."""
-        parts = []
-        for i in range(*index[0].indices(spec.shape[0])):
-            block = self.read_param_slice(spec, (slice(i, i + 1), *index[1:]), jnp.float32)
-            amax = np.max(np.abs(block), axis=in_dims, keepdims=True)
-            if not np.all(np.isfinite(amax)):
-                raise CheckpointError(
-                    f"{spec.hf_name.format(i=i, e='*')}: holds a non-finite value; cannot "
-                    "quantise to fp8"
-                )
-            parts.append(amax)
-        amax = np.concatenate(parts, axis=0)
-        return np.where(amax > 0, amax / np.float32(E4M3_MAX), np.float32(1)).astype(np.float32)
+        """amax / 448 over the whole input dims for the output range ``index``.
+
+        Reads one layer (and expert) at a time, so host memory stays near one unit.
+        """
+        lead = int(spec.per_layer) + int(spec.per_expert)
+        lead_ranges = [range(*index[d].indices(spec.shape[d])) for d in range(lead)]
+        out_shape = [len(r) for r in lead_ranges] + [
+            1 if d in in_dims else len(range(*index[d].indices(spec.shape[d])))
+            for d in range(lead, len(spec.shape))
+        ]
+        amax = np.empty(out_shape, np.float32)
+        for pos, unit in _product(lead_ranges):
+            sub = tuple(slice(u, u + 1) for u in unit) + tuple(index[lead:])
+            block = self.read_param_slice(spec, sub, jnp.float32)
+            amax[pos] = np.max(np.abs(block), axis=in_dims, keepdims=True)[(0,) * lead]
+        return _amax_to_scale(amax, spec.hf_name)
+
+
+def _amax_to_scale(amax: np.ndarray, name: str) -> np.ndarray:
+    """Per-channel e4m3 scale: amax / 448 (largest value -> 448); an all-zero channel gets 1."""
+    if not np.all(np.isfinite(amax)):
+        raise CheckpointError(f"{name}: holds a non-finite value; cannot quantise to fp8")
+    return np.where(amax > 0, amax / np.float32(E4M3_MAX), np.float32(1)).astype(np.float32)
 
 
 def is_quantized(spec: WeightSpec) -> bool:

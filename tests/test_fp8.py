@@ -133,3 +133,14 @@ def test_quantized_logits_close_to_bf16(bf16_ckpt):
     # (off by a factor, or per shard instead of per row) moves the logits by tens of percent.
     assert rel_rms < 0.10, rel_rms
     assert rel_rms > 0  # it really ran through float8
+
+
+def test_quantize_refuses_non_finite_weights(tmp_path, hf_tensors):
+    from grok.errors import CheckpointError
+
+    hf = hf_tensors(SMALL, 3)
+    name = "model.layers.1.mlp.down_proj.weight"
+    hf[name][5, 7] = np.inf
+    path = write_checkpoint(tmp_path, SMALL, hf, tp=TP)
+    with pytest.raises(CheckpointError, match="down_proj.*non-finite"):
+        load_pretrained(path, dtype=jnp.float32, quantize="fp8", quiet=True)
