@@ -22,6 +22,13 @@ from grok.rope import apply_rope
 
 NEG_INF = -1e30  # large negative for masked logits (finite: avoids NaN on empty rows)
 
+# Prompts longer than QUERY_BLOCK queries take the blocked path: queries in blocks of
+# QUERY_BLOCK, keys in blocks of KEY_BLOCK with an online softmax, so the live scores are
+# [B, K, G, QUERY_BLOCK, KEY_BLOCK] and memory grows linearly with the prompt. 512 x 512
+# float32 scores for 8 heads are 8 MiB: big enough for efficient matmuls, small for caches.
+QUERY_BLOCK = 512
+KEY_BLOCK = 512
+
 
 def attention_temperature(positions: jax.Array, temperature_len: int | None) -> jax.Array:
     """tau(p) = log2(p) / log2(len) where p > len, else 1. positions [B, T] -> f32 [B, T]."""
@@ -49,14 +56,101 @@ def attention_weights(
     Returns:
       [B, K, G, T, S] float32 probabilities.
     """
+    s, _ = _scores(q, k, q_positions, 0, kv_lengths, config)  # [B, K, G, T, S]
+    return jax.nn.softmax(s, axis=-1)
+
+
+def _scores(q, k, q_positions, key_start, kv_lengths, config):
+    """Capped, tempered, masked logits of queries q [B, T, K, G, H] against keys k [B, S, K, H]
+    that sit at positions key_start .. key_start + S - 1.
+
+    Returns (scores [B, K, G, T, S] float32, visible [B, 1, 1, T, S] bool).
+    """
     s = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
     s = soft_cap(s * config.attn_scale, config.attn_logit_softcapping)
     tau = attention_temperature(q_positions, config.attn_temperature_len)  # [B, T]
     s = s * tau[:, None, None, :, None]
-    key_pos = jnp.arange(k.shape[1])[None, None, :]  # [1, 1, S]
+    key_pos = key_start + jnp.arange(k.shape[1])[None, None, :]  # [1, 1, S]
     visible = (key_pos <= q_positions[:, :, None]) & (key_pos < kv_lengths[:, None, None])
-    s = jnp.where(visible[:, None, None, :, :], s, NEG_INF)  # [B, K, G, T, S]
-    return jax.nn.softmax(s, axis=-1)
+    visible = visible[:, None, None, :, :]  # [B, 1, 1, T, S]
+    return jnp.where(visible, s, NEG_INF), visible
+
+
+def _pad_axis1(x: jax.Array, size: int, mode: str = "constant") -> jax.Array:
+    """Pads axis 1 of x up to ``size`` (zeros, or repeating the edge with mode="edge")."""
+    pad = [(0, 0)] * x.ndim
+    pad[1] = (0, size - x.shape[1])
+    return jnp.pad(x, pad, mode=mode)
+
+
+def blocked_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_positions: jax.Array,
+    kv_lengths: jax.Array,
+    config: GrokConfig,
+    q_block: int = QUERY_BLOCK,
+    k_block: int = KEY_BLOCK,
+) -> jax.Array:
+    """Attention output in query blocks x key blocks with an online (running-max) softmax.
+
+    Equal to ``softmax(scores) @ v`` up to float rounding; memory is O(T + S) plus one
+    [B, K, G, q_block, k_block] block of scores. Each query block visits only the key blocks
+    below its last position and below max(kv_lengths), so causal prefill does about half the
+    work of the full score matrix.
+
+    Args:
+      q: [B, T, K, G, H] queries (RoPE applied).
+      k, v: [B, S, K, H] keys (RoPE applied) and values; key s sits at position s.
+      q_positions: [B, T] absolute positions of the queries.
+      kv_lengths: [B] number of valid keys per sequence.
+    Returns:
+      [B, T, K, G, H] in v's dtype.
+    """
+    b, t, kh, g, h = q.shape
+    s_len = k.shape[1]
+    nq = -(-t // q_block)
+    nk = -(-s_len // k_block)
+    q = _pad_axis1(q, nq * q_block)  # [B, Tp, K, G, H]
+    q_positions = _pad_axis1(q_positions, nq * q_block, mode="edge")  # [B, Tp]
+    k = _pad_axis1(k, nk * k_block)  # [B, Sp, K, H]; padded keys sit at >= S >= kv_lengths
+    v = _pad_axis1(v, nk * k_block)
+    kv_end = jnp.max(kv_lengths)
+
+    def one_query_block(i):
+        qb = jax.lax.dynamic_slice_in_dim(q, i * q_block, q_block, axis=1)  # [B, Tq, K, G, H]
+        pb = jax.lax.dynamic_slice_in_dim(q_positions, i * q_block, q_block, axis=1)  # [B, Tq]
+        # Key blocks past the block's last query position or past every length are all masked.
+        last_key = jnp.minimum(jnp.max(pb) + 1, kv_end)
+        n_visit = jnp.clip((last_key + k_block - 1) // k_block, 1, nk)
+
+        def one_key_block(j, carry):
+            m, l, acc = carry  # [B, K, G, Tq], [B, K, G, Tq], [B, K, G, Tq, H] float32
+            kb = jax.lax.dynamic_slice_in_dim(k, j * k_block, k_block, axis=1)  # [B, Sk, K, H]
+            vb = jax.lax.dynamic_slice_in_dim(v, j * k_block, k_block, axis=1)
+            s, visible = _scores(qb, kb, pb, j * k_block, kv_lengths, config)  # [B,K,G,Tq,Sk]
+            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+            p = jnp.where(visible, jnp.exp(s - m_new[..., None]), 0.0)  # [B, K, G, Tq, Sk]
+            correction = jnp.exp(m - m_new)
+            l = l * correction + jnp.sum(p, axis=-1)
+            pv = jnp.einsum(
+                "BKGTS,BSKH->BKGTH", p.astype(v.dtype), vb, preferred_element_type=jnp.float32
+            )
+            return m_new, l, acc * correction[..., None] + pv
+
+        init = (
+            jnp.full((b, kh, g, q_block), NEG_INF, jnp.float32),
+            jnp.zeros((b, kh, g, q_block), jnp.float32),
+            jnp.zeros((b, kh, g, q_block, h), jnp.float32),
+        )
+        _, l, acc = jax.lax.fori_loop(0, n_visit, one_key_block, init)
+        out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # [B, K, G, Tq, H]
+        return jnp.einsum("BKGTH->BTKGH", out).astype(v.dtype)
+
+    out = jax.lax.map(one_query_block, jnp.arange(nq))  # [nq, B, Tq, K, G, H]
+    out = jnp.moveaxis(out, 0, 1).reshape(b, nq * q_block, kh, g, h)
+    return out[:, :t]  # [B, T, K, G, H]
 
 
 class Attention(hk.Module):
@@ -124,7 +218,12 @@ class Attention(hk.Module):
 
         b, t = x.shape[:2]
         q = q.reshape(b, t, kh, cfg.q_per_kv, h)  # [B, T, K, G, H]
-        probs = attention_weights(q, keys, positions, kv_lengths, cfg)  # [B, K, G, T, S]
-        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(values.dtype), values)
+        if t > QUERY_BLOCK:  # static: long prompts in blocks, linear memory
+            out = blocked_attention(
+                q, keys, values, positions, kv_lengths, cfg, QUERY_BLOCK, KEY_BLOCK
+            )
+        else:
+            probs = attention_weights(q, keys, positions, kv_lengths, cfg)  # [B, K, G, T, S]
+            out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(values.dtype), values)
         out = out.reshape(b, t, n, h)  # [B, T, N, H]
         return jnp.einsum("BTNH,NHD->BTD", out, wo), new_cache  # [B, T, D]
