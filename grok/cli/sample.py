@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# With no --checkpoint and no --prompt, the built-in model continues this text from its corpus
+# (CPython's reference documentation).
+BUILTIN_PROMPT = "A class definition"
+
+
 def read_prompts(values: Sequence[str], stdin: TextIO) -> list[str]:
     """The prompt texts: each value as is, ``@FILE`` as that file's text, ``-`` as stdin."""
     if not values:
@@ -155,6 +160,8 @@ class TextStream:
 
 def run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> None:
     """Loads the model and tokenizer, generates, prints. Raises GrokError / UsageError."""
+    if not args.prompt and not args.checkpoint and builtin_checkpoint() is not None:
+        args.prompt = [BUILTIN_PROMPT]  # the first command of a new user: show the model working
     texts = read_prompts(args.prompt, stdin)
     mesh_shape = parse_mesh(args.mesh) if args.mesh else None
 
