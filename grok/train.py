@@ -168,6 +168,7 @@ def training_forward(config: GrokConfig, moe_impl: str = "auto") -> hk.Transform
 class _Compiled(NamedTuple):
     forward: hk.TransformedWithState
     optimizer: optax.GradientTransformation
+    init: Callable  # (key) -> (params, net_state, opt_state)
     step: Callable  # (params, opt_state, net_state, windows, step) -> (params, opt_state, m)
     eval: Callable  # (params, net_state, windows) -> summed loss
 
@@ -204,7 +205,18 @@ def _compiled(config: GrokConfig, train: TrainConfig, moe_impl: str) -> _Compile
     def eval_fn(params, net_state, windows):
         return losses(params, net_state, windows)[0]
 
-    return _Compiled(forward, optimizer, jax.jit(step_fn, donate_argnums=(0, 1)), jax.jit(eval_fn))
+    def init_fn(key):
+        tokens = jnp.zeros((1, train.seq_len), jnp.int32)
+        params, net_state = forward.init(key, tokens, rope)
+        return params, net_state, optimizer.init(params)
+
+    return _Compiled(
+        forward,
+        optimizer,
+        jax.jit(init_fn),
+        jax.jit(step_fn, donate_argnums=(0, 1)),
+        jax.jit(eval_fn),
+    )
 
 
 class Trainer:
@@ -220,11 +232,9 @@ class Trainer:
         self.train = train
         # The seed only picks the initial parameters and the batches: share the compiled step.
         self._fns = _compiled(config, dataclasses.replace(train, seed=0), moe_impl)
-        tokens = jnp.zeros((1, train.seq_len), jnp.int32)
-        self.params, self._net_state = self._fns.forward.init(
-            jax.random.PRNGKey(train.seed), tokens, rope_table(config, train.seq_len)
+        self.params, self._net_state, self.opt_state = self._fns.init(
+            jax.random.PRNGKey(train.seed)
         )
-        self.opt_state = self._fns.optimizer.init(self.params)
         self.step = 0
 
     def train_step(self, windows: np.ndarray) -> StepMetrics:
@@ -273,8 +283,11 @@ class Trainer:
                 raise CheckpointError(f"{directory / name}: missing, cannot resume from here")
         with ReleasedCheckpoint(directory, self.config) as ckpt:
             loaded = ckpt.load_params(jnp.float32)
+        # Placed like the arrays they replace, so the compiled step is reused as is.
         self.params = jax.tree_util.tree_map(
-            lambda ref, x: jnp.asarray(x, ref.dtype), self.params, loaded
+            lambda ref, x: jax.device_put(jnp.asarray(x, ref.dtype), ref.sharding),
+            self.params,
+            loaded,
         )
         template, treedef = jax.tree_util.tree_flatten(self.opt_state)
         with np.load(directory / OPTIMIZER_FILE) as saved:
@@ -291,7 +304,11 @@ class Trainer:
                     f"expected {list(ref.shape)}"
                 )
         self.opt_state = jax.tree_util.tree_unflatten(
-            treedef, [jnp.asarray(a, ref.dtype) for ref, a in zip(template, arrays, strict=True)]
+            treedef,
+            [
+                jax.device_put(jnp.asarray(a, ref.dtype), ref.sharding)
+                for ref, a in zip(template, arrays, strict=True)
+            ],
         )
         self.step = int(json.loads((directory / STATE_FILE).read_text())["step"])
 

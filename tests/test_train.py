@@ -33,6 +33,9 @@ def _stream(n: int, seed: int) -> np.ndarray:
     return np.concatenate(runs).astype(np.int32)
 
 
+# Every expert on every token, masked: the same outputs as the default block path (tested in
+# the MoE's own tests) and several times faster to compile, which dominates these tiny runs.
+MOE = "dense"
 TRAIN_STREAM = _stream(2000, 0)
 HELDOUT_STREAM = _stream(400, 1)
 
@@ -51,17 +54,17 @@ def _run(trainer, until=None, checkpoint_dir=None):
 
 @pytest.fixture(scope="module")
 def uninterrupted():
-    trainer = train.Trainer(CONFIG, TRAIN)
+    trainer = train.Trainer(CONFIG, TRAIN, MOE)
     return trainer, _run(trainer)
 
 
 def test_same_seed_same_run_and_loss_falls(uninterrupted):
     trainer, result = uninterrupted
-    again = _run(train.Trainer(CONFIG, TRAIN))
+    again = _run(train.Trainer(CONFIG, TRAIN, MOE))
     assert again.losses == result.losses
     assert len(result.losses) == TRAIN.steps
     assert result.losses[-1] < result.losses[0] - 0.3
-    other = _run(train.Trainer(CONFIG, dataclasses.replace(TRAIN, seed=1)), until=2)
+    other = _run(train.Trainer(CONFIG, dataclasses.replace(TRAIN, seed=1), MOE), until=2)
     assert other.losses != result.losses[:2]
 
 
@@ -78,13 +81,13 @@ def test_heldout_loss_reported_at_eval_steps_and_end(uninterrupted):
 
 def test_resumed_run_continues_with_the_same_losses(uninterrupted, tmp_path):
     _, full = uninterrupted
-    first = train.Trainer(CONFIG, TRAIN)
+    first = train.Trainer(CONFIG, TRAIN, MOE)
     part = _run(first, until=3, checkpoint_dir=tmp_path)
     assert part.losses == full.losses[:3]
     assert (tmp_path / train.OPTIMIZER_FILE).is_file()
     assert (tmp_path / train.STATE_FILE).is_file()
 
-    resumed = train.Trainer(CONFIG, TRAIN)
+    resumed = train.Trainer(CONFIG, TRAIN, MOE)
     resumed.restore(tmp_path)
     assert resumed.step == 3
     rest = _run(resumed)
@@ -100,9 +103,8 @@ def test_checkpoint_is_the_released_layout_and_loads(uninterrupted, tmp_path):
     assert any(n.endswith("-TP-001.safetensors") for n in names)  # experts split over 2 ranks
     model = load_pretrained(out, dtype=jnp.float32, quiet=True)
     tokens = HELDOUT_STREAM[None, :12]
-    expected, _ = train._compiled(CONFIG, TRAIN, "auto").forward.apply(
-        trainer.params, trainer._net_state, None, jnp.asarray(tokens), _rope(12)
-    )
+    apply = jax.jit(train.training_forward(CONFIG, MOE).apply)
+    expected, _ = apply(trainer.params, trainer._net_state, None, jnp.asarray(tokens), _rope(12))
     np.testing.assert_allclose(model.logits(tokens), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -114,17 +116,17 @@ def _rope(t):
 
 def test_restore_refuses_a_directory_without_optimizer_state(tmp_path):
     with pytest.raises(CheckpointError, match="optimizer.npz"):
-        train.Trainer(CONFIG, TRAIN).restore(tmp_path)
+        train.Trainer(CONFIG, TRAIN, MOE).restore(tmp_path)
 
 
 def test_balance_loss_is_one_for_a_uniform_router():
-    trainer = train.Trainer(CONFIG, TRAIN)
+    trainer = train.Trainer(CONFIG, TRAIN, MOE)
     params = jax.tree_util.tree_map(lambda x: x, trainer.params)
     moe = next(m for m in params if m.endswith("/moe"))
     params[moe] = dict(params[moe], router=jnp.zeros_like(params[moe]["router"]))
-    forward = train.training_forward(CONFIG)
+    forward = jax.jit(train.training_forward(CONFIG, MOE).apply)
     tokens = jnp.asarray(TRAIN_STREAM[None, :16])
-    _, state = forward.apply(params, trainer._net_state, None, tokens, _rope(16))
+    _, state = forward(params, trainer._net_state, None, tokens, _rope(16))
     balance = state[moe][train.BALANCE_STATE]  # [L]
     assert balance.shape == (CONFIG.num_hidden_layers,)
     np.testing.assert_allclose(balance, 1.0, rtol=1e-6)
