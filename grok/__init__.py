@@ -16,7 +16,10 @@ from grok.errors import (
     TokenizerError,
     UnsafePickleError,
 )
+from grok.generate import GenerationResult
 from grok.kv_cache import KVCache
+from grok.sampling import Sampler
+from grok.tokenizer import format_chat, load_tokenizer
 
 __all__ = [
     "GROK1",
@@ -26,15 +29,19 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "GenerationError",
+    "GenerationResult",
     "GrokConfig",
     "GrokError",
     "KVCache",
     "MemoryPlanError",
     "Model",
+    "Sampler",
     "ShardingError",
     "TokenizerError",
     "UnsafePickleError",
+    "format_chat",
     "get_preset",
     "load_config",
     "load_pretrained",
+    "load_tokenizer",
 ]
