@@ -23,7 +23,7 @@ from grok.attention import Attention
 from grok.config import GrokConfig
 from grok.kv_cache import KVCache
 from grok.layers import RMSNorm, soft_cap
-from grok.moe import DenseMLP, MoE, residual_moe
+from grok.moe import DenseMLP, LayerExperts, MoE, expert_weights, residual_moe
 from grok.rope import RopeTable
 
 
@@ -44,8 +44,11 @@ class DecoderLayer(hk.Module):
         self.moe_impl = moe_impl
         self.quant = quant
 
-    def __call__(self, h, positions, rope_cos, rope_sin, layer_cache, kv_lengths):
-        """h [B, T, D] -> ([B, T, D], updated layer cache or None)."""
+    def __call__(self, h, positions, rope_cos, rope_sin, layer_cache, kv_lengths, experts):
+        """h [B, T, D] -> ([B, T, D], updated layer cache or None).
+
+        ``experts``: this layer's (w1, w3, w2) as ``LayerExperts`` views.
+        """
         cfg, dt = self.config, self.dtype
         eps = cfg.rms_norm_eps
         a, layer_cache = Attention(cfg, dt, self.quant, name="attn")(
@@ -59,7 +62,7 @@ class DecoderLayer(hk.Module):
         h = h + RMSNorm(eps, dt, name="post_attn_norm")(a)
         x = RMSNorm(eps, dt, name="pre_moe_norm")(h)
         dense = DenseMLP(cfg, dt, self.quant, name="mlp")(x) if cfg.has_dense_mlp else None
-        f = residual_moe(dense, MoE(cfg, dt, self.quant, name="moe")(x, self.moe_impl))
+        f = residual_moe(dense, MoE(cfg, dt, self.quant, name="moe")(x, experts, self.moe_impl))
         h = h + RMSNorm(eps, dt, name="post_moe_norm")(f)
         return h, layer_cache
 
@@ -97,19 +100,25 @@ class LanguageModel(hk.Module):
         rope_cos = rope.cos[positions]  # [B, T, H/2]
         rope_sin = rope.sin[positions]
 
-        def layer(h, k_cache, v_cache):
+        # Expert weights live outside the layer scan and are sliced by (layer, expert)
+        # together, so a step reads (and copies) only the chosen experts' weights.
+        stacked_experts = expert_weights(cfg, dt, self.quant)  # [L, E, ...] each
+        layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)  # [L]
+
+        def layer(h, layer_id, k_cache, v_cache):
             layer_cache = None if k_cache is None else (k_cache, v_cache)
+            experts = tuple(LayerExperts(w, layer_id) for w in stacked_experts)
             h, layer_cache = DecoderLayer(cfg, dt, self.moe_impl, self.quant, name="layer")(
-                h, positions, rope_cos, rope_sin, layer_cache, kv_lengths
+                h, positions, rope_cos, rope_sin, layer_cache, kv_lengths, experts
             )
             return h, layer_cache
 
         stack = hk.layer_stack(cfg.num_hidden_layers, with_per_layer_inputs=True, name="layers")
         if cache is None:
-            h, _ = stack(lambda h: (layer(h, None, None)[0], None))(h)
+            h, _ = stack(lambda h, i: (layer(h, i, None, None)[0], None))(h, layer_ids)
             new_cache = None
         else:
-            h, (k_new, v_new) = stack(layer)(h, cache.k, cache.v)
+            h, (k_new, v_new) = stack(layer)(h, layer_ids, cache.k, cache.v)
             new_cache = KVCache(k=k_new, v=v_new, lengths=kv_lengths)
 
         out = RMSNorm(cfg.rms_norm_eps, dt, name="final_norm")(h)  # [B, T, D]

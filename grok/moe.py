@@ -15,6 +15,7 @@ Only the k chosen experts do work for a token:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -23,9 +24,57 @@ import jax
 import jax.numpy as jnp
 
 from grok.config import GrokConfig
-from grok.layers import activation, dequant, get_weight, soft_cap
+from grok.layers import QuantWeight, activation, dequant, get_weight, soft_cap
 
 SQRT2 = math.sqrt(2.0)  # the residual MoE divides (dense + MoE) by this
+EXPERTS_MODULE = "experts"  # Haiku name scope of the stacked expert weights (under "grok")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerExperts:
+    """One layer's experts, seen through the stacked weights [L, E, ...] of every layer.
+
+    ``view[e]`` slices layer and expert together, so a decode step copies (on backends that
+    copy slices) only the chosen expert's weights, never the layer's whole [E, ...] slab, as
+    a per-layer parameter of ``hk.layer_stack`` would. Plain [E, ...] arrays index the same way,
+    so the expert functions below take either.
+    """
+
+    stacked: jax.Array | QuantWeight  # [L, E, ...]
+    layer: jax.Array  # () int32
+
+    def __getitem__(self, expert) -> jax.Array | QuantWeight:
+        return self.stacked[self.layer, expert]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.stacked.shape[1:]
+
+    def whole(self) -> jax.Array | QuantWeight:
+        """All experts of this layer, [E, ...]."""
+        return self.stacked[self.layer]
+
+
+def _whole(w):
+    return w.whole() if isinstance(w, LayerExperts) else w
+
+
+def expert_weights(config: GrokConfig, dtype: jnp.dtype, quant: str | None):
+    """The stacked expert weights of every layer: w1/w3 [L, E, D, Fe], w2 [L, E, Fe, D].
+
+    Created once, outside the layer scan, under ``grok/experts``; each is a plain array or a
+    ``QuantWeight``. Initialised with standard deviation 1/sqrt(fan-in) of one expert.
+    """
+    c = config
+    L, E, D, Fe = c.num_hidden_layers, c.num_local_experts, c.hidden_size, c.moe_intermediate_size
+    init_in = hk.initializers.TruncatedNormal(D**-0.5)
+    init_hidden = hk.initializers.TruncatedNormal(Fe**-0.5)
+    with hk.name_scope(EXPERTS_MODULE):
+        w1 = get_weight("w1", (L, E, D, Fe), dtype, init_in, quant=quant, in_dims=(2,))
+        w3 = get_weight("w3", (L, E, D, Fe), dtype, init_in, quant=quant, in_dims=(2,))
+        w2 = get_weight("w2", (L, E, Fe, D), dtype, init_hidden, quant=quant, in_dims=(2,))
+    return w1, w3, w2
 
 
 def route(
@@ -169,7 +218,7 @@ def moe_blocks(
 def moe_dense_reference(x, weights, experts, w1, w3, w2, act) -> jax.Array:
     """Every expert on every token, masked: E / k times the work. A test oracle only."""
     e = w1.shape[0]
-    w1, w3, w2 = (dequant(w, x.dtype) for w in (w1, w3, w2))
+    w1, w3, w2 = (dequant(_whole(w), x.dtype) for w in (w1, w3, w2))
     h = act(jnp.einsum("MD,EDF->MEF", x, w1)) * jnp.einsum("MD,EDF->MEF", x, w3)
     y = jnp.einsum("MEF,EFD->MED", h, w2).astype(jnp.float32)  # [M, E, D]
     gate = jnp.sum(jax.nn.one_hot(experts, e) * weights[..., None], axis=1)  # [M, E]
@@ -177,7 +226,11 @@ def moe_dense_reference(x, weights, experts, w1, w3, w2, act) -> jax.Array:
 
 
 class MoE(hk.Module):
-    """Router and experts. Parameters: router [D, E] (float32), w1/w3 [E, D, Fe], w2 [E, Fe, D]."""
+    """Router and experts. Parameter: router [D, E] (float32).
+
+    The expert weights come in from ``expert_weights`` as ``LayerExperts`` views (or, for a
+    standalone module, [E, ...] arrays).
+    """
 
     def __init__(self, config: GrokConfig, dtype: jnp.dtype, quant: str | None = None, name=None):
         super().__init__(name=name)
@@ -185,20 +238,21 @@ class MoE(hk.Module):
         self.dtype = dtype
         self.quant = quant
 
-    def __call__(self, x: jax.Array, impl: str = "auto") -> jax.Array:
-        """x [B, T, D] -> [B, T, D]. ``impl``: "auto", "gather", "blocks" or "dense"."""
+    def __call__(self, x: jax.Array, experts, impl: str = "auto") -> jax.Array:
+        """x [B, T, D] -> [B, T, D].
+
+        ``experts`` is (w1, w3, w2) of this layer: ``LayerExperts`` views or [E, ...] arrays.
+        ``impl``: "auto", "gather", "blocks" or "dense".
+        """
         cfg = self.config
-        d, e, fe = cfg.hidden_size, cfg.num_local_experts, cfg.moe_intermediate_size
+        d, e = cfg.hidden_size, cfg.num_local_experts
         init = hk.initializers.VarianceScaling(1.0, "fan_in", "truncated_normal")
         w_gate = hk.get_parameter("router", (d, e), jnp.float32, init=init)  # [D, E]
-        dt, quant = self.dtype, self.quant
-        w1 = get_weight("w1", (e, d, fe), dt, init, quant=quant, in_dims=(1,))  # [E, D, Fe]
-        w3 = get_weight("w3", (e, d, fe), dt, init, quant=quant, in_dims=(1,))  # [E, D, Fe]
-        w2 = get_weight("w2", (e, fe, d), dt, init, quant=quant, in_dims=(1,))  # [E, Fe, D]
+        w1, w3, w2 = experts
 
         b, t, _ = x.shape
         xm = x.reshape(b * t, d).astype(self.dtype)  # [M, D]
-        weights, experts, _ = route(
+        weights, chosen, _ = route(
             xm,
             w_gate,
             cap=cfg.router_logit_softcapping,
@@ -211,7 +265,7 @@ class MoE(hk.Module):
             # the block path reads each used expert once per block.
             impl = "gather" if xm.shape[0] * cfg.num_experts_per_tok <= e else "blocks"
         fn = {"gather": moe_gather, "blocks": moe_blocks, "dense": moe_dense_reference}[impl]
-        return fn(xm, weights, experts, w1, w3, w2, act).reshape(b, t, d)
+        return fn(xm, weights, chosen, w1, w3, w2, act).reshape(b, t, d)
 
 
 class DenseMLP(hk.Module):

@@ -167,7 +167,7 @@ def weight_specs(config: GrokConfig) -> list[WeightSpec]:
                 transpose=True,
             ),
         ]
-    moe, ex = f"{LAYERS}/moe", p + "block_sparse_moe.experts.{e}."
+    moe, experts, ex = f"{LAYERS}/moe", "grok/experts", p + "block_sparse_moe.experts.{e}."
     specs += [
         WeightSpec(
             moe,
@@ -179,7 +179,7 @@ def weight_specs(config: GrokConfig) -> list[WeightSpec]:
             float32=True,
         ),
         WeightSpec(
-            moe,
+            experts,
             "w1",
             (L, E, D, Fe),
             ("layers", "experts", "embed", "expert_mlp"),
@@ -188,7 +188,7 @@ def weight_specs(config: GrokConfig) -> list[WeightSpec]:
             tp_dim=0,
         ),
         WeightSpec(
-            moe,
+            experts,
             "w3",
             (L, E, D, Fe),
             ("layers", "experts", "embed", "expert_mlp"),
@@ -197,7 +197,7 @@ def weight_specs(config: GrokConfig) -> list[WeightSpec]:
             tp_dim=0,
         ),
         WeightSpec(
-            moe,
+            experts,
             "w2",
             (L, E, Fe, D),
             ("layers", "experts", "expert_mlp", "embed"),

@@ -115,8 +115,8 @@ def test_quantize_keeps_float8_on_device_with_full_input_scales(bf16_ckpt, hf_te
         # e4m3 keeps 3 mantissa bits: each element within half an ulp, 2^-4 relative.
         assert np.all(np.abs(deq - w) <= 2.0**-4 * np.abs(w) + np.asarray(scale) * 2.0**-9)
     # o_proj's and w2's input dims are split over "model", yet their scales are whole-row.
-    assert model.params["grok/layers/layer/moe"]["w2"].sharding.spec[2] == "model"
-    assert model.params["grok/layers/layer/moe"]["w2_scale"].sharding.spec[2] is None
+    assert model.params["grok/experts"]["w2"].sharding.spec[2] == "model"
+    assert model.params["grok/experts"]["w2_scale"].sharding.spec[2] is None
     fp8_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(model.params))
     plain = load_pretrained(bf16_ckpt, dtype=jnp.bfloat16, quiet=True)
     assert fp8_bytes < 0.75 * sum(x.nbytes for x in jax.tree_util.tree_leaves(plain.params))

@@ -108,7 +108,7 @@ def test_int8_keeps_release_int8_and_requantises_only_o_proj_and_w2(release, pic
     model = load_grok1(root, config=CONFIG, dtype=jnp.float32, quantize="int8")
     assert model.quant == "int8"
     specs = {s.name: s for s in weight_specs(CONFIG)}
-    attn, moe = model.params["grok/layers/layer/attn"], model.params["grok/layers/layer/moe"]
+    attn, moe = model.params["grok/layers/layer/attn"], model.params["grok/experts"]
     held = {}  # released name -> the float value the device holds
     matrices = [(attn, "q_proj"), (attn, "k_proj"), (attn, "v_proj"), (attn, "o_proj")]
     matrices += [(moe, "w1"), (moe, "w3"), (moe, "w2")]

@@ -58,10 +58,10 @@ def test_rules_on_the_8_device_mesh():
     assert attn["q_proj"] == P(None, None, "model", None)
     assert attn["o_proj"] == P(None, "model", None, None)
     assert attn["k_proj"] == P(None, None, None, None)  # K = 2 < 4: replicated
-    moe = specs["grok/layers/layer/moe"]
+    moe = specs["grok/experts"]
     assert moe["w1"] == P(None, None, None, "model")
     assert moe["w2"] == P(None, None, "model", None)
-    assert moe["router"] == P(None, None, None)
+    assert specs["grok/layers/layer/moe"]["router"] == P(None, None, None)
     assert specs["grok"]["embed_tokens"] == P("model", None)
     assert specs["grok/layers/layer/mlp"]["down_proj"] == P(None, "model", None)
 
@@ -76,7 +76,7 @@ def test_grok2_rules_for_every_model_axis(model_axis):
     kv = split if model_axis <= 8 else None
     assert attn["k_proj"] == P(None, None, kv, None)
     assert attn["v_proj"] == P(None, None, kv, None)
-    assert specs["grok/layers/layer/moe"]["w1"] == P(None, None, None, split)
+    assert specs["grok/experts"]["w1"] == P(None, None, None, split)
 
 
 def test_kv_replication_gives_the_same_attention():
