@@ -201,8 +201,9 @@ def _prefill(
     p = config.max_position_embeddings
     cache = KVCache.create(config, b, cache_len, dtype)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))  # [B, T]
-    logits, cache = apply_fn(params, tokens, positions, rope, cache, lengths)  # [B, T, V]
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
+    # Only each row's last prompt position needs the head: [B, 1, V], not [B, T, V].
+    logits, cache = apply_fn(params, tokens, positions, rope, cache, lengths, lengths - 1)
+    last = logits[:, 0]  # [B, V]
     zeros = jnp.zeros((b,), jnp.int32)
     first = _sample_rows(sampler, last, keys, zeros)  # [B]
     recorded = None

@@ -90,7 +90,9 @@ class LanguageModel(hk.Module):
         rope: RopeTable,
         cache: KVCache | None,
         kv_lengths: jax.Array,
+        logits_at: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
+        """Logits [B, T, V] float32 (or [B, 1, V] at ``logits_at`` [B]) and the new cache."""
         cfg, dt = self.config, self.dtype
         v, d = cfg.vocab_size, cfg.hidden_size
         embed = hk.get_parameter(
@@ -121,6 +123,8 @@ class LanguageModel(hk.Module):
             h, (k_new, v_new) = stack(layer)(h, layer_ids, cache.k, cache.v)
             new_cache = KVCache(k=k_new, v=v_new, lengths=kv_lengths)
 
+        if logits_at is not None:  # only one position per row needs the head (prefill)
+            h = jnp.take_along_axis(h, logits_at[:, None, None], axis=1)  # [B, 1, D]
         out = RMSNorm(cfg.rms_norm_eps, dt, name="final_norm")(h)  # [B, T, D]
         if cfg.tie_word_embeddings:
             head = embed
@@ -145,14 +149,16 @@ def forward_fns(
     """The model as a pair of pure functions (Haiku ``transform`` without an RNG in apply).
 
     ``apply(params, tokens [B,T] int32, positions [B,T] int32, rope, cache, kv_lengths [B])``
-    returns ``(logits [B, T, V] float32, cache or None)``. ``moe_impl`` picks the expert path
-    ("auto", "gather", "blocks", "dense"); ``quant`` ("fp8", "int8" or None) says whether the
-    matrices are stored quantised with per-output-channel scales (see ``layers.get_weight``).
+    returns ``(logits [B, T, V] float32, cache or None)``; with ``logits_at`` [B] (a position
+    index per row) only those rows of the head are computed: logits [B, 1, V]. ``moe_impl``
+    picks the expert path ("auto", "gather", "blocks", "dense"); ``quant`` ("fp8", "int8" or
+    None) says whether the matrices are stored quantised with per-output-channel scales (see
+    ``layers.get_weight``).
     """
 
-    def fn(tokens, positions, rope, cache, kv_lengths):
+    def fn(tokens, positions, rope, cache, kv_lengths, logits_at=None):
         model = LanguageModel(config, dtype, moe_impl, quant)
-        return model(tokens, positions, rope, cache, kv_lengths)
+        return model(tokens, positions, rope, cache, kv_lengths, logits_at)
 
     t = hk.without_apply_rng(hk.transform(fn))
     return ForwardFns(t.init, t.apply)
