@@ -109,3 +109,23 @@ def test_logits_predict_corpus_text_better_than_chance(model, tokenizer):
     logp = np.asarray(jax.nn.log_softmax(model.logits(ids[:, :-1]), axis=-1))  # [1, T-1, V]
     nll = -np.take_along_axis(logp, ids[:, 1:, None], axis=-1).mean()
     assert nll < 0.5 * np.log(BUILTIN_CONFIG.vocab_size)
+
+
+def test_sample_script_with_no_arguments_prints_corpus_words(corpus_words):
+    """A new user's first command: ``python scripts/sample.py``, nothing else."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "sample.py"
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "tokens/s" in done.stderr  # timings go to stderr
+    fraction = _corpus_word_fraction(done.stdout, corpus_words)
+    assert fraction >= MIN_CORPUS_WORD_FRACTION, (fraction, done.stdout)

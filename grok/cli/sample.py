@@ -160,8 +160,10 @@ class TextStream:
 
 def run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> None:
     """Loads the model and tokenizer, generates, prints. Raises GrokError / UsageError."""
+    echo_prompt = False
     if not args.prompt and not args.checkpoint and builtin_checkpoint() is not None:
         args.prompt = [BUILTIN_PROMPT]  # the first command of a new user: show the model working
+        echo_prompt = True  # the user did not type it, so show what is being continued
     texts = read_prompts(args.prompt, stdin)
     mesh_shape = parse_mesh(args.mesh) if args.mesh else None
 
@@ -209,6 +211,8 @@ def run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO)
         raise UsageError(f"cannot load {checkpoint} as asked: {e}") from None
 
     stream = TextStream(tokenizer, stdout) if len(prompts) == 1 else None
+    if echo_prompt:
+        stdout.write(texts[0])
     result = model.generate(
         prompts,
         max_new_tokens=args.max_new_tokens,
