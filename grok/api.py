@@ -85,13 +85,15 @@ class Model:
         positions: jax.Array,
         cache: KVCache | None,
         kv_lengths: jax.Array,
+        logits_at: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """One jitted forward step (no input checks).
 
         tokens/positions [B, T] int32 (positions contiguous per row), cache or None,
         kv_lengths [B] valid cache slots after this step -> (logits [B, T, V] f32, cache).
+        With ``logits_at`` [B] (one index into T per row) the logits are [B, 1, V].
         """
-        return self._apply(self.params, tokens, positions, self.rope, cache, kv_lengths)
+        return self._apply(self.params, tokens, positions, self.rope, cache, kv_lengths, logits_at)
 
     def generate(
         self,

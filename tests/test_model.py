@@ -258,3 +258,15 @@ def test_yarn_equals_original_on_high_frequency_dims():
     y_cos, _ = rope_table_np(cfg, 64)
     o_cos, _ = rope_table_np(GROK2, 64)
     np.testing.assert_allclose(y_cos[:, fast] / mscale, o_cos[:, fast], atol=1e-12)
+
+
+def test_logits_at_one_position_equal_the_full_logits_there(tmp_path):
+    path = write_checkpoint(tmp_path / "c", TINY_GROK2, 0)
+    model = grok.load_pretrained(path, dtype=jnp.float32)
+    tokens = jnp.asarray(np.arange(20).reshape(2, 10) + 3, jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(10, dtype=jnp.int32), (2, 10))
+    lengths = jnp.array([10, 10], jnp.int32)
+    full, _ = model.apply(tokens, positions, None, lengths)
+    picked, _ = model.apply(tokens, positions, None, lengths, jnp.array([3, 9], jnp.int32))
+    assert picked.shape == (2, 1, TINY_GROK2.vocab_size)
+    np.testing.assert_allclose(picked[:, 0], full[jnp.arange(2), jnp.array([3, 9])], atol=1e-5)
