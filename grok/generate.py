@@ -40,6 +40,7 @@ from grok.config import GrokConfig
 from grok.errors import GenerationError
 from grok.kv_cache import KVCache
 from grok.sampling import Sampler
+from grok.sharding import kv_cache_sharding
 
 if TYPE_CHECKING:
     from grok.api import Model
@@ -177,7 +178,15 @@ def _record(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("apply_fn", "config", "dtype", "sampler", "cache_len", "record_logits"),
+    static_argnames=(
+        "apply_fn",
+        "config",
+        "dtype",
+        "sampler",
+        "cache_len",
+        "record_logits",
+        "cache_sharding",
+    ),
 )
 def _prefill(
     params: Any,
@@ -194,12 +203,16 @@ def _prefill(
     sampler: Sampler,
     cache_len: int,
     record_logits: bool,
+    cache_sharding: jax.sharding.Sharding | None = None,
 ) -> DecodeState:
     """Runs the prompts [B, T] (row b valid up to ``lengths[b]``) into a fresh cache of
     ``cache_len`` slots and samples each row's first new token."""
     b, t = tokens.shape
     p = config.max_position_embeddings
     cache = KVCache.create(config, b, cache_len, dtype)
+    if cache_sharding is not None:  # k/v [L, B, S, K, H] laid out like the model's K heads
+        k, v = (jax.lax.with_sharding_constraint(x, cache_sharding) for x in (cache.k, cache.v))
+        cache = KVCache(k=k, v=v, lengths=cache.lengths)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))  # [B, T]
     # Only each row's last prompt position needs the head: [B, 1, V], not [B, T, V].
     logits, cache = apply_fn(params, tokens, positions, rope, cache, lengths, lengths - 1)
@@ -385,6 +398,7 @@ def generate(
         sampler=sampler,
         cache_len=cache_len,
         record_logits=return_logits,
+        cache_sharding=None if model.mesh is None else kv_cache_sharding(model.mesh, config, batch),
     )
     emitted = np.zeros((batch,), np.int32)  # tokens already handed to on_token, per row
 

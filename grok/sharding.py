@@ -183,3 +183,25 @@ def activation_spec(rules: ShardingRules | None = None) -> PartitionSpec:
     """PartitionSpec of a [B, T, D] activation between blocks: B over ``data``."""
     rules = rules or ShardingRules()
     return PartitionSpec(rules.mesh_axis("batch"), None, None)
+
+
+def kv_cache_sharding(
+    mesh: Mesh, config: GrokConfig, batch_size: int, rules: ShardingRules | None = None
+) -> NamedSharding:
+    """Sharding of the KV cache's k/v [L, B, S, K, H]: B over ``data``, K over ``model``.
+
+    Like the k/v projections, the K heads are replicated when the model axis does not divide
+    them; a batch the data axis does not divide is replicated too (generation takes any B).
+    """
+    rules = rules or ShardingRules()
+    sizes = mesh_sizes(mesh)
+
+    def axis(logical: str, size: int) -> str | None:
+        name = rules.mesh_axis(logical)
+        n = sizes.get(name, 1) if name is not None else 1
+        return name if n > 1 and size % n == 0 else None
+
+    spec = PartitionSpec(
+        None, axis("batch", batch_size), None, axis("kv_heads", config.num_key_value_heads), None
+    )
+    return NamedSharding(mesh, spec)

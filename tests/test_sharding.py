@@ -172,3 +172,23 @@ def test_progress_bar_is_quiet_off_a_terminal():
         assert bool(stream.getvalue()) == drawn
     line = stream.getvalue().strip().split("\r")[-1]
     assert "2.00/2.00 GB" in line and "GB/s" in line and "left" in line
+
+
+def test_kv_cache_sharding_follows_the_kv_heads():
+    from grok.sharding import kv_cache_sharding
+
+    # K = 2: split over a model axis of 2, replicated over 4 (as the k/v projections are).
+    spec = P(None, "data", None, "model", None)
+    assert kv_cache_sharding(make_mesh(4, 2), CONFIG, 8).spec == spec
+    assert kv_cache_sharding(make_mesh(2, 4), CONFIG, 8).spec == P(None, "data", None, None, None)
+    assert kv_cache_sharding(make_mesh(2, 4), CONFIG, 3).spec == P(None, None, None, None, None)
+
+
+def test_generation_on_a_mesh_equals_one_device(ckpt):
+    from grok.sampling import Sampler
+
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13]]
+    kwargs = {"max_new_tokens": 6, "sampler": Sampler(temperature=1.0), "seed": 3}
+    one = load_pretrained(ckpt, dtype=jnp.float32, quiet=True).generate(prompts, **kwargs)
+    sharded = load_pretrained(ckpt, dtype=jnp.float32, mesh=make_mesh(4, 2), quiet=True)
+    assert sharded.generate(prompts, **kwargs).tokens == one.tokens
