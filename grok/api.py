@@ -44,7 +44,12 @@ class Model:
         self.mesh = mesh
         self.moe_impl = moe_impl
         self.quant = quant
-        self._fns = forward_fns(config, self.dtype, moe_impl, quant)
+        act_sharding = None
+        if mesh is not None:
+            from grok.sharding import activation_sharding
+
+            act_sharding = activation_sharding(mesh)
+        self._fns = forward_fns(config, self.dtype, moe_impl, quant, act_sharding)
         self._apply = jax.jit(self._fns.apply)
 
     @functools.cached_property

@@ -76,12 +76,24 @@ class LanguageModel(hk.Module):
         dtype: jnp.dtype,
         moe_impl: str = "auto",
         quant: str | None = None,
+        activation_sharding: jax.sharding.Sharding | None = None,
     ):
         super().__init__(name="grok")
         self.config = config
         self.dtype = dtype
         self.moe_impl = moe_impl
         self.quant = quant
+        self.activation_sharding = activation_sharding
+
+    def _constrain(self, h: jax.Array) -> jax.Array:
+        """Pins the residual stream [B, T, D] at a block boundary (batch over ``data``)."""
+        sharding = self.activation_sharding
+        if sharding is None:
+            return h
+        data = sharding.spec[0]
+        if data is not None and h.shape[0] % sharding.mesh.shape[data]:
+            return h  # a batch the data axis does not divide is left to the compiler
+        return jax.lax.with_sharding_constraint(h, sharding)
 
     def __call__(
         self,
@@ -99,6 +111,7 @@ class LanguageModel(hk.Module):
             "embed_tokens", (v, d), dt, init=hk.initializers.TruncatedNormal(1.0)
         )  # [V, D]
         h = embed[tokens] * jnp.asarray(cfg.embedding_multiplier_scale, dt)  # [B, T, D]
+        h = self._constrain(h)
         rope_cos = rope.cos[positions]  # [B, T, H/2]
         rope_sin = rope.sin[positions]
 
@@ -113,7 +126,7 @@ class LanguageModel(hk.Module):
             h, layer_cache = DecoderLayer(cfg, dt, self.moe_impl, self.quant, name="layer")(
                 h, positions, rope_cos, rope_sin, layer_cache, kv_lengths, experts
             )
-            return h, layer_cache
+            return self._constrain(h), layer_cache
 
         stack = hk.layer_stack(cfg.num_hidden_layers, with_per_layer_inputs=True, name="layers")
         if cache is None:
@@ -144,7 +157,11 @@ class ForwardFns(NamedTuple):
 
 @functools.lru_cache(maxsize=64)
 def forward_fns(
-    config: GrokConfig, dtype: jnp.dtype, moe_impl: str = "auto", quant: str | None = None
+    config: GrokConfig,
+    dtype: jnp.dtype,
+    moe_impl: str = "auto",
+    quant: str | None = None,
+    activation_sharding: jax.sharding.Sharding | None = None,
 ) -> ForwardFns:
     """The model as a pair of pure functions (Haiku ``transform`` without an RNG in apply).
 
@@ -153,11 +170,12 @@ def forward_fns(
     index per row) only those rows of the head are computed: logits [B, 1, V]. ``moe_impl``
     picks the expert path ("auto", "gather", "blocks", "dense"); ``quant`` ("fp8", "int8" or
     None) says whether the matrices are stored quantised with per-output-channel scales (see
-    ``layers.get_weight``).
+    ``layers.get_weight``). ``activation_sharding`` (e.g. ``grok.sharding.activation_sharding``)
+    pins the residual stream at every block boundary on a mesh.
     """
 
     def fn(tokens, positions, rope, cache, kv_lengths, logits_at=None):
-        model = LanguageModel(config, dtype, moe_impl, quant)
+        model = LanguageModel(config, dtype, moe_impl, quant, activation_sharding)
         return model(tokens, positions, rope, cache, kv_lengths, logits_at)
 
     t = hk.without_apply_rng(hk.transform(fn))

@@ -205,3 +205,14 @@ def kv_cache_sharding(
         None, axis("batch", batch_size), None, axis("kv_heads", config.num_key_value_heads), None
     )
     return NamedSharding(mesh, spec)
+
+
+def activation_sharding(mesh: Mesh, rules: ShardingRules | None = None) -> NamedSharding:
+    """The residual stream [B, T, D] between blocks: batch over ``data``, the rest replicated.
+
+    A mesh without the data axis replicates the batch too.
+    """
+    spec = activation_spec(rules)
+    if spec[0] is not None and spec[0] not in mesh.axis_names:
+        spec = PartitionSpec(None, None, None)
+    return NamedSharding(mesh, spec)

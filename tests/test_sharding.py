@@ -192,3 +192,15 @@ def test_generation_on_a_mesh_equals_one_device(ckpt):
     one = load_pretrained(ckpt, dtype=jnp.float32, quiet=True).generate(prompts, **kwargs)
     sharded = load_pretrained(ckpt, dtype=jnp.float32, mesh=make_mesh(4, 2), quiet=True)
     assert sharded.generate(prompts, **kwargs).tokens == one.tokens
+
+
+def test_activations_are_pinned_at_block_boundaries(ckpt):
+    model = load_pretrained(ckpt, dtype=jnp.float32, mesh=make_mesh(4, 2), quiet=True)
+    tokens = jnp.zeros((4, 8), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (4, 8))
+    lengths = jnp.full((4,), 8, jnp.int32)
+    text = model._apply.lower(model.params, tokens, positions, model.rope, None, lengths).as_text()
+    assert text.count("sharding_constraint") >= 2  # after the embedding and each layer
+    single = load_pretrained(ckpt, dtype=jnp.float32, quiet=True)
+    text = single._apply.lower(single.params, tokens, positions, single.rope, None, lengths)
+    assert "sharding_constraint" not in text.as_text()
