@@ -22,7 +22,14 @@ import numpy as np
 from grok.config import GrokConfig
 from grok.errors import CheckpointError
 from grok.layers import scale_shape
-from grok.params import WeightSpec, hf_region, region_to_unit, weight_specs
+from grok.params import (
+    WeightSpec,
+    hf_region,
+    hf_to_unit,
+    region_to_unit,
+    unit_to_hf,
+    weight_specs,
+)
 from grok.safetensors_io import E4M3_MAX, FP8_BLOCK, CheckpointIndex, SafetensorsFile, TensorInfo
 
 FLOAT_DTYPES = {
@@ -464,8 +471,6 @@ def _product(ranges: list[range]):
 
 def params_to_hf(config: GrokConfig, params: Mapping[str, Mapping[str, object]]):
     """Our parameter tree as released-name tensors ``{name: [out, in] array}`` (TP stitched)."""
-    from grok.params import unit_to_hf
-
     out: dict[str, np.ndarray] = {}
     for spec in weight_specs(config):
         array = np.asarray(params[spec.module][spec.name])
@@ -476,8 +481,6 @@ def params_to_hf(config: GrokConfig, params: Mapping[str, Mapping[str, object]])
 
 def hf_to_params(config: GrokConfig, tensors: Mapping[str, np.ndarray], dtype=jnp.float32):
     """Released-name tensors (TP stitched) as our parameter tree of numpy arrays."""
-    from grok.params import hf_to_unit
-
     params: dict[str, dict[str, np.ndarray]] = {}
     for spec in weight_specs(config):
         array = np.empty(spec.shape, np.dtype(spec.dtype(dtype)))

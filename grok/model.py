@@ -13,6 +13,7 @@ Glossary: B batch, T query positions, S cache slots, D model width, V vocab, L l
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import haiku as hk
@@ -24,7 +25,7 @@ from grok.config import GrokConfig
 from grok.kv_cache import KVCache
 from grok.layers import RMSNorm, soft_cap
 from grok.moe import DenseMLP, LayerExperts, MoE, expert_weights, residual_moe
-from grok.rope import RopeTable
+from grok.rope import RopeTable, rope_table
 
 
 class DecoderLayer(hk.Module):
@@ -151,8 +152,8 @@ class LanguageModel(hk.Module):
 
 
 class ForwardFns(NamedTuple):
-    init: callable
-    apply: callable
+    init: Callable
+    apply: Callable
 
 
 @functools.lru_cache(maxsize=64)
@@ -184,8 +185,6 @@ def forward_fns(
 
 def init_params(config: GrokConfig, seed: int = 0, dtype: jnp.dtype = jnp.float32) -> dict:
     """Random parameters for ``config`` (Haiku's initialisers)."""
-    from grok.rope import rope_table
-
     fns = forward_fns(config, jnp.dtype(dtype))
     tokens = jnp.zeros((1, 1), jnp.int32)
     rope = rope_table(config, 1)

@@ -18,6 +18,7 @@ import numpy as np
 
 from grok.checkpoint import params_to_hf
 from grok.config import GrokConfig
+from grok.errors import ConfigError
 from grok.params import weight_specs
 from grok.safetensors_io import save_file
 
@@ -66,7 +67,9 @@ def write_checkpoint(
     if dtype is not None:
         tensors = {k: np.asarray(v).astype(jnp.dtype(dtype)) for k, v in tensors.items()}
     if config.moe_intermediate_size % tp:
-        raise ValueError(f"tp={tp} does not divide moe_intermediate_size")
+        raise ConfigError(
+            f"tp={tp} does not divide moe_intermediate_size ({config.moe_intermediate_size})"
+        )
 
     split_dim = {}
     for spec in weight_specs(config):
