@@ -169,6 +169,18 @@ class GrokConfig:
             raise ConfigError(
                 "config field 'original_max_position_embeddings' is required for rope_type 'yarn'"
             )
+        if self.rope_type == "yarn":  # YaRN divides by these (and by log rope_theta)
+            for name in ("scaling_factor", "beta_fast", "beta_slow", "attn_factor"):
+                if getattr(self, name) <= 0:
+                    raise ConfigError(
+                        f"config field {name!r} must be > 0 for rope_type 'yarn', "
+                        f"got {getattr(self, name)}"
+                    )
+            if self.rope_theta <= 1:
+                raise ConfigError(
+                    f"config field 'rope_theta' must be > 1 for rope_type 'yarn', "
+                    f"got {self.rope_theta}"
+                )
 
     # Derived values.
     @property
@@ -212,6 +224,10 @@ class GrokConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
         window = data.get("sliding_window_size", -1)
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int)):
+            raise ConfigError(
+                f"{source}: field 'sliding_window_size' must be an int, got {window!r:.80}"
+            )
         if window is not None and window > 0 or data.get("global_attn_every_n", 1) not in (1, None):
             raise ConfigError(
                 f"{source}: sliding-window attention (sliding_window_size={window}, "
@@ -241,7 +257,13 @@ class GrokConfig:
                         )
                     value = int(value)
                 else:
-                    value = float(value)
+                    try:
+                        value = float(value)
+                    except OverflowError:  # an int too large for a float
+                        raise ConfigError(
+                            f"{source}: field {field.name!r} must be a finite number, "
+                            f"got {_shown(value)}"
+                        ) from None
             elif field.name == "hidden_act":
                 if value not in _HIDDEN_ACT_ALIASES:
                     raise ConfigError(

@@ -493,3 +493,19 @@ def test_logits_refuses_tokens_it_would_truncate_or_misread(unloaded_model, toke
 def test_generate_uses_the_same_check(unloaded_model, prompts, error, match):
     with pytest.raises(error, match=match):
         unloaded_model.generate(prompts, max_new_tokens=2)
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"scaling_factor": 0.0}, "'scaling_factor' must be > 0 for rope_type 'yarn'"),
+        ({"beta_fast": 0.0}, "'beta_fast' must be > 0 for rope_type 'yarn'"),
+        ({"rope_theta": 1.0}, "'rope_theta' must be > 1 for rope_type 'yarn'"),
+        ({"sliding_window_size": "4096"}, "'sliding_window_size' must be an int"),
+        ({"final_logit_softcapping": 10**400}, "'final_logit_softcapping' must be a finite"),
+    ],
+)
+def test_numbers_yarn_would_divide_by_or_cannot_compare_are_refused(changes, match):
+    data = {**GROK2.to_dict(), "rope_type": "yarn", **changes}
+    with pytest.raises(ConfigError, match=match):
+        GrokConfig.from_dict(data, source="cfg.json")
