@@ -289,9 +289,10 @@ def grok1_hf_shapes(config: GrokConfig) -> dict[str, tuple[int, ...]]:
 # It accepts exactly what numpy's own pickling writes for an array of a plain numeric dtype
 # (protocols 2-5; module paths of numpy 1.x and 2.x) and the release's QuantizedWeight8bit
 # record; dtype, shape and byte count are checked (against the leaf the config expects, when
-# known) before an array is built, by ``np.frombuffer(...).copy()``. Cost is bounded: reads
-# never exceed the file (whose size is checked against the leaf first), the memo is a dict
-# (an index costs nothing), and a stream may hold at most MAX_PICKLE_OPCODES opcodes.
+# known) before an array is built by ``np.frombuffer`` (from a buffer no one else holds, see
+# ``_materialize``). Cost is bounded: reads never exceed the file (whose size is checked
+# against the leaf first), the memo is a dict (an index costs nothing), and a stream may hold
+# at most MAX_PICKLE_OPCODES opcodes.
 
 # What numpy writes for one array is ~35 opcodes; a record with two arrays ~80.
 MAX_PICKLE_OPCODES = 512
@@ -300,6 +301,8 @@ MAX_ARRAY_RANK = 8
 PICKLE_OVERHEAD_BYTES = 4096
 # At most int8 weight + float32 scales of the weight's size: 5 bytes per element.
 _MAX_BYTES_PER_ELEMENT = 5
+# Reads at least this long (array data) go into a fresh bytearray an array may own.
+_OWNED_BUFFER_BYTES = 1 << 16
 
 _GLOBALS: dict[tuple[str, str], str] = {
     ("numpy.core.multiarray", "_reconstruct"): "reconstruct",  # numpy 1.x, protocols 2-4
@@ -372,9 +375,13 @@ class _BoundedReader:
     def __init__(self, f: BinaryIO, size: int) -> None:
         self._f, self._size, self._pos = f, size, 0
 
-    def read(self, n: int = -1) -> bytes:
+    def read(self, n: int = -1) -> bytes | bytearray:
         n = self._size - self._pos if n < 0 else min(n, self._size - self._pos)
-        data = self._f.read(n)
+        if n < _OWNED_BUFFER_BYTES:
+            data: bytes | bytearray = self._f.read(n)
+        else:  # an array's data: a fresh buffer the array can own (see _materialize)
+            data = bytearray(n)
+            del data[self._f.readinto(data) :]
         self._pos += len(data)
         return data
 
@@ -631,12 +638,21 @@ def _finished(value: Any) -> _Array | _Record:
     raise _Refused(f"expected a numpy array or QuantizedWeight8bit, found {_show(value)}")
 
 
-def _materialize(array: _Array) -> np.ndarray:
-    """The array, from a copy of its checked bytes (nothing of the file is shared)."""
+def _materialize(array: _Array, owned: set[int]) -> np.ndarray:
+    """The array, built by ``np.frombuffer`` from its checked bytes.
+
+    A large array's data was read into a fresh bytearray (``_BoundedReader``) that nothing
+    else holds: the first array built from it keeps it instead of copying it (a 1.6 GB
+    release file then needs 1.6 GB, not 3.2). Any other buffer, or one the memo let a second
+    array reuse (its id is in ``owned``), is copied, so no two arrays share memory.
+    """
     assert array.dtype is not None
     flat = np.frombuffer(array.raw, array.dtype, count=math.prod(array.shape))
     if array.fortran:
         return np.ascontiguousarray(flat.reshape(array.shape[::-1]).T)
+    if isinstance(array.raw, bytearray) and id(array.raw) not in owned:
+        owned.add(id(array.raw))
+        return flat.reshape(array.shape)
     return flat.reshape(array.shape).copy()
 
 
@@ -689,12 +705,13 @@ def _check_parsed(
 
 
 def _value_of(value: _Array | _Record) -> np.ndarray | QuantizedWeight8bit:
+    owned: set[int] = set()
     if isinstance(value, _Record):
         assert value.state is not None
         return QuantizedWeight8bit(
-            _materialize(value.state["weight"]), _materialize(value.state["scales"])
+            _materialize(value.state["weight"], owned), _materialize(value.state["scales"], owned)
         )
-    return _materialize(value)
+    return _materialize(value, owned)
 
 
 def max_leaf_file_bytes(leaf: Grok1Leaf) -> int:

@@ -74,11 +74,19 @@ RECONSTRUCT = (
 )
 
 
+def _array_ops(shape: tuple[int, ...], data: bytes, dtype: bytes = F4_DTYPE) -> bytes:
+    """The opcodes numpy writes for one array; ``data`` pushes its bytes."""
+    shape_ops = b"(" + b"".join(_int(n) for n in shape) + b"t"
+    return RECONSTRUCT + b"(" + _int(1) + shape_ops + dtype + b"\x89" + data + b"tb"
+
+
+def _binbytes(raw: bytes) -> bytes:
+    return b"B" + struct.pack("<I", len(raw)) + raw
+
+
 def _array_pickle(shape: tuple[int, ...], raw: bytes, dtype: bytes = F4_DTYPE) -> bytes:
     """A numpy-shaped array pickle whose declared shape and bytes may disagree."""
-    shape_ops = b"(" + b"".join(_int(n) for n in shape) + b"t"
-    data = b"B" + struct.pack("<I", len(raw)) + raw
-    return PROTO4 + RECONSTRUCT + b"(" + _int(1) + shape_ops + dtype + b"\x89" + data + b"tb."
+    return PROTO4 + _array_ops(shape, _binbytes(raw), dtype) + b"."
 
 
 # Family 1: pickles that only use admitted names but ask numpy for something unsafe.
@@ -177,6 +185,27 @@ def test_every_protocol_numpy_writes_reads_back_exactly(tmp_path):
             else:
                 np.testing.assert_array_equal(got.weight, value.weight)
                 np.testing.assert_array_equal(got.scales, value.scales)
+
+
+def test_arrays_never_share_memory_even_when_the_memo_reuses_their_bytes(tmp_path):
+    raw = np.arange(2**16, dtype=np.uint8).tobytes()  # large enough for an owned buffer
+    i1 = F4_DTYPE.replace(_str("f4"), _str("i1")).replace(_str("<"), _str("|"))
+    record = (
+        PROTO4
+        + _global("__main__", "QuantizedWeight8bit")
+        + b")\x81}("
+        + _str("weight")
+        + _array_ops((2**14, 4), _binbytes(raw) + b"\x94", i1)  # MEMOIZE the bytes as 0
+        + _str("scales")
+        + _array_ops((2**14, 1), b"h\x00")  # BINGET 0: the same bytes again
+        + b"ub."
+    )
+    path = tmp_path / "tensor00000_000"
+    path.write_bytes(record)
+    qw = load_release_pickle(path)
+    assert qw.weight.tobytes() == raw and qw.scales.tobytes() == raw
+    assert not np.shares_memory(qw.weight, qw.scales)
+    assert qw.weight.flags.writeable and qw.scales.flags.writeable
 
 
 def test_a_leaf_file_larger_than_its_tensor_can_be_is_refused_before_reading(tmp_path):
