@@ -163,6 +163,7 @@ def test_crafted_pickles_are_refused_with_the_file_named(tmp_path, kind):
     path.write_bytes(data)
     with pytest.raises(error) as info:
         load_release_pickle(path)
+    assert type(info.value) is error
     assert str(path) in str(info.value) and match in str(info.value)
 
 
