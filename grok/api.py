@@ -11,10 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from grok.config import GrokConfig, load_config
-from grok.errors import ConfigError, GenerationError, TokenizerError
+from grok.errors import ConfigError
 from grok.kv_cache import KVCache
 from grok.model import forward_fns
 from grok.rope import RopeTable, rope_table
+from grok.tokens import check_token_ids
 
 
 class Model:
@@ -57,26 +58,16 @@ class Model:
         """The rotary table [P, H/2], P = max_position_embeddings."""
         return rope_table(self.config)
 
-    def check_tokens(self, tokens: np.ndarray) -> None:
-        """Raises TokenizerError for ids outside [0, V) and GenerationError past the context."""
-        tokens = np.asarray(tokens)
-        if tokens.ndim != 2:
-            raise GenerationError(f"tokens must be [B, T], got shape {list(tokens.shape)}")
-        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
-            bad = tokens[(tokens < 0) | (tokens >= self.config.vocab_size)][0]
-            raise TokenizerError(
-                f"token id {int(bad)} is outside the vocabulary [0, {self.config.vocab_size})"
-            )
-        if tokens.shape[1] > self.config.max_position_embeddings:
-            raise GenerationError(
-                f"sequence of {tokens.shape[1]} tokens is longer than the context "
-                f"(max_position_embeddings = {self.config.max_position_embeddings})"
-            )
+    def check_tokens(self, tokens: Any) -> np.ndarray:
+        """``tokens`` [B, T] as int64 ids (see ``grok.tokens.check_token_ids``): TokenizerError
+        for ids outside [0, V), GenerationError for non-integers or more tokens than P."""
+        return check_token_ids(
+            tokens, vocab_size=self.config.vocab_size, context=self.config.max_position_embeddings
+        )
 
     def logits(self, tokens: Any) -> jax.Array:
         """Full-sequence logits: int32 tokens [B, T] at positions 0..T-1 -> float32 [B, T, V]."""
-        tokens_np = np.asarray(tokens)
-        self.check_tokens(tokens_np)
+        tokens_np = self.check_tokens(tokens)
         b, t = tokens_np.shape
         tokens_j = jnp.asarray(tokens_np, jnp.int32)
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))

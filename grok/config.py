@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
 from typing import Any
 
 from grok.errors import ConfigError
+from grok.jsonfile import read_json_file
 
 ROPE_TYPES = ("original", "yarn")
 HIDDEN_ACTS = ("gelu", "gelu_tanh")
@@ -31,6 +33,31 @@ _HIDDEN_ACT_ALIASES = {
     "gelu_tanh": "gelu_tanh",
     "gelu_pytorch_tanh": "gelu_tanh",
 }
+
+# Upper bounds on the shape fields, far above Grok-1 and Grok-2 (their values in brackets), so
+# that a config cannot make the library build millions of weight names or a rotary table of
+# gigabytes before any file is read. Raise them here if a real model ever needs more.
+MAX_FIELD_VALUES = {
+    "vocab_size": 2**22,  # 4,194,304 [131,072]
+    "hidden_size": 2**17,  # 131,072 [8,192; 6,144]
+    "num_hidden_layers": 2**10,  # 1,024 [64]
+    "num_attention_heads": 2**10,  # [64; 48]
+    "num_key_value_heads": 2**10,  # [8]
+    "head_dim": 2**10,  # [128]
+    "intermediate_size": 2**20,  # 1,048,576 [32,768]
+    "moe_intermediate_size": 2**20,  # [16,384; 32,768]
+    "num_local_experts": 2**10,  # [8]
+    "num_experts_per_tok": 2**10,  # [2]
+    "max_position_embeddings": 2**21,  # 2,097,152 [131,072; 8,192]
+    "original_max_position_embeddings": 2**21,  # [8,192]
+    "attn_temperature_len": 2**21,  # [1,024]
+}
+# Weight names and expert slices are built per (layer, expert): L * E [512].
+MAX_LAYER_EXPERTS = 2**16
+# The rotary table holds P * H/2 angles (computed in float64 on the host) [2**23].
+MAX_ROPE_ENTRIES = 2**26
+# config.json is a few hundred bytes; refuse to read anything near this before parsing.
+MAX_CONFIG_BYTES = 2**24
 
 # Fields whose JSON value <= 0 (or absence) means "off"; stored as None.
 _OPTIONAL_POSITIVE = (
@@ -86,6 +113,7 @@ class GrokConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
+        _check_bounds(self)
         positive = [
             "vocab_size",
             "hidden_size",
@@ -100,7 +128,9 @@ class GrokConfig:
         ]
         for name in positive:
             if getattr(self, name) <= 0:
-                raise ConfigError(f"config field {name!r} must be > 0, got {getattr(self, name)}")
+                raise ConfigError(
+                    f"config field {name!r} must be > 0, got {_shown(getattr(self, name))}"
+                )
         if self.residual_moe and self.intermediate_size <= 0:
             raise ConfigError(
                 "config field 'intermediate_size' must be > 0 when 'residual_moe' is true, "
@@ -139,6 +169,18 @@ class GrokConfig:
             raise ConfigError(
                 "config field 'original_max_position_embeddings' is required for rope_type 'yarn'"
             )
+        if self.rope_type == "yarn":  # YaRN divides by these (and by log rope_theta)
+            for name in ("scaling_factor", "beta_fast", "beta_slow", "attn_factor"):
+                if getattr(self, name) <= 0:
+                    raise ConfigError(
+                        f"config field {name!r} must be > 0 for rope_type 'yarn', "
+                        f"got {getattr(self, name)}"
+                    )
+            if self.rope_theta <= 1:
+                raise ConfigError(
+                    f"config field 'rope_theta' must be > 1 for rope_type 'yarn', "
+                    f"got {self.rope_theta}"
+                )
 
     # Derived values.
     @property
@@ -182,6 +224,10 @@ class GrokConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
         window = data.get("sliding_window_size", -1)
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int)):
+            raise ConfigError(
+                f"{source}: field 'sliding_window_size' must be an int, got {window!r:.80}"
+            )
         if window is not None and window > 0 or data.get("global_attn_every_n", 1) not in (1, None):
             raise ConfigError(
                 f"{source}: sliding-window attention (sliding_window_size={window}, "
@@ -211,7 +257,13 @@ class GrokConfig:
                         )
                     value = int(value)
                 else:
-                    value = float(value)
+                    try:
+                        value = float(value)
+                    except OverflowError:  # an int too large for a float
+                        raise ConfigError(
+                            f"{source}: field {field.name!r} must be a finite number, "
+                            f"got {_shown(value)}"
+                        ) from None
             elif field.name == "hidden_act":
                 if value not in _HIDDEN_ACT_ALIASES:
                     raise ConfigError(
@@ -246,14 +298,11 @@ class GrokConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike[str]) -> GrokConfig:
+        """Reads ``config.json``; every failure (unreadable, not JSON, ...) is a ConfigError."""
         path = os.fspath(path)
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}: not valid JSON ({err})") from None
+        data = read_json_file(
+            path, error=ConfigError, what="config file", max_bytes=MAX_CONFIG_BYTES
+        )
         return cls.from_dict(data, source=path)
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -289,6 +338,54 @@ def _check_types(config: GrokConfig) -> None:
                 f"config field {field.name!r} must be {_type_name(hints[field.name])}, "
                 f"got {type(value).__name__} {value!r}"
             )
+
+
+def _check_bounds(config: GrokConfig) -> None:
+    """Every number finite; shape fields within MAX_FIELD_VALUES and the product bounds."""
+    hints = typing.get_type_hints(GrokConfig)
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if value is not None and _allows_float(hints[field.name]):
+            try:
+                finite = math.isfinite(value)
+            except OverflowError:  # an int too large for a float
+                finite = False
+            if not finite:
+                raise ConfigError(
+                    f"config field {field.name!r} must be a finite number, got {_shown(value)}"
+                )
+    for name, limit in MAX_FIELD_VALUES.items():
+        value = getattr(config, name)
+        if value is not None and value > limit:
+            raise ConfigError(
+                f"config field {name!r} must be <= {limit} (this library's bound, far above "
+                f"Grok-1 and Grok-2), got {_shown(value)}"
+            )
+    experts = config.num_hidden_layers * config.num_local_experts
+    if experts > MAX_LAYER_EXPERTS:
+        raise ConfigError(
+            f"config fields 'num_hidden_layers' x 'num_local_experts' = {experts} must be <= "
+            f"{MAX_LAYER_EXPERTS} (this library's bound; Grok-2 has 512)"
+        )
+    rope = config.max_position_embeddings * (config.head_dim // 2)
+    if rope > MAX_ROPE_ENTRIES:
+        raise ConfigError(
+            f"config fields 'max_position_embeddings' x 'head_dim' / 2 = {rope} rotary angles "
+            f"must be <= {MAX_ROPE_ENTRIES} (this library's bound; Grok-2 has 2**23)"
+        )
+
+
+def _shown(value: Any) -> str:
+    """``value`` for a message; an integer too long to print usefully is described instead."""
+    if isinstance(value, int) and abs(value) >= 10**30:
+        return f"an integer of {value.bit_length()} bits"
+    return repr(value)
+
+
+def _allows_float(hint: Any) -> bool:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return any(_allows_float(arg) for arg in typing.get_args(hint))
+    return hint is float
 
 
 def _is_instance(value: Any, hint: Any) -> bool:

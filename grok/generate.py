@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import operator
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -41,6 +40,7 @@ from grok.errors import GenerationError
 from grok.kv_cache import KVCache
 from grok.sampling import Sampler
 from grok.sharding import kv_cache_sharding
+from grok.tokens import check_token_ids
 
 if TYPE_CHECKING:
     from grok.api import Model
@@ -273,8 +273,6 @@ def _decode(
 
 def _check_prompts(prompts: Any, vocab: int, context: int) -> list[list[int]]:
     """The prompts as lists of ints, or GenerationError / TokenizerError naming the bad one."""
-    from grok.errors import TokenizerError
-
     if isinstance(prompts, jax.Array):
         prompts = np.asarray(prompts)
     if isinstance(prompts, str | bytes) or not isinstance(prompts, Sequence | np.ndarray):
@@ -283,28 +281,12 @@ def _check_prompts(prompts: Any, vocab: int, context: int) -> list[list[int]]:
         )
     if len(prompts) == 0:
         raise GenerationError("prompts is empty: give at least one prompt")
-    out = []
-    for i, prompt in enumerate(prompts):
-        if isinstance(prompt, str | bytes):
-            raise GenerationError(f"prompt {i} is text: encode it with a tokenizer first")
-        try:
-            ids = [operator.index(t) for t in prompt]
-        except TypeError:
-            raise GenerationError(f"prompt {i} is not a sequence of int token ids") from None
-        if not ids:
-            raise GenerationError(f"prompt {i} is empty: a prompt needs at least one token")
-        if len(ids) > context:
-            raise GenerationError(
-                f"prompt {i} has {len(ids)} tokens, more than the context "
-                f"(max_position_embeddings = {context})"
-            )
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise TokenizerError(
-                f"prompt {i}: token id {bad[0]} is outside the model's vocabulary [0, {vocab})"
-            )
-        out.append(ids)
-    return out
+    return [
+        check_token_ids(
+            prompt, vocab_size=vocab, context=context, ndim=1, what=f"prompt {i}"
+        ).tolist()
+        for i, prompt in enumerate(prompts)
+    ]
 
 
 def _row_keys(seed: int | Sequence[int], batch: int) -> jax.Array:

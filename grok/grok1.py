@@ -1,7 +1,8 @@
 """Loading Grok-1's released ``ckpt-0`` pickles straight into a ``grok.Model``.
 
-The files are read one leaf at a time by ``grok.grok1_checkpoint`` (restricted unpickler,
-every shape checked) and placed into this library's stacked parameter tree (``grok.params``).
+The files are read one leaf at a time by ``grok.grok1_checkpoint`` (an opcode parser, never
+an unpickler; every shape checked) and placed into this library's stacked parameter tree
+(``grok.params``).
 Two ways to hold the matrices:
 
 - ``quantize=None``: every int8 matrix is dequantised (``weight * scales``, exact in float32)
