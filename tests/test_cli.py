@@ -4,6 +4,7 @@ The successful runs and a few error paths run ``scripts/sample.py`` in a subproc
 venv's python (as a user would); the other error paths call ``main`` in-process.
 """
 
+import io
 import os
 import subprocess
 import sys
@@ -12,8 +13,11 @@ from pathlib import Path
 import pytest
 from test_generate import random_params
 
+import grok
+from grok import memory_plan
 from grok.cli import sample as cli
-from grok.config import TINY_GROK2
+from grok.errors import MemoryPlanError
+from grok.presets import TINY_GROK2
 from grok.testing import write_checkpoint
 from grok.tokenizer import write_tok_json
 
@@ -104,11 +108,14 @@ def test_prompt_longer_than_context(checkpoint):
     [
         (["--temperature", "-1"], 1, "temperature"),
         (["--top-p", "1.5"], 1, "top_p"),
-        (["--max-new-tokens", "-3"], 1, "max_new_tokens"),
+        (["--max-new-tokens", "-3"], 2, "--max-new-tokens: expected an integer >= 0, got '-3'"),
+        (["--seed", "-1"], 2, "--seed"),
+        (["--top-k", "0"], 2, "--top-k: expected an integer >= 1, got '0'"),
+        (["--temperature", "nan"], 2, "--temperature: expected a finite number, got 'nan'"),
         (["--mesh", "8"], 2, "DATAxMODEL"),
         (["--prompt", "@/nonexistent/prompt.txt"], 2, "cannot read"),
         (["--tokenizer", "/nonexistent/tok.json"], 1, "not found"),
-        (["--max-new-tokens", "many"], 2, "invalid int value"),
+        (["--max-new-tokens", "many"], 2, "expected an integer, got 'many'"),
     ],
 )
 def test_error_paths_in_process(checkpoint, capsys, extra, status, fragment):
@@ -140,3 +147,50 @@ def test_parse_mesh():
     for bad in ("8", "0x8", "1x2x3", "axb"):
         with pytest.raises(cli.UsageError):
             cli.parse_mesh(bad)
+
+
+def test_binary_stdin_is_one_line_error(checkpoint, monkeypatch, capsys):
+    stdin = io.TextIOWrapper(io.BytesIO(b"caf\xe9 \xff\xfe"), encoding="utf-8")
+    monkeypatch.setattr("sys.stdin", stdin)
+    assert cli.main(["--checkpoint", str(checkpoint), "--prompt", "-"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "grok-sample: error: --prompt -: stdin is not UTF-8 text (byte 0xe9 at offset 3)"
+    ]
+
+
+def test_binary_stdin_in_a_utf8_locale_subprocess(checkpoint):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "LC_ALL": "C.UTF-8", "PYTHONIOENCODING": ""}
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--checkpoint", str(checkpoint), "--prompt", "-"],
+        input=b"\x80\x81 binary",
+        capture_output=True,
+        env=env,
+        timeout=300,
+    )
+    proc.stderr = proc.stderr.decode()
+    assert_one_line_error(proc, 2, "stdin is not UTF-8", "0x80")
+
+
+def test_stdin_read_once_for_two_dashes():
+    stdin = io.TextIOWrapper(io.BytesIO("é\n".encode()), encoding="latin-1")
+    assert cli.read_prompts(["-", "x", "-"], stdin) == ["é\n", "x", "é\n"]  # UTF-8 always
+    assert cli.read_prompts(["-"], io.StringIO("plain")) == ["plain"]
+
+
+def test_huge_batch_refused_by_the_memory_plan(checkpoint):
+    """2^22 one-token prompts: the plan's error, at once, not the backend's out-of-memory."""
+    model = grok.load_pretrained(checkpoint, dtype="float32", quiet=True)
+    with pytest.raises(MemoryPlanError, match="generating 4194304 sequence") as err:
+        model.generate([[5]] * 2**22, max_new_tokens=8)
+    assert "KV cache" in str(err.value)
+
+
+def test_cli_batch_over_the_device_memory_is_one_line(checkpoint, monkeypatch, capsys):
+    weights = memory_plan.plan_memory(CONFIG, {}, dtype="float32").weights
+    # Room for the weights and 64 KiB: loading fits, a 2 x 128-slot cache (256 KiB) does not.
+    monkeypatch.setattr(memory_plan, "device_bytes_limit", lambda device: weights + 2**16)
+    argv = ["--checkpoint", str(checkpoint), "--dtype", "float32", "--prompt", "a", "--prompt", "b"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("grok-sample: error: generating 2 sequence(s)")
