@@ -1,7 +1,8 @@
 """grok-sample end to end on a tiny checkpoint and tokenizer written by the test.
 
-The successful runs and a few error paths run ``scripts/sample.py`` in a subprocess with the
-venv's python (as a user would); the other error paths call ``main`` in-process.
+Most runs call ``main(argv)`` in-process; a bad flag and binary stdin run
+``scripts/sample.py`` in a subprocess with the venv's python, as a user would
+(``tests/test_builtin.py`` runs it with no arguments).
 """
 
 import io
@@ -65,27 +66,30 @@ def assert_one_line_error(proc, status, *fragments):
         assert fragment in lines[0]
 
 
-def test_batch_and_streaming_chat_runs_agree(checkpoint, tmp_path):
+def test_batch_and_streaming_chat_runs_agree(checkpoint, tmp_path, monkeypatch, capsys):
     prompt_file = tmp_path / "prompt.txt"
     prompt_file.write_text("Hi there, é!", encoding="utf-8")
     common = [
         "--checkpoint", checkpoint, "--chat", "--max-new-tokens", 8, "--dtype", "float32",
         "--temperature", 0.8, "--top-k", 40, "--top-p", 0.95, "--min-p", 0.01, "--seed", 7,
     ]  # fmt: skip
-    batch = run_script(*common, "--prompt", "Hi there, é!", "--prompt", f"@{prompt_file}")
-    assert batch.returncode == 0, batch.stderr
-    assert "2 sequence(s)" in batch.stderr
-    assert "time to first token" in batch.stderr and "tokens/s" in batch.stderr
-    parts = batch.stdout.split("--- completion 1 ---\n")
+    argv = [*common, "--prompt", "Hi there, é!", "--prompt", f"@{prompt_file}"]
+    assert cli.main(list(map(str, argv))) == 0
+    batch = capsys.readouterr()
+    assert "2 sequence(s)" in batch.err
+    assert "time to first token" in batch.err and "tokens/s" in batch.err
+    parts = batch.out.split("--- completion 1 ---\n")
     assert len(parts) == 2 and parts[0].startswith("--- completion 0 ---\n")
     first = parts[0].removeprefix("--- completion 0 ---\n")
 
     # One prompt (from stdin) streams token by token. Row 0 draws with the same key in both
     # runs, so the streamed text equals the batch's first completion.
-    stream = run_script(*common, "--prompt", "-", stdin="Hi there, é!")
-    assert stream.returncode == 0, stream.stderr
-    assert "1 sequence(s)" in stream.stderr
-    assert stream.stdout == first and first.strip()
+    stdin = io.TextIOWrapper(io.BytesIO("Hi there, é!".encode()), encoding="utf-8")
+    monkeypatch.setattr("sys.stdin", stdin)
+    assert cli.main(list(map(str, [*common, "--prompt", "-"]))) == 0
+    stream = capsys.readouterr()
+    assert "1 sequence(s)" in stream.err
+    assert stream.out == first and first.strip()
 
 
 def test_bad_flag_value(checkpoint):
@@ -93,14 +97,19 @@ def test_bad_flag_value(checkpoint):
     assert_one_line_error(proc, 2, "--dtype", "int7")
 
 
-def test_missing_tokenizer(bare_checkpoint):
-    proc = run_script("--checkpoint", bare_checkpoint, "--prompt", "x")
-    assert_one_line_error(proc, 1, "no tokenizer", "--tokenizer")
+def test_missing_tokenizer(bare_checkpoint, capsys):
+    assert cli.main(["--checkpoint", str(bare_checkpoint), "--prompt", "x"]) == 1
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("grok-sample: error: ") and "\n" not in line
+    assert "no tokenizer" in line and "--tokenizer" in line
 
 
-def test_prompt_longer_than_context(checkpoint):
-    proc = run_script("--checkpoint", checkpoint, "--prompt", "x" * 200, "--dtype", "float32")
-    assert_one_line_error(proc, 1, "200 tokens", "context")
+def test_prompt_longer_than_context(checkpoint, capsys):
+    argv = ["--checkpoint", str(checkpoint), "--prompt", "x" * 200, "--dtype", "float32"]
+    assert cli.main(argv) == 1
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("grok-sample: error: ") and "\n" not in line
+    assert "200 tokens" in line and "context" in line
 
 
 @pytest.mark.parametrize(
