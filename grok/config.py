@@ -4,7 +4,8 @@ The field names are those of the released Grok-2 ``config.json`` (see
 ``../shared/spec/grok2.md`` section 1), plus the few knobs that only Grok-1 needs
 (``attn_output_multiplier``, ``tie_word_embeddings``, ``hidden_act``). Caps and the
 attention temperature length are ``None`` when off; in a JSON file a value that is
-absent, 0 or negative also means off, as the reference engine reads it.
+absent, 0 or negative also means off, as the reference engine reads it. The named configs
+(``GROK2``, ``GROK1``, tiny test shapes) are in ``grok.presets``.
 
 Shape letters: V vocab, D model width, N query heads, K kv heads, G = N/K, H head dim,
 F dense MLP width, Fe expert width, E experts, k experts per token, L layers.
