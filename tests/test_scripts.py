@@ -290,3 +290,18 @@ def test_wrapper_runs_as_a_user_would():
         bad.stderr.strip()
         == "grok-plan: error: argument --model: expected an integer >= 1, got '0'"
     )
+
+
+def test_train_programs_refuse_before_working(capsys, tmp_path):
+    from grok.cli import train as train_cli
+    from grok.cli import train_tokenizer as tok_cli
+
+    assert train_cli.main(["--out", str(tmp_path), "--work", str(tmp_path / "w")]) == 1
+    assert "tokenizer.tok.json: not found" in one_line_error(capsys, "grok-train")
+    assert call(train_cli.main, ["--steps", "0"]) == 2
+    assert "--steps: expected an integer >= 1, got '0'" in one_line_error(capsys, "grok-train")
+    assert tok_cli.main(["--vocab-size", "200", "--out", str(tmp_path)]) == 2
+    assert "--vocab-size 200" in one_line_error(capsys, "grok-train-tokenizer")
+    assert call(tok_cli.main, ["--heldout-fraction", "nan"]) == 2
+    assert "got 'nan'" in one_line_error(capsys, "grok-train-tokenizer")
+    assert list(tmp_path.iterdir()) == []
