@@ -192,7 +192,7 @@ def load_pretrained(
         dtype=dtype,
         quantize=quantize,
         batch=kv_batch,
-        context=kv_context,
+        context=min(kv_context, config.max_position_embeddings),  # S <= P
         rules=rules,
     )
     devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]

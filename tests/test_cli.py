@@ -202,4 +202,6 @@ def test_cli_batch_over_the_device_memory_is_one_line(checkpoint, monkeypatch, c
     argv = ["--checkpoint", str(checkpoint), "--dtype", "float32", "--prompt", "a", "--prompt", "b"]
     assert cli.main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("grok-sample: error: generating 2 sequence(s)")
+    # Refused by the plan before loading: weights plus the KV cache of B=2, S=128.
+    assert len(err) == 1 and err[0].startswith(f"grok-sample: error: {checkpoint}: each device")
+    assert "DOES NOT FIT" in err[0] and "B=2 S=128" in err[0]

@@ -223,6 +223,10 @@ def run(args: argparse.Namespace, stdin: TextIO | BinaryIO, stdout: TextIO, stde
             dtype=jnp.dtype(args.dtype),
             mesh=mesh,
             quantize=args.quantize,
+            # The memory plan refuses a batch whose KV cache cannot fit before a byte is read
+            # (a released checkpoint; a Grok-1 one is checked when generation starts).
+            kv_batch=len(prompts),
+            kv_context=max(len(p) for p in prompts) + args.max_new_tokens,
         )
     except NotImplementedError as e:
         raise UsageError(f"cannot load {checkpoint} as asked: {e}") from None
