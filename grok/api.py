@@ -166,7 +166,7 @@ def load_pretrained(
         return load_grok1(path, config=config, dtype=dtype, quantize=quantize, mesh=mesh)
     from grok.checkpoint import ReleasedCheckpoint, is_quantized, shard_read_bytes
     from grok.memory_plan import check_fits, device_bytes_limit, mesh_axis_sizes, plan_memory
-    from grok.progress import ProgressBar
+    from grok.progress import progress_bar
     from grok.sharding import ShardingRules, check_divisible, sharding_fn
 
     if quantize not in (None, "fp8"):
@@ -183,7 +183,7 @@ def load_pretrained(
         dtype=dtype,
         quantize=quantize,
         batch=kv_batch,
-        context=kv_context,
+        context=min(kv_context, config.max_position_embeddings),  # S <= P
         rules=rules,
     )
     devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
@@ -201,6 +201,6 @@ def load_pretrained(
             )
             for spec in ckpt.specs
         )
-        with ProgressBar(total, label=f"loading {os.fspath(path)}", quiet=quiet) as bar:
+        with progress_bar(total, desc=f"loading {os.fspath(path)}", quiet=quiet) as bar:
             params = ckpt.load_params(jnp.dtype(dtype), sharding_for, bar.update, quantize)
     return Model(config, params, dtype=dtype, mesh=mesh, quant=quantize)

@@ -4,7 +4,8 @@ The field names are those of the released Grok-2 ``config.json`` (see
 ``../shared/spec/grok2.md`` section 1), plus the few knobs that only Grok-1 needs
 (``attn_output_multiplier``, ``tie_word_embeddings``, ``hidden_act``). Caps and the
 attention temperature length are ``None`` when off; in a JSON file a value that is
-absent, 0 or negative also means off, as the reference engine reads it.
+absent, 0 or negative also means off, as the reference engine reads it. The named configs
+(``GROK2``, ``GROK1``, tiny test shapes) are in ``grok.presets``.
 
 Shape letters: V vocab, D model width, N query heads, K kv heads, G = N/K, H head dim,
 F dense MLP width, Fe expert width, E experts, k experts per token, L layers.
@@ -13,6 +14,7 @@ F dense MLP width, Fe expert width, E experts, k experts per token, L layers.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -408,136 +410,16 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
-# Presets.
-
-GROK2 = GrokConfig(
-    vocab_size=131072,
-    hidden_size=8192,
-    num_hidden_layers=64,
-    num_attention_heads=64,
-    num_key_value_heads=8,
-    head_dim=128,
-    intermediate_size=32768,
-    moe_intermediate_size=16384,
-    num_local_experts=8,
-    num_experts_per_tok=2,
-    residual_moe=True,
-    rms_norm_eps=1e-5,
-    embedding_multiplier_scale=90.50966799187809,  # sqrt(8192)
-    output_multiplier_scale=0.5,
-    attn_logit_softcapping=30.0,
-    router_logit_softcapping=30.0,
-    final_logit_softcapping=50.0,
-    attn_temperature_len=1024,
-    rope_theta=208533496.0,
-    rope_type="original",
-    max_position_embeddings=131072,
-    original_max_position_embeddings=8192,
-    scaling_factor=16.0,
-    extrapolation_factor=1.0,
-    attn_factor=1.0,
-    beta_fast=8.0,
-    beta_slow=1.0,
+# The presets moved to ``grok.presets``; ``from grok.config import GROK2`` (and the other old
+# names) keeps working through this module hook (PEP 562). The import happens on first use,
+# not at the top, because ``grok.presets`` is built from this module's ``GrokConfig``: an
+# import at the top would be a circle.
+_MOVED_TO_PRESETS = frozenset(
+    {"GROK2", "GROK1", "TINY_GROK2", "TINY_GROK1", "BENCH", "BENCH_GROK1", "PRESETS", "get_preset"}
 )
 
-GROK1 = GrokConfig(
-    vocab_size=131072,
-    hidden_size=6144,
-    num_hidden_layers=64,
-    num_attention_heads=48,
-    num_key_value_heads=8,
-    head_dim=128,
-    intermediate_size=0,
-    moe_intermediate_size=32768,
-    num_local_experts=8,
-    num_experts_per_tok=2,
-    residual_moe=False,
-    rms_norm_eps=1e-5,
-    embedding_multiplier_scale=78.38367176906169,
-    output_multiplier_scale=0.5773502691896257,
-    attn_logit_softcapping=30.0,
-    router_logit_softcapping=None,
-    final_logit_softcapping=None,
-    attn_temperature_len=None,
-    rope_theta=10000.0,
-    rope_type="original",
-    max_position_embeddings=8192,
-    attn_output_multiplier=0.08838834764831845,  # 128 ** -0.5
-    tie_word_embeddings=True,
-    hidden_act="gelu_tanh",
-)
 
-# Small enough for a CPU test, with caps and temperature length small enough that each
-# of them changes the logits of random weights.
-TINY_GROK2 = GROK2.replace(
-    vocab_size=256,
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    intermediate_size=96,
-    moe_intermediate_size=32,
-    num_local_experts=8,
-    num_experts_per_tok=2,
-    embedding_multiplier_scale=8.0,  # sqrt(64), as Grok-2's is sqrt(D)
-    attn_logit_softcapping=1.5,
-    router_logit_softcapping=0.8,
-    final_logit_softcapping=2.0,
-    attn_temperature_len=4,
-    rope_theta=10000.0,
-    max_position_embeddings=128,
-    original_max_position_embeddings=16,
-    scaling_factor=8.0,
-)
-
-TINY_GROK1 = GROK1.replace(
-    vocab_size=256,
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    moe_intermediate_size=48,
-    embedding_multiplier_scale=8.0,
-    attn_logit_softcapping=1.5,
-    attn_output_multiplier=0.25,
-    max_position_embeddings=128,
-)
-
-# The benchmark shape (issue 6), small enough for a CPU; both variants share it.
-_BENCH_SHAPE = dict(
-    vocab_size=32000,
-    hidden_size=512,
-    num_hidden_layers=8,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    head_dim=64,
-    moe_intermediate_size=1024,
-    num_local_experts=8,
-    num_experts_per_tok=2,
-    embedding_multiplier_scale=22.627416997969522,  # sqrt(512), as Grok-2's is sqrt(D)
-)
-
-# Grok-2's rope, caps and temperature, with a dense MLP as wide as an expert.
-BENCH = GROK2.replace(**_BENCH_SHAPE, intermediate_size=1024)
-
-# The same shape with Grok-1's knobs and no dense MLP: the shape Mixtral can run.
-BENCH_GROK1 = GROK1.replace(**_BENCH_SHAPE, attn_output_multiplier=0.125)  # 64 ** -0.5
-
-PRESETS: dict[str, GrokConfig] = {
-    "grok2": GROK2,
-    "grok1": GROK1,
-    "tiny-grok2": TINY_GROK2,
-    "tiny-grok1": TINY_GROK1,
-    "bench": BENCH,
-    "bench-grok1": BENCH_GROK1,
-}
-
-
-def get_preset(name: str) -> GrokConfig:
-    """A preset by name: ``grok2``, ``grok1``, ``tiny-grok2``, ``tiny-grok1`` (and ``bench``...)."""
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ConfigError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_PRESETS:
+        return getattr(importlib.import_module("grok.presets"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -38,6 +38,7 @@ import numpy as np
 from grok.config import GrokConfig
 from grok.errors import GenerationError
 from grok.kv_cache import KVCache
+from grok.memory_plan import check_generation_fits
 from grok.sampling import Sampler
 from grok.sharding import kv_cache_sharding
 from grok.tokens import check_token_ids
@@ -346,6 +347,15 @@ def generate(
         raise GenerationError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens must be an int >= 0, got {max_new_tokens}")
+    # The memory plan refuses a KV cache that cannot fit the devices (MemoryPlanError): first
+    # for rows of one token, before the rows are read, then for the exact cache length.
+    fits_check = functools.partial(
+        check_generation_fits, config, model.params, model.mesh, dtype=model.dtype
+    )
+    if isinstance(prompts, Sequence) or getattr(prompts, "ndim", 0) >= 1:  # before reading rows
+        fits_check(
+            batch=len(prompts), context=bucket_length(min(context, 1 + max_new_tokens), context)
+        )
     rows = _check_prompts(prompts, vocab, context)
     stop_mask = np.zeros((vocab,), bool)  # [V]
     for s in stop_tokens:
@@ -358,6 +368,7 @@ def generate(
     longest = int(lengths.max())
     prompt_len = bucket_length(longest, context)  # T
     cache_len = bucket_length(max(prompt_len, min(context, longest + max_new_tokens)), context)
+    fits_check(batch=batch, context=cache_len)
     tokens = np.zeros((batch, prompt_len), np.int32)  # [B, T], right-padded with id 0
     for b, r in enumerate(rows):
         tokens[b, : len(r)] = r

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grok.api import Model
-from grok.config import GROK1, GrokConfig, load_config
+from grok.config import GrokConfig, load_config
 from grok.errors import CheckpointError, ConfigError
 from grok.grok1_checkpoint import (
     INT8_MAX,
@@ -47,6 +47,7 @@ from grok.grok1_checkpoint import (
 )
 from grok.layers import scale_shape
 from grok.params import WeightSpec, hf_to_unit, weight_specs
+from grok.presets import GROK1
 
 QUANTIZE_MODES = (None, "int8")
 CONFIG_FILE = "config.json"
