@@ -97,8 +97,9 @@ def _filtered(scores: jax.Array, s: RowSettings) -> tuple[jax.Array, jax.Array, 
         k = jnp.where(s.top_k > 0, s.top_k, vocab)[:, None]  # [B, 1]
         values = jnp.where(rank < k, values, -jnp.inf)
         probs = jax.nn.softmax(values, axis=-1)  # renormalised over the top k
-        mass_above = jnp.cumsum(probs, axis=-1) - probs  # the first token always stays
-        values = jnp.where(mass_above < s.top_p[:, None], values, -jnp.inf)
+        mass_above = jnp.cumsum(probs, axis=-1) - probs
+        keep = (mass_above < s.top_p[:, None]) | (rank == 0)  # the first always stays
+        values = jnp.where(keep, values, -jnp.inf)
         return jnp.where(values >= min_score[:, None], values, -jnp.inf), ids
 
     needs_sort = jnp.any(((s.top_k > 0) & (s.top_k < vocab)) | (s.top_p < 1))
