@@ -3,7 +3,9 @@
 One server for the module (starting it and compiling its steps is most of the cost). Texts are
 compared with ``Model.generate`` run in this process on the same model and prompts; the server
 decodes 8 rows at once while ``generate`` decodes one, so equal greedy text shows that rows do
-not disturb each other. Everything talks to 127.0.0.1 only, and every wait is bounded.
+not disturb each other. Both compute in float32: in bfloat16 the two paths' different
+summation orders flip near-ties (seen: two tokens 0.008 nats apart). Everything talks to
+127.0.0.1 only, and every wait is bounded.
 """
 
 import concurrent.futures
@@ -52,7 +54,17 @@ def server():
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "GROK_API_KEY": KEY}
     env["XLA_FLAGS"] = ""  # one device is all the server uses
     proc = subprocess.Popen(
-        [sys.executable, "-m", "grok.serve", "--port", str(port), "--max-batch", "8"],
+        [
+            sys.executable,
+            "-m",
+            "grok.serve",
+            "--port",
+            str(port),
+            "--max-batch",
+            "8",
+            "--dtype",
+            "float32",
+        ],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -90,7 +102,7 @@ def client(server):
 @pytest.fixture(scope="module")
 def reference():
     """(model, tokenizer, greedy(ids) -> (tokens, finish)) for Model.generate's answers."""
-    model = grok.load_pretrained("builtin", quiet=True)
+    model = grok.load_pretrained("builtin", dtype=jnp.float32, quiet=True)
     tok = load_tokenizer(builtin_dir())
 
     def greedy(ids, stops):
@@ -140,7 +152,7 @@ def test_completion_greedy_equals_generate(client, reference):
 
 def test_chat_equals_generate(client, reference):
     _, tok, greedy = reference
-    messages = [{"role": "user", "content": "What is a class?"}]
+    messages = [{"role": "user", "content": "Classes?"}]  # 16 tokens: one prompt bucket
     want, reason = greedy(encode_chat(tok, messages), chat_stop_ids(tok))
     r = client.chat.completions.create(
         model=MODEL, messages=messages, max_tokens=MAX_TOKENS, temperature=0
@@ -171,7 +183,7 @@ def test_32_concurrent_requests(client, reference):
         elif i == 1:
             kw = {**seeded, "max_tokens": MAX_TOKENS}
         else:  # mixed prompt lengths, budgets and settings
-            prompt = " ".join(["The import statement"] * (1 + i % 6))
+            prompt = " ".join(["The import statement"] * (1 + i % 4))  # 3 to 12 tokens
             kw = {"prompt": prompt, "max_tokens": 4 + (i * 7) % 40, "temperature": (i % 3) / 2}
             kw.update(seed=i, top_k=(i % 4) * 10, frequency_penalty=(i % 5) / 4)
             kw = {"extra_body": {"top_k": kw.pop("top_k")}, **kw}
@@ -316,7 +328,7 @@ def test_row_sampler():
     """Per-row settings: greedy rows match argmax of the penalised logits; a row's draw does
     not depend on the other rows; top_k 1 is greedy at any temperature."""
     v = 64
-    logits = jax.random.normal(jax.random.key(0), (4, v)) * 3  # [B, V]
+    logits = jax.random.normal(jax.random.key(0), (4, v)) * 1.5  # [B, V]
     counts = jnp.zeros((4, v), jnp.int32).at[0, jnp.argmax(logits[0])].set(2)
     s = RowSettings(
         temperature=jnp.array([0.0, 1.0, 0.7, 5.0]),
@@ -328,28 +340,21 @@ def test_row_sampler():
     )
     keys = jax.vmap(jax.random.key)(jnp.arange(4, dtype=jnp.uint32))
     counters = jnp.zeros((4,), jnp.int32)
-    draw = sample_rows(logits, counts, s, keys, counters)
+    sample = jax.jit(sample_rows)
+    draw = sample(logits, counts, s, keys, counters)
     pen = penalized(logits, counts, s)
     assert float(pen[0, jnp.argmax(logits[0])]) == pytest.approx(float(logits[0].max()) - 20.5)
     assert int(draw.token[0]) == int(jnp.argmax(pen[0])) != int(jnp.argmax(logits[0]))
     assert int(draw.token[2]) == int(jnp.argmax(logits[2]))
     assert int(draw.token[3]) in set(np.argsort(-np.asarray(logits[3]))[:8].tolist())
-    shuffled = sample_rows(
+    shuffled = sample(
         logits[::-1], counts[::-1], jax.tree.map(lambda a: a[::-1], s), keys[::-1], counters
     )
     assert np.array_equal(np.asarray(shuffled.token[::-1]), np.asarray(draw.token))
-    # The sampler's filters agree with grok.sampling.Sampler's on what may be drawn.
-    one = Sampler(temperature=1.0, top_p=0.9)
-    allowed = np.isfinite(np.asarray(one.filtered_logits(logits[1:2])))[0]
-    for c in range(20):
-        tok = sample_rows(
-            logits[1:2],
-            counts[1:2],
-            jax.tree.map(lambda a: a[1:2], s),
-            keys[1:2],
-            jnp.array([c], jnp.int32),
-        ).token
-        assert allowed[int(tok[0])]
+    # Row 1 (temperature 1, top_p 0.9) only draws what grok.sampling.Sampler would allow.
+    allowed = np.isfinite(np.asarray(Sampler(temperature=1.0, top_p=0.9).filtered_logits(logits)))
+    seen = {int(sample(logits, counts, s, keys, counters + c).token[1]) for c in range(20)}
+    assert len(seen) > 1 and all(allowed[1, t] for t in seen)
 
 
 def test_text_tracker_holds_back_partial_stops():
