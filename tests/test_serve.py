@@ -309,6 +309,14 @@ def test_disconnect_frees_slot(server):
     assert httpx.get(f"{base}/metrics").status_code == 401  # the key guards metrics too
 
 
+def test_server_healthy_at_the_end(server, client):
+    base, proc = server
+    assert proc.poll() is None
+    assert httpx.get(f"{base}/health").json() == {"status": "ok"}
+    r = client.completions.create(model=MODEL, prompt="A", max_tokens=2, temperature=0)
+    assert r.usage.completion_tokens == 2
+
+
 # -- in-process pieces -----------------------------------------------------------------------
 
 
