@@ -264,6 +264,13 @@ def parse_generation(
         what = "prompt"
 
     longest = max(len(p) for p in prompts)
+    if chat and longest >= max_context:
+        raise RequestError(
+            f"This model's maximum context length is {max_context} tokens. However, your "
+            f"messages resulted in {longest} tokens, leaving none for the completion.",
+            param="messages",
+            code="context_length_exceeded",
+        )
     name = "max_tokens"
     if chat and body.get("max_completion_tokens") is not None:
         name = "max_completion_tokens"
