@@ -237,12 +237,12 @@ async def _whole(
     work = asyncio.ensure_future(collect())
     try:
         await asyncio.wait({gone, work}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
+    finally:  # also when this handler itself is cancelled (server shutdown)
         gone.cancel()
         if not work.done():
             work.cancel()
             _cancel_all(seqs)
-    if work.cancelled():
+    if not work.done() or work.cancelled():
         return Response(status_code=499)  # the client is gone; nobody reads this
     if work.result() is not None:
         raise RequestError(work.result(), status=500, type="server_error")
