@@ -148,7 +148,7 @@ def create_app(
             loop = asyncio.get_running_loop()
             updates: asyncio.Queue[Update] = asyncio.Queue()
 
-            def sink(u: Update) -> None:
+            def sink(u: Update) -> None:  # called on the engine thread
                 loop.call_soon_threadsafe(updates.put_nowait, u)
 
             seqs = [
@@ -178,7 +178,8 @@ def create_app(
     async def not_found(request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, HTTPException) else 500
         detail = exc.detail if isinstance(exc, HTTPException) else "internal error"
-        body = protocol.error_body(f"{request.method} {request.url.path}: {detail}", INVALID)
+        message = f"{request.method} {request.url.path}: {detail}"
+        body = protocol.error_body(message, protocol.INVALID_REQUEST)
         metrics.request("other", status)
         return JSONResponse(body, status_code=status)
 
@@ -200,9 +201,6 @@ def create_app(
     return Starlette(
         routes=routes, exception_handlers={HTTPException: not_found}, lifespan=lifespan
     )
-
-
-INVALID = protocol.INVALID_REQUEST
 
 
 def _cancel_all(seqs: list[SequenceRequest]) -> None:

@@ -46,6 +46,10 @@ from grok.tokenizer import Tokenizer
 
 log = logging.getLogger("grok.serve")
 
+# The default cache length per slot when --max-context is not given: the whole context of a
+# small model, 8192 tokens of a large one (Grok-2's 131072 would need 32 GiB per slot in bf16).
+DEFAULT_MAX_CONTEXT = 8192
+
 FINISH_STOP = "stop"  # a stop token or a stop string
 FINISH_LENGTH = "length"  # max_tokens tokens were produced
 
@@ -282,6 +286,9 @@ def _top(ids: np.ndarray, logprobs: np.ndarray, k: int | None) -> tuple[tuple[in
 class Engine:
     """The batching engine: ``submit`` sequences, receive ``Update``s through their sinks.
 
+    Construction allocates the device state (the KV cache for B x S tokens); ``start`` runs
+    the engine thread.
+
     Attributes:
       model, tokenizer: what it runs.
       max_batch: B, the decode slots.
@@ -423,7 +430,16 @@ class Engine:
                 self._waiting.clear()
                 self._slots = [None] * self.max_batch
             for seq in pending:
-                seq.sink(Update(seq.index, error=f"the engine failed: {e}"))
+                self._emit(seq, Update(seq.index, error=f"the engine failed: {e}"))
+
+    def _emit(self, seq: SequenceRequest, update: Update) -> None:
+        """Hands ``update`` to the sequence's owner; an owner that fails only loses its own
+        sequence (it is cancelled), never the engine."""
+        try:
+            seq.sink(update)
+        except Exception:
+            log.exception("handing an update to sequence %d failed; cancelling it", seq.index)
+            seq.cancel()
 
     def _admit(self) -> None:
         """Prefills waiting sequences into free slots (one call per group of equal needs)."""
@@ -573,7 +589,8 @@ class Engine:
     ) -> None:
         seq.finish_reason = reason
         self._release(slot, seq, reason)
-        seq.sink(Update(seq.index, seq.text.take(), infos, reason, seq.num_tokens, prompt_tokens))
+        update = Update(seq.index, seq.text.take(), infos, reason, seq.num_tokens, prompt_tokens)
+        self._emit(seq, update)
 
     def _release(self, slot: int, seq: SequenceRequest, reason: str) -> None:
         with self._cv:
@@ -582,10 +599,6 @@ class Engine:
         if self.metrics is not None:
             self.metrics.sequence_done(reason, seq.num_tokens)
 
-
-# The default cache length per slot when --max-context is not given: the whole context of a
-# small model, 8192 tokens of a large one (Grok-2's 131072 would need 32 GiB per slot in bf16).
-DEFAULT_MAX_CONTEXT = 8192
 
 __all__ = [
     "DEFAULT_MAX_CONTEXT",

@@ -251,7 +251,7 @@ def parse_generation(
         messages = _chat_messages(body)
         try:
             prompts = [encode_chat(tokenizer, messages)]
-        except (TokenizerError, GrokError) as e:
+        except GrokError as e:  # TokenizerError, GenerationError
             raise RequestError(f"'messages': {e}", param="messages") from None
         stop_ids = frozenset(chat_stop_ids(tokenizer))
         what = "messages"
