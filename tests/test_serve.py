@@ -27,6 +27,7 @@ from starlette.testclient import TestClient
 import grok
 from grok.builtin import builtin_dir
 from grok.sampling import Sampler
+from grok.serve import cli as serve_cli
 from grok.serve.app import create_app
 from grok.serve.engine import Engine
 from grok.serve.metrics import Metrics
@@ -396,3 +397,13 @@ def test_text_tracker_holds_back_partial_stops():
     assert t.take() == "ja"
     t.finish()
     assert t.take() == "zz" and not t.stopped
+
+
+def test_cli_bad_flags_are_one_line_errors(tmp_path, capsys):
+    assert serve_cli.main(["--checkpoint", str(tmp_path / "missing")]) == 2
+    with pytest.raises(SystemExit) as e:
+        serve_cli.main(["--max-batch", "0"])
+    assert e.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("grok-serve: error: ") for line in lines)
+    assert "not a directory" in lines[0] and "--max-batch" in lines[1]

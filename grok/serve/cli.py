@@ -107,6 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _context(max_context: int | None, checkpoint: Path) -> int:
+    """The cache length per slot the flags ask for (0 when the config cannot be read here:
+    Grok-1 pickles carry none, and the loader then plans without the cache)."""
+    if max_context is not None:
+        return max_context
+    try:
+        config = grok.load_config(checkpoint)
+    except GrokError:
+        return 0
+    return min(config.max_position_embeddings, DEFAULT_MAX_CONTEXT)
+
+
 def build_engine(args: argparse.Namespace) -> tuple[Engine, str, Metrics]:
     """Loads the model and tokenizer as the flags say; returns (engine, served name, metrics)."""
     mesh = make_mesh(*parse_mesh(args.mesh)) if args.mesh else None
@@ -118,18 +130,20 @@ def build_engine(args: argparse.Namespace) -> tuple[Engine, str, Metrics]:
             raise UsageError(f"--checkpoint {checkpoint}: not a directory")
         name = checkpoint.resolve().name
     tokenizer = load_tokenizer(Path(args.tokenizer) if args.tokenizer else checkpoint)
-    config = grok.load_config(checkpoint) if args.checkpoint != BUILTIN else None
-    context = args.max_context
-    if config is not None and context is None:
-        context = min(config.max_position_embeddings, DEFAULT_MAX_CONTEXT)
     model = grok.load_pretrained(
         checkpoint,
         dtype=jnp.dtype(args.dtype),
         mesh=mesh,
         quantize=args.quantize,
-        kv_batch=args.max_batch,
-        kv_context=context or 0,
+        kv_batch=args.max_batch,  # the memory plan leaves room for the slots' KV cache
+        kv_context=_context(args.max_context, checkpoint),
     )
+    context = model.config.max_position_embeddings
+    if args.max_context is not None and args.max_context > context:
+        raise UsageError(
+            f"--max-context {args.max_context} is longer than the model's context "
+            f"(max_position_embeddings = {context})"
+        )
     metrics = Metrics(args.max_batch)
     engine = Engine(
         model,
