@@ -410,16 +410,23 @@ class Engine:
     # -- the engine thread -----------------------------------------------------------------
 
     def _run(self) -> None:
+        # One decode step stays in flight: step k+1 is dispatched before step k's tokens are
+        # handed out, so the host's work (text, stop strings, responses) overlaps the
+        # device's. A sequence that finished at step k rides along in step k+1 (its row is
+        # ignored; the cache has room, since prompt + max_tokens <= S).
+        in_flight: tuple[Draw, list[SequenceRequest | None]] | None = None
         try:
             while True:
                 with self._cv:
-                    while not (self._stopping or self._waiting or any(self._slots)):
+                    while not (self._stopping or self._waiting or any(self._slots) or in_flight):
                         self._cv.wait()
                     if self._stopping:
                         return
                 self._admit()
-                if any(self._slots):
-                    self._step()
+                launched = self._launch() if any(self._slots) else None
+                if in_flight is not None:
+                    self._collect(*in_flight)
+                in_flight = launched
                 self._report_load()
         except BaseException as e:  # report it to every client, then stop: /health says 503
             log.exception("the engine failed")
@@ -522,8 +529,11 @@ class Engine:
             else:
                 self._deliver(seq, slots[i], draw, i, prompt_tokens)
 
-    def _step(self) -> None:
-        active = np.array([s is not None for s in self._slots])
+    def _launch(self) -> tuple[Draw, list[SequenceRequest | None]]:
+        """Dispatches one decode step (not waited for); returns its draw and the slots'
+        sequences at that moment."""
+        seqs = list(self._slots)
+        active = np.array([s is not None for s in seqs])
         self._state, draw = _decode_step(
             self.model.params,
             self.model.rope,
@@ -531,9 +541,13 @@ class Engine:
             jnp.asarray(active),
             apply_fn=self._apply,
         )
+        return draw, seqs
+
+    def _collect(self, draw: Draw, seqs: list[SequenceRequest | None]) -> None:
+        """Hands a step's tokens to the sequences still in the slots they had then."""
         draw = jax.device_get(draw)
-        for slot, seq in enumerate(list(self._slots)):
-            if seq is not None:
+        for slot, seq in enumerate(seqs):
+            if seq is not None and self._slots[slot] is seq:
                 self._deliver(seq, slot, draw, slot, None)
 
     def _deliver(
