@@ -465,6 +465,7 @@ class Engine:
             if group:
                 slots, free = free[: len(group)], free[len(group) :]
                 self._prefill(group, slots, want_prompt)
+        self._admitting = []
 
     def _prefill(self, group: list[SequenceRequest], slots: list[int], want_prompt: bool) -> None:
         # One row, or all B: two compiled shapes per prompt bucket (a few idle rows cost less
