@@ -30,7 +30,7 @@ from grok.builtin import builtin_dir
 from grok.sampling import Sampler
 from grok.serve import cli as serve_cli
 from grok.serve.app import create_app
-from grok.serve.engine import Engine
+from grok.serve.engine import Engine, SamplingParams, SequenceRequest
 from grok.serve.metrics import Metrics
 from grok.serve.sampler import RowSettings, penalized, sample_rows
 from grok.serve.text import TextTracker
@@ -352,15 +352,21 @@ def test_server_healthy_at_the_end(server, client):
 
 
 def test_full_queue_answers_503():
-    """One slot, no queue: a request for two sequences cannot be taken (engine not started)."""
+    """One slot and one queue place, one sequence already waiting (the engine is not started):
+    a request for two more sequences has no room now (503); one for three never fits (400)."""
     model = grok.load_pretrained("builtin", quiet=True)
     tok = load_tokenizer(builtin_dir())
-    engine = Engine(model, tok, max_batch=1, max_queue=0)
+    engine = Engine(model, tok, max_batch=1, max_queue=1)
+    engine.submit([SequenceRequest([1], SamplingParams(max_tokens=1), lambda u: None, tok)])
     app = create_app(engine, served_name=MODEL, metrics=Metrics(1))
     r = TestClient(app).post(
         "/v1/completions", json={"model": MODEL, "prompt": "x", "n": 2, "max_tokens": 2}
     )
     assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"
+    r = TestClient(app).post(  # more than the server could ever hold: the request is wrong
+        "/v1/completions", json={"model": MODEL, "prompt": "x", "n": 3, "max_tokens": 2}
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
 
 
 def test_row_sampler():

@@ -156,6 +156,14 @@ def create_app(
                 for p, prompt in enumerate(req.prompts)
                 for c in range(req.n)
             ]
+            capacity = engine.max_batch + engine.max_queue
+            if len(seqs) > capacity:
+                raise RequestError(
+                    f"the request needs {len(seqs)} sequences (prompts x n); this server holds "
+                    f"at most {capacity} (--max-batch {engine.max_batch} + --max-queue "
+                    f"{engine.max_queue})",
+                    param="n",
+                )
             try:
                 engine.submit(seqs)
             except QueueFull as e:

@@ -17,7 +17,9 @@ The engine thread loops:
    finished, or whose client went away, leaves its slot at once.
 
 Requests are tokenised on the HTTP side and only queued here, so decode keeps running while
-they arrive; a new sequence waits at most one decode step before its prefill.
+they arrive; a new sequence waits at most one decode step before its prefill. A prefill runs
+between two decode steps, so a long prompt delays the running sequences' next token by its
+prefill time (prompts are not split into chunks).
 """
 
 from __future__ import annotations
