@@ -1,0 +1,371 @@
+"""The ASGI application (Starlette): OpenAI's endpoints in front of the batching engine.
+
+Requests are validated and tokenised here, on the event loop, then queued to the engine; the
+engine thread hands each sequence's ``Update``s back through ``loop.call_soon_threadsafe``.
+A client that goes away (a dropped stream, or a closed connection while waiting for a whole
+response) cancels its sequences, which leave their slots before the next decode step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from grok.errors import GenerationError
+from grok.serve import protocol
+from grok.serve.engine import Engine, QueueFull, SequenceRequest, Update
+from grok.serve.metrics import Metrics
+from grok.serve.protocol import GenerationRequest, RequestError
+
+log = logging.getLogger("grok.serve")
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _error(e: RequestError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+class _Choice:
+    """What one sequence has produced so far (for a whole, non-streamed response)."""
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.tokens: list[Any] = []
+        self.prompt_tokens: Any = None
+        self.finish_reason: str | None = None
+        self.num_tokens = 0
+
+    def add(self, u: Update) -> None:
+        self.text.append(u.text)
+        self.tokens.extend(u.tokens)
+        if u.prompt_tokens is not None:
+            self.prompt_tokens = u.prompt_tokens
+        self.finish_reason = u.finish_reason
+        self.num_tokens = u.num_tokens
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def create_app(
+    engine: Engine, *, served_name: str, api_key: str | None = None, metrics: Metrics
+) -> Starlette:
+    """The Starlette app serving ``engine`` as ``served_name``.
+
+    With ``api_key``, every /v1 request and /metrics needs ``Authorization: Bearer KEY``
+    (/health stays open for liveness probes).
+    """
+    tokenizer = engine.tokenizer
+    vocab = engine.model.config.vocab_size
+    created = int(time.time())
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise RequestError(
+                "Incorrect API key provided: pass it as 'Authorization: Bearer KEY'",
+                status=401,
+                code="invalid_api_key",
+            )
+
+    def endpoint(name: str, fn: Handler, *, auth: bool = True) -> Handler:
+        """``fn`` with authorisation, OpenAI-style errors and the request counter."""
+
+        async def handler(request: Request) -> Response:
+            try:
+                if auth:
+                    authorize(request)
+                response = await fn(request)
+            except RequestError as e:
+                response = _error(e)
+            except Exception as e:  # answer 500 and keep serving
+                log.exception("request to %s failed", name)
+                response = _error(
+                    RequestError(f"internal error: {e}", status=500, type="server_error")
+                )
+            metrics.request(name, response.status_code)
+            return response
+
+        return handler
+
+    async def health(_: Request) -> Response:
+        if not engine.healthy:
+            return JSONResponse({"status": "error", "error": str(engine.error)}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    async def models(_: Request) -> Response:
+        card = {
+            "id": served_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "grok",
+            "max_model_len": engine.max_context,
+        }
+        return JSONResponse({"object": "list", "data": [card]})
+
+    async def metrics_text(_: Request) -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    async def read_json(request: Request) -> Any:
+        raw = await request.body()
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RequestError(f"the request body is not valid JSON: {e}") from None
+
+    def generation(chat: bool) -> Handler:
+        async def handle(request: Request) -> Response:
+            body = await read_json(request)
+            req = protocol.parse_generation(
+                body,
+                tokenizer,
+                chat=chat,
+                served_name=served_name,
+                max_context=engine.max_context,
+                vocab=vocab,
+            )
+            loop = asyncio.get_running_loop()
+            updates: asyncio.Queue[Update] = asyncio.Queue()
+
+            def sink(u: Update) -> None:  # called on the engine thread
+                loop.call_soon_threadsafe(updates.put_nowait, u)
+
+            seqs = [
+                SequenceRequest(prompt, req.params, sink, tokenizer, index=p * req.n + c)
+                for p, prompt in enumerate(req.prompts)
+                for c in range(req.n)
+            ]
+            capacity = engine.max_batch + engine.max_queue
+            if len(seqs) > capacity:
+                raise RequestError(
+                    f"the request needs {len(seqs)} sequences (prompts x n); this server holds "
+                    f"at most {capacity} (--max-batch {engine.max_batch} + --max-queue "
+                    f"{engine.max_queue})",
+                    param="n",
+                )
+            try:
+                engine.submit(seqs)
+            except QueueFull as e:
+                raise RequestError(
+                    str(e), status=503, type="server_error", code="overloaded"
+                ) from None
+            except GenerationError as e:
+                raise RequestError(str(e), status=503, type="server_error") from None
+            metrics.prompt_tokens.inc(sum(len(p) for p in req.prompts))
+            request_id = protocol.new_id(chat)
+            if req.stream:
+                stream = _stream(req, seqs, updates, request_id, served_name, tokenizer)
+                return StreamingResponse(
+                    stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+                )
+            return await _whole(request, req, seqs, updates, request_id, served_name, tokenizer)
+
+        return handle
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        status = exc.status_code if isinstance(exc, HTTPException) else 500
+        detail = exc.detail if isinstance(exc, HTTPException) else "internal error"
+        message = f"{request.method} {request.url.path}: {detail}"
+        body = protocol.error_body(message, protocol.INVALID_REQUEST)
+        metrics.request("other", status)
+        return JSONResponse(body, status_code=status)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    routes = [
+        Route("/health", endpoint("health", health, auth=False), methods=["GET"]),
+        Route("/v1/models", endpoint("models", models), methods=["GET"]),
+        Route("/metrics", endpoint("metrics", metrics_text), methods=["GET"]),
+        Route("/v1/completions", endpoint("completions", generation(False)), methods=["POST"]),
+        Route("/v1/chat/completions", endpoint("chat", generation(True)), methods=["POST"]),
+    ]
+    return Starlette(
+        routes=routes, exception_handlers={HTTPException: not_found}, lifespan=lifespan
+    )
+
+
+def _cancel_all(seqs: list[SequenceRequest]) -> None:
+    for seq in seqs:
+        if seq.finish_reason is None:
+            seq.cancel()
+
+
+async def _whole(
+    request: Request,
+    req: GenerationRequest,
+    seqs: list[SequenceRequest],
+    updates: asyncio.Queue[Update],
+    request_id: str,
+    model: str,
+    tokenizer: Any,
+) -> Response:
+    """Waits for every sequence, then answers one JSON body (or nothing if the client left)."""
+    choices = [_Choice() for _ in seqs]
+
+    async def collect() -> str | None:
+        remaining = len(seqs)
+        while remaining:
+            u = await updates.get()
+            if u.error is not None:
+                return u.error
+            choices[u.index].add(u)
+            remaining -= u.finish_reason is not None
+        return None
+
+    gone = asyncio.ensure_future(_wait_for_disconnect(request))
+    work = asyncio.ensure_future(collect())
+    try:
+        await asyncio.wait({gone, work}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this handler itself is cancelled (server shutdown)
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+            _cancel_all(seqs)
+    if not work.done() or work.cancelled():
+        return Response(status_code=499)  # the client is gone; nobody reads this
+    if work.result() is not None:
+        raise RequestError(work.result(), status=500, type="server_error")
+
+    out = []
+    for seq, choice in zip(seqs, choices, strict=True):
+        text = "".join(choice.text)
+        prompt_text = tokenizer.decode(seq.prompt) if req.echo else ""
+        item: dict[str, Any] = {"index": seq.index}
+        logprobs = None
+        if req.chat:
+            item["message"] = {"role": "assistant", "content": text}
+            if req.logprobs is not None:
+                logprobs = protocol.chat_logprobs(tokenizer, choice.tokens)
+        else:
+            item["text"] = prompt_text + text
+            if req.logprobs is not None:
+                infos = list(choice.tokens)
+                if req.echo and choice.prompt_tokens is not None:
+                    prompt_infos = protocol.prompt_token_infos(tokenizer, choice.prompt_tokens)
+                    logprobs = protocol.completion_logprobs(tokenizer, prompt_infos)
+                    rest = protocol.completion_logprobs(tokenizer, infos, len(prompt_text))
+                    for key in logprobs:
+                        logprobs[key] += rest[key]
+                else:
+                    logprobs = protocol.completion_logprobs(tokenizer, infos, len(prompt_text))
+        item["logprobs"] = logprobs
+        item["finish_reason"] = choice.finish_reason
+        out.append(item)
+    prompt_tokens = sum(len(p) for p in req.prompts)
+    completion_tokens = sum(c.num_tokens for c in choices)
+    body = protocol.envelope(request_id, req.chat, model, chunk=False)
+    body["choices"] = out
+    body["usage"] = protocol.usage(prompt_tokens, completion_tokens)
+    return JSONResponse(body)
+
+
+def _sse(payload: Any) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+async def _stream(
+    req: GenerationRequest,
+    seqs: list[SequenceRequest],
+    updates: asyncio.Queue[Update],
+    request_id: str,
+    model: str,
+    tokenizer: Any,
+) -> AsyncIterator[str]:
+    """Server-sent events: a chunk per update, a usage chunk when asked, ``data: [DONE]``.
+
+    When the client disconnects, the server stops iterating this generator; ``finally``
+    then cancels the sequences still running.
+    """
+
+    def chunk(index: int, piece: dict[str, Any], finish: str | None) -> dict[str, Any]:
+        body = protocol.envelope(request_id, req.chat, model, chunk=True)
+        body["choices"] = [{"index": index, **piece, "finish_reason": finish}]
+        if req.include_usage:
+            body["usage"] = None
+        return body
+
+    completion_tokens = [0] * len(seqs)
+    try:
+        for seq in seqs:
+            if req.chat:
+                yield _sse(
+                    chunk(
+                        seq.index,
+                        {"delta": {"role": "assistant", "content": ""}, "logprobs": None},
+                        None,
+                    )
+                )
+            elif req.echo and not req.params.prompt_logprobs:
+                text = tokenizer.decode(seq.prompt)
+                yield _sse(chunk(seq.index, {"text": text, "logprobs": None}, None))
+        remaining = len(seqs)
+        while remaining:
+            u = await updates.get()
+            if u.error is not None:
+                yield _sse(protocol.error_body(u.error, "server_error"))
+                return
+            remaining -= u.finish_reason is not None
+            completion_tokens[u.index] = u.num_tokens
+            text, logprobs = u.text, None
+            seq = seqs[u.index]
+            offset = 0
+            if u.prompt_tokens is not None:  # echo with logprobs: the prompt comes first
+                prompt_text = tokenizer.decode(seq.prompt)
+                offset = len(prompt_text)
+                infos = protocol.prompt_token_infos(tokenizer, u.prompt_tokens)
+                prompt_chunk = protocol.completion_logprobs(tokenizer, infos)
+                yield _sse(chunk(u.index, {"text": prompt_text, "logprobs": prompt_chunk}, None))
+            elif req.echo:
+                offset = len(tokenizer.decode(seq.prompt))
+            if req.logprobs is not None and u.tokens:
+                if req.chat:
+                    logprobs = protocol.chat_logprobs(tokenizer, u.tokens)
+                else:
+                    logprobs = protocol.completion_logprobs(tokenizer, u.tokens, offset)
+            if not text and logprobs is None and u.finish_reason is None:
+                continue
+            if req.chat:
+                delta = {"content": text} if text else {}
+                piece = {"delta": delta, "logprobs": logprobs}
+            else:
+                piece = {"text": text, "logprobs": logprobs}
+            yield _sse(chunk(u.index, piece, u.finish_reason))
+        if req.include_usage:
+            body = protocol.envelope(request_id, req.chat, model, chunk=True)
+            body["choices"] = []
+            prompt_tokens = sum(len(p) for p in req.prompts)
+            body["usage"] = protocol.usage(prompt_tokens, sum(completion_tokens))
+            yield _sse(body)
+        yield "data: [DONE]\n\n"
+    finally:
+        _cancel_all(seqs)
+
+
+__all__ = ["create_app"]

@@ -1,0 +1,183 @@
+"""``grok-serve`` (also ``python -m grok.serve``): the OpenAI-compatible server's command line.
+
+    grok-serve                                     # the built-in model on 127.0.0.1:8000
+    grok-serve --checkpoint /path/to/grok-2 --mesh 1x8 --max-batch 16 --port 8080
+
+Bad flags or a checkpoint that does not load end with one line on stderr,
+``grok-serve: error: ...``, and exit status 2 (command line) or 1 (anything else).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+import jax.numpy as jnp
+import uvicorn
+
+import grok
+from grok.builtin import builtin_dir
+from grok.cli.sample import DTYPES, QUANTIZE, UsageError, parse_mesh
+from grok.errors import GrokError
+from grok.serve.app import create_app
+from grok.serve.engine import DEFAULT_MAX_CONTEXT, Engine
+from grok.serve.metrics import Metrics
+from grok.sharding import make_mesh
+from grok.tokenizer import load_tokenizer
+
+PROG = "grok-serve"
+EXIT_BAD_ARGS = 2
+EXIT_ERROR = 1
+BUILTIN = "builtin"
+BUILTIN_NAME = "grok-builtin"
+API_KEY_ENV = "GROK_API_KEY"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but an error is one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        _report(message)
+        raise SystemExit(EXIT_BAD_ARGS)
+
+
+def _report(message: object) -> None:
+    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser of ``grok-serve``."""
+    p = _Parser(prog=PROG, description="Serve a Grok model over OpenAI's HTTP API.")
+    p.add_argument(
+        "--checkpoint", default=BUILTIN, help="checkpoint directory, or 'builtin' (the default)"
+    )
+    p.add_argument("--tokenizer", help="tokenizer file (default: found beside the checkpoint)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=_non_negative, default=8000, help="port to listen on")
+    p.add_argument("--max-batch", type=_positive, default=8, help="decode slots (batch rows)")
+    p.add_argument(
+        "--max-context",
+        type=_positive,
+        default=None,
+        help=f"most tokens (prompt + completion) per sequence; default: the model's context, "
+        f"at most {DEFAULT_MAX_CONTEXT}",
+    )
+    p.add_argument(
+        "--max-queue", type=_non_negative, default=128, help="sequences waiting; more gets 503"
+    )
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="compute dtype")
+    p.add_argument("--mesh", default=None, help="device mesh DATAxMODEL, e.g. 1x8")
+    p.add_argument("--quantize", choices=QUANTIZE, default=None, help="keep weights in fp8")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}, else none)",
+    )
+    p.add_argument(
+        "--served-model-name",
+        default=None,
+        help=f"the model name clients use (default: the checkpoint folder's name, "
+        f"{BUILTIN_NAME} for the built-in model)",
+    )
+    return p
+
+
+def _context(max_context: int | None, checkpoint: Path) -> int:
+    """The cache length per slot the flags ask for (0 when the config cannot be read here:
+    Grok-1 pickles carry none, and the loader then plans without the cache)."""
+    if max_context is not None:
+        return max_context
+    try:
+        config = grok.load_config(checkpoint)
+    except GrokError:
+        return 0
+    return min(config.max_position_embeddings, DEFAULT_MAX_CONTEXT)
+
+
+def build_engine(args: argparse.Namespace) -> tuple[Engine, str, Metrics]:
+    """Loads the model and tokenizer as the flags say; returns (engine, served name, metrics)."""
+    mesh = make_mesh(*parse_mesh(args.mesh)) if args.mesh else None
+    if args.checkpoint == BUILTIN:
+        checkpoint, name = builtin_dir(), BUILTIN_NAME
+    else:
+        checkpoint = Path(args.checkpoint)
+        if not checkpoint.is_dir():
+            raise UsageError(f"--checkpoint {checkpoint}: not a directory")
+        name = checkpoint.resolve().name
+    tokenizer = load_tokenizer(Path(args.tokenizer) if args.tokenizer else checkpoint)
+    model = grok.load_pretrained(
+        checkpoint,
+        dtype=jnp.dtype(args.dtype),
+        mesh=mesh,
+        quantize=args.quantize,
+        kv_batch=args.max_batch,  # the memory plan leaves room for the slots' KV cache
+        kv_context=_context(args.max_context, checkpoint),
+    )
+    context = model.config.max_position_embeddings
+    if args.max_context is not None and args.max_context > context:
+        raise UsageError(
+            f"--max-context {args.max_context} is longer than the model's context "
+            f"(max_position_embeddings = {context})"
+        )
+    metrics = Metrics(args.max_batch)
+    engine = Engine(
+        model,
+        tokenizer,
+        max_batch=args.max_batch,
+        max_context=args.max_context,
+        max_queue=args.max_queue,
+        metrics=metrics,
+    )
+    return engine, args.served_model_name or name, metrics
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``grok-serve``: loads, then serves until interrupted."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        engine, name, metrics = build_engine(args)
+    except UsageError as e:
+        _report(e)
+        return EXIT_BAD_ARGS
+    except (GrokError, OSError) as e:
+        _report(e)
+        return EXIT_ERROR
+    app = create_app(engine, served_name=name, api_key=args.api_key, metrics=metrics)
+    print(
+        f"{PROG}: serving {name} (max batch {engine.max_batch}, context {engine.max_context}) "
+        f"on http://{args.host}:{args.port}",
+        file=sys.stderr,
+        flush=True,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

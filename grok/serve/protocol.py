@@ -1,0 +1,420 @@
+"""OpenAI's request and response shapes: validation to OpenAI-style errors, response bodies.
+
+Validation is written out field by field rather than with a schema library: each field's
+rules (a bool is not an int, ``prompt`` is a string, strings, ids or lists of ids, ``stop``
+a string or strings) map to one OpenAI-style error naming the field, which generic schema
+errors would need translating into anyway.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import secrets
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from grok.errors import GrokError, TokenizerError
+from grok.generate import MAX_SEED
+from grok.serve.engine import SamplingParams, TokenInfo
+from grok.serve.sampler import TOP_LOGPROBS
+from grok.tokenizer import Tokenizer, chat_stop_ids, encode_chat
+
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+MAX_N = 16  # choices per prompt
+MAX_STOP = 16  # stop strings per request
+
+INVALID_REQUEST = "invalid_request_error"
+
+
+class RequestError(GrokError):
+    """A request the server refuses, answered as ``{"error": {...}}`` with ``status``."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 400,
+        type: str = INVALID_REQUEST,  # noqa: A002  (OpenAI's field name)
+        param: str | None = None,
+        code: str | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.type, self.param, self.code = status, type, param, code
+
+    def body(self) -> dict[str, Any]:
+        """The OpenAI error body."""
+        return error_body(str(self), self.type, self.param, self.code)
+
+
+def error_body(
+    message: str,
+    type: str,
+    param: str | None = None,
+    code: str | None = None,  # noqa: A002
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationRequest:
+    """A validated /v1/completions or /v1/chat/completions request.
+
+    Attributes:
+      chat: whether it came from /v1/chat/completions.
+      prompts: token ids of each prompt (one for chat).
+      n: choices per prompt.
+      params: the sampling parameters of every sequence.
+      stream, include_usage: server-sent events; a final usage chunk.
+      echo: completions: the prompt is part of the returned text.
+      logprobs: alternatives per token (0..5) when logprobs were asked for, else None.
+    """
+
+    chat: bool
+    prompts: list[list[int]]
+    n: int
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+    echo: bool
+    logprobs: int | None
+
+
+def _field_error(name: str, expected: str, value: Any) -> RequestError:
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    return RequestError(
+        f"'{name}' must be {expected}, got {shown}", param=name, code="invalid_type"
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(body: Mapping, name: str, default: float, lo: float, hi: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    ok = (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+    if not ok or not lo <= value <= hi:
+        raise _field_error(name, f"a number in [{lo}, {hi}]", value)
+    return float(value)
+
+
+def _integer(body: Mapping, name: str, default: Any, lo: int, hi: int | None = None) -> Any:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not _is_int(value) or value < lo or (hi is not None and value > hi):
+        expected = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+        raise _field_error(name, expected, value)
+    return value
+
+
+def _boolean(body: Mapping, name: str, default: bool = False) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise _field_error(name, "a boolean", value)
+    return value
+
+
+def check_model(body: Mapping, served_name: str) -> None:
+    """404 unless ``model`` names the served model."""
+    model = body.get("model")
+    if not isinstance(model, str):
+        raise _field_error("model", "a string (the served model's name)", model)
+    if model != served_name:
+        raise RequestError(
+            f"The model '{model}' does not exist; this server serves '{served_name}'",
+            status=404,
+            param="model",
+            code="model_not_found",
+        )
+
+
+def _unsupported(body: Mapping) -> None:
+    """400 for OpenAI features this server does not implement, rather than ignoring them."""
+    if body.get("best_of") not in (None, 1):
+        raise RequestError("'best_of' is not supported", param="best_of")
+    if body.get("suffix") is not None:
+        raise RequestError("'suffix' is not supported", param="suffix")
+    if body.get("logit_bias"):
+        raise RequestError("'logit_bias' is not supported", param="logit_bias")
+    for name in ("tools", "functions"):
+        if body.get(name):
+            raise RequestError(f"'{name}' is not supported: this model has no tool format")
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, Mapping) and fmt.get("type") == "text"):
+        raise RequestError("only response_format {'type': 'text'} is supported")
+
+
+def _prompt_ids(body: Mapping, tokenizer: Tokenizer, vocab: int) -> list[list[int]]:
+    """``prompt``: a string, a list of strings, a list of ids, or a list of lists of ids."""
+    prompt = body.get("prompt")
+    expected = "a string, a list of strings, a list of token ids or a list of lists of ids"
+    if isinstance(prompt, str):
+        items: list[Any] = [prompt]
+    elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+        items = [prompt]
+    elif isinstance(prompt, list) and prompt:
+        items = prompt
+    else:
+        raise _field_error("prompt", expected, prompt)
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            ids = tokenizer.encode(item, allow_special=False)
+        elif isinstance(item, list) and all(_is_int(t) for t in item):
+            bad = [t for t in item if not 0 <= t < vocab]
+            if bad:
+                raise RequestError(
+                    f"'prompt' holds token id {bad[0]}, outside the vocabulary [0, {vocab})",
+                    param="prompt",
+                )
+            ids = list(item)
+        else:
+            raise _field_error("prompt", expected, prompt)
+        if not ids:
+            raise RequestError("'prompt' is empty: give at least one token", param="prompt")
+        out.append(ids)
+    return out
+
+
+def _chat_messages(body: Mapping) -> list[dict[str, str]]:
+    """``messages`` as role/content dicts of text (content parts of type text are joined)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _field_error("messages", "a non-empty list of messages", messages)
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
+            raise _field_error(f"messages[{i}]", "an object with a string 'role'", message)
+        role, content = message["role"], message.get("content")
+        role = "system" if role == "developer" else role
+        if role not in ("system", "user", "assistant"):
+            raise RequestError(
+                f"messages[{i}].role {role!r} is not supported (system, user, assistant)",
+                param=f"messages[{i}].role",
+            )
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if not (isinstance(part, Mapping) and part.get("type") == "text"):
+                    raise RequestError(
+                        f"messages[{i}].content: only text parts are supported",
+                        param=f"messages[{i}].content",
+                    )
+                parts.append(part.get("text"))
+            if not all(isinstance(p, str) for p in parts):
+                raise _field_error(f"messages[{i}].content", "text parts with string text", parts)
+            content = "".join(parts)
+        if content is None and role == "assistant":
+            content = ""
+        if not isinstance(content, str):
+            raise _field_error(f"messages[{i}].content", "a string", content)
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _stop(body: Mapping) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    expected = f"a non-empty string or a list of up to {MAX_STOP} of them"
+    if not isinstance(stops, list) or len(stops) > MAX_STOP:
+        raise _field_error("stop", expected, stop)
+    if not all(isinstance(s, str) and s for s in stops):
+        raise _field_error("stop", expected, stop)
+    return tuple(stops)
+
+
+def parse_generation(
+    body: Any,
+    tokenizer: Tokenizer,
+    *,
+    chat: bool,
+    served_name: str,
+    max_context: int,
+    vocab: int,
+) -> GenerationRequest:
+    """Validates a completions (``chat=False``) or chat completions body; RequestError."""
+    if not isinstance(body, Mapping):
+        raise RequestError(f"the request body must be a JSON object, got {type(body).__name__}")
+    check_model(body, served_name)
+    _unsupported(body)
+    if chat:
+        messages = _chat_messages(body)
+        try:
+            prompts = [encode_chat(tokenizer, messages)]
+        except GrokError as e:  # TokenizerError, GenerationError
+            raise RequestError(f"'messages': {e}", param="messages") from None
+        stop_ids = frozenset(chat_stop_ids(tokenizer))
+        what = "messages"
+    else:
+        try:
+            prompts = _prompt_ids(body, tokenizer, vocab)
+        except TokenizerError as e:
+            raise RequestError(f"'prompt': {e}", param="prompt") from None
+        stop_ids = frozenset([tokenizer.eos_id])
+        what = "prompt"
+
+    longest = max(len(p) for p in prompts)
+    if chat and longest >= max_context:
+        raise RequestError(
+            f"This model's maximum context length is {max_context} tokens. However, your "
+            f"messages resulted in {longest} tokens, leaving none for the completion.",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    name = "max_tokens"
+    if chat and body.get("max_completion_tokens") is not None:
+        name = "max_completion_tokens"
+    default = max_context - longest if chat else DEFAULT_COMPLETION_TOKENS
+    max_tokens = _integer(body, name, default, 0 if not chat else 1)
+    if longest + max_tokens > max_context:
+        raise RequestError(
+            f"This model's maximum context length is {max_context} tokens. However, you "
+            f"requested {longest + max_tokens} tokens ({longest} in the {what}, {max_tokens} "
+            f"for the completion). Please reduce the length of the {what} or the completion.",
+            param=what if longest >= max_context else name,
+            code="context_length_exceeded",
+        )
+
+    n = _integer(body, "n", 1, 1, MAX_N)
+    stream = _boolean(body, "stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, Mapping):
+        raise _field_error("stream_options", "an object", options)
+    include_usage = _boolean(options or {}, "include_usage")
+    echo = False if chat else _boolean(body, "echo")
+    if chat:
+        wants = _boolean(body, "logprobs")
+        top = _integer(body, "top_logprobs", 0, 0, TOP_LOGPROBS)
+        if top and not wants:
+            raise RequestError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        logprobs = top if wants else None
+    else:
+        logprobs = _integer(body, "logprobs", None, 0, TOP_LOGPROBS)
+    top_k = _integer(body, "top_k", 0, -1)
+    seed = _integer(body, "seed", None, 0, MAX_SEED)
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
+        top_k=max(top_k, 0),
+        min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
+        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        seed=secrets.randbits(32) if seed is None else seed,
+        stop=_stop(body),
+        stop_ids=stop_ids,
+        logprobs=logprobs,
+        prompt_logprobs=echo and logprobs is not None,
+    )
+    return GenerationRequest(
+        chat=chat,
+        prompts=prompts,
+        n=n,
+        params=params,
+        stream=stream,
+        include_usage=include_usage,
+        echo=echo,
+        logprobs=logprobs,
+    )
+
+
+# -- responses -------------------------------------------------------------------------------
+
+
+def new_id(chat: bool) -> str:
+    return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _token_text(tokenizer: Tokenizer, token: int) -> str:
+    return tokenizer.id_to_piece(token)
+
+
+def _token_bytes(tokenizer: Tokenizer, token: int) -> list[int]:
+    decode_bytes = getattr(tokenizer, "decode_bytes", None)
+    if decode_bytes is not None:
+        return list(decode_bytes([token]))
+    return list(tokenizer.id_to_piece(token).encode("utf-8"))
+
+
+def completion_logprobs(
+    tokenizer: Tokenizer, infos: Sequence[TokenInfo], offset: int = 0
+) -> dict[str, list[Any]]:
+    """The /v1/completions ``logprobs`` object of ``infos`` (offsets shifted by ``offset``)."""
+    return {
+        "tokens": [_token_text(tokenizer, i.token) for i in infos],
+        "token_logprobs": [i.logprob for i in infos],
+        "top_logprobs": [
+            {_token_text(tokenizer, t): lp for t, lp in i.top} if i.logprob is not None else None
+            for i in infos
+        ],
+        "text_offset": [i.offset + offset for i in infos],
+    }
+
+
+def prompt_token_infos(tokenizer: Tokenizer, infos: Sequence[TokenInfo]) -> list[TokenInfo]:
+    """``infos`` of a prompt with each token's character offset in the prompt's text."""
+    out, offset = [], 0
+    for info in infos:
+        out.append(dataclasses.replace(info, offset=offset))
+        offset += len(tokenizer.decode([info.token]))
+    return out
+
+
+def chat_logprobs(tokenizer: Tokenizer, infos: Sequence[TokenInfo]) -> dict[str, Any]:
+    """The /v1/chat/completions ``logprobs`` object of ``infos``."""
+
+    def entry(token: int, logprob: float) -> dict[str, Any]:
+        return {
+            "token": _token_text(tokenizer, token),
+            "logprob": logprob,
+            "bytes": _token_bytes(tokenizer, token),
+        }
+
+    return {
+        "content": [
+            {**entry(i.token, i.logprob), "top_logprobs": [entry(t, lp) for t, lp in i.top]}
+            for i in infos
+        ],
+        "refusal": None,
+    }
+
+
+def envelope(request_id: str, chat: bool, model: str, chunk: bool) -> dict[str, Any]:
+    """The fields every response or chunk starts with."""
+    kind = "text_completion"
+    if chat:
+        kind = "chat.completion.chunk" if chunk else "chat.completion"
+    return {"id": request_id, "object": kind, "created": int(time.time()), "model": model}
+
+
+__all__ = [
+    "GenerationRequest",
+    "RequestError",
+    "chat_logprobs",
+    "check_model",
+    "completion_logprobs",
+    "envelope",
+    "error_body",
+    "new_id",
+    "parse_generation",
+    "prompt_token_infos",
+    "usage",
+]
