@@ -67,6 +67,7 @@ def test_small_run_reports_every_figure(report):
         (decode,) = run["decode"]
         assert prefill["tokens"] == 64 and decode["batch"] == 8
         for figure in (prefill, decode):
+            assert "error" not in figure and "skipped" not in figure, figure
             for key in ("seconds", "flops", "bytes", "of_matmul_rate", "of_copy_bandwidth"):
                 assert _positive(figure[key]), (key, figure)
         assert 7 < decode["expected_experts_per_layer"] < 8

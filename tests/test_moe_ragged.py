@@ -86,6 +86,7 @@ def test_ragged_with_fp8_weights_and_layer_views():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (the CPU mesh of conftest)")
 def test_ragged_with_expert_width_split_over_model():
     """Fe split 4 ways over ``model`` (as the loader places the experts): each device keeps
     its own Fe slice, the weights are never gathered, and the output is unchanged."""
@@ -115,7 +116,8 @@ def test_prefill_impl_by_backend_and_override(monkeypatch):
     assert prefill_impl("gpu") == prefill_impl("tpu") == "ragged"
     assert prefill_impl("cpu") == "blocks"
     assert prefill_impl("some-new-backend") == "blocks"
-    assert prefill_impl() == "blocks"  # this suite runs on the CPU backend
+    if jax.default_backend() == "cpu":
+        assert prefill_impl() == "blocks"
     monkeypatch.setenv(PREFILL_ENV, "ragged")
     assert prefill_impl("cpu") == "ragged"
     monkeypatch.setenv(PREFILL_ENV, "grouped")
