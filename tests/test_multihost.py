@@ -165,9 +165,30 @@ def checkpoint(tmp_path_factory) -> Path:
     return path
 
 
+def one_device(checkpoint: Path) -> dict:
+    """One process, one device: the bytes its load reads, logits, a generation, the CLI."""
+    original = SafetensorsFile.get_slice
+    try:
+        read = count_reads()
+        model = grok.load_pretrained(checkpoint, dtype=jnp.float32, quiet=True)
+        read_bytes = read[0]
+    finally:
+        SafetensorsFile.get_slice = original
+    return {
+        "read_bytes": read_bytes,
+        "logits": np.asarray(model.logits(LOGIT_TOKENS)),
+        "result": model.generate(prompts(checkpoint), max_new_tokens=MAX_NEW),
+        "cli": cli_main([*CLI_ARGS, "--checkpoint", str(checkpoint)]),
+    }
+
+
 @pytest.fixture(scope="module")
-def reports(checkpoint, tmp_path_factory):
-    """Runs the two workers; returns [(report, logits)] per process."""
+def runs(checkpoint, tmp_path_factory):
+    """Starts the two workers, computes the one-device run meanwhile (the workers spend much
+    of their time waiting on each other), then collects the workers' reports.
+
+    Returns (one-device results, [(report, logits)] per process).
+    """
     out_dir = tmp_path_factory.mktemp("multihost_out")
     env = {
         **os.environ,
@@ -188,6 +209,7 @@ def reports(checkpoint, tmp_path_factory):
     ]
     logs = []
     try:
+        single = one_device(checkpoint)
         for p in procs:
             logs.append(p.communicate(timeout=WORKER_TIMEOUT_S)[0])
     finally:
@@ -197,33 +219,18 @@ def reports(checkpoint, tmp_path_factory):
                 p.wait()
     for i, p in enumerate(procs):
         assert p.returncode == 0, f"worker {i} failed:\n{logs[i][-4000:]}"
-    return [
+    reports = [
         (
             json.loads((out_dir / f"report{i}.json").read_text()),
             np.load(out_dir / f"logits{i}.npy"),
         )
         for i in range(PROCESSES)
     ]
+    return single, reports
 
 
-@pytest.fixture(scope="module")
-def single(checkpoint):
-    """One process, one device: the model, the bytes it read, logits and a generation."""
-    original = SafetensorsFile.get_slice
-    try:
-        read = count_reads()
-        model = grok.load_pretrained(checkpoint, dtype=jnp.float32, quiet=True)
-        read_bytes = read[0]
-    finally:
-        SafetensorsFile.get_slice = original
-    return {
-        "read_bytes": read_bytes,
-        "logits": np.asarray(model.logits(LOGIT_TOKENS)),
-        "result": model.generate(prompts(checkpoint), max_new_tokens=MAX_NEW),
-    }
-
-
-def test_logits_and_generation_equal_one_device(reports, single):
+def test_logits_and_generation_equal_one_device(runs):
+    single, reports = runs
     for report, logits in reports:
         np.testing.assert_allclose(logits, single["logits"], rtol=1e-5, atol=1e-5)
         assert report["tokens"] == single["result"].tokens
@@ -232,7 +239,8 @@ def test_logits_and_generation_equal_one_device(reports, single):
     assert all(len(t) == MAX_NEW for t in single["result"].tokens)  # no early stop
 
 
-def test_each_process_reads_only_its_own_slices(reports, single, checkpoint):
+def test_each_process_reads_only_its_own_slices(runs, checkpoint):
+    single, reports = runs
     whole = single["read_bytes"]  # one device reads every tensor once
     stored = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
     assert 0.9 * stored < whole < stored  # the counter sees the weights (files add headers)
@@ -242,8 +250,9 @@ def test_each_process_reads_only_its_own_slices(reports, single, checkpoint):
         assert report["read_bytes"] < 0.75 * whole
 
 
-def test_cli_prints_once_and_matches_one_process(reports, checkpoint):
-    status, expected = cli_main([*CLI_ARGS, "--checkpoint", str(checkpoint)])
+def test_cli_prints_once_and_matches_one_process(runs):
+    single, reports = runs
+    status, expected = single["cli"]
     assert status == 0 and expected.strip()
     (first, _), (second, _) = reports
     assert first["cli_status"] == second["cli_status"] == 0
