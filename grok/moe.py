@@ -34,9 +34,10 @@ from grok.layers import QuantWeight, activation, dequant, get_weight, soft_cap
 
 SQRT2 = math.sqrt(2.0)  # the residual MoE divides (dense + MoE) by this
 # The expert path for many assignments (prefill), by backend. XLA's GPU and TPU backends run
-# ragged_dot as a grouped matmul. On CPU (jaxlib 0.10.2, D 512, Fe 1024, E 8, k 2, float32)
-# it measured 3.5x (128 tokens) to 13x (1024 tokens) slower than the block path, slower even
-# than computing every expert, so the block path stays there, and for backends not listed.
+# ragged_dot as a grouped matmul. On CPU (jaxlib 0.10.2, D 512, Fe 1024, E 8, k 2, float32
+# and bfloat16) it measured 4x (128 tokens) to 13x (1024 tokens) slower than the block path,
+# slower even than computing every expert, so the block path stays there, and for backends
+# not listed.
 PREFILL_IMPL = {
     "cpu": "blocks",
     "gpu": "ragged",

@@ -22,6 +22,8 @@ Steps, each recorded in the JSON:
    against a cache of 2048 filled slots. Each is timed (median of repeats after a compiling
    run) and reported as model FLOPs / t over the matmul rate and bytes moved / t over the
    copy bandwidth.
+4. One layer's experts at full width on the prefill lengths by both expert paths
+   (``moe_ragged``, ``moe_blocks``): which one ``grok.moe.PREFILL_IMPL`` should pick here.
 
 FLOPs count the matmuls of the active parameters (attention projections, dense MLP, the k
 chosen experts, the router, the head at the positions computed) and causal attention. Bytes
@@ -54,8 +56,10 @@ import jax.numpy as jnp
 
 from grok.config import GROK2, GrokConfig
 from grok.kv_cache import KVCache
+from grok.layers import activation
 from grok.memory_plan import device_bytes_limit
 from grok.model import forward_fns
+from grok.moe import moe_blocks, moe_ragged
 from grok.rope import rope_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -419,6 +423,41 @@ def _case(fn: Callable[[int], dict[str, Any]], size: int, deadline: float) -> di
         return {"error": f"{type(e).__name__}: {str(e)[:500]}"}
 
 
+def measure_moe_paths(
+    shapes: Shapes, rates: dict[str, float], repeats: int, deadline: float
+) -> list[dict[str, Any]]:
+    """One layer's experts (bf16, uniform random top-k routing) on the prefill lengths by the
+    grouped-matmul path and the block path: the data behind ``grok.moe.PREFILL_IMPL``."""
+    c = shapes.config
+    e, d, fe, k = c.num_local_experts, c.hidden_size, c.moe_intermediate_size, c.num_experts_per_tok
+    key = jax.random.key(7, impl="rbg")
+    w1, w3, w2 = (
+        _chunk(jax.random.fold_in(key, i), "experts", "w", shape, jnp.bfloat16)
+        for i, shape in enumerate([(e, d, fe), (e, d, fe), (e, fe, d)])
+    )
+    act = activation(c.hidden_act)
+    paths = {"ragged": moe_ragged, "blocks": moe_blocks}
+
+    def case(path: str, t: int) -> dict[str, Any]:
+        x = jax.random.normal(jax.random.fold_in(key, t), (t, d), jnp.bfloat16)  # [T, D]
+        logits = jax.random.normal(jax.random.fold_in(key, t + 1), (t, e))  # [T, E]
+        weights, experts = jax.lax.top_k(jax.nn.softmax(logits), k)  # [T, k]
+        run = jax.jit(lambda x, ws, ex: paths[path](x, ws, ex, w1, w3, w2, act))
+        first, secs = timed(lambda: run(x, weights, experts), repeats)
+        flops = 2.0 * t * k * 3 * d * fe
+        return {
+            "first_call_s": first,
+            "seconds": secs,
+            "of_matmul_rate": flops / secs / rates["flops_per_s"],
+        }
+
+    return [
+        {"path": path, "tokens": t, **_case(functools.partial(case, path), t, deadline)}
+        for t in shapes.prefill_lengths
+        for path in paths
+    ]
+
+
 def layers_for_memory(shapes: Shapes, limit: int | None, quant: str | None) -> int:
     """How many layers fit in ``limit`` bytes beside ``HEADROOM_BYTES``: the bf16 weights
     (the larger format, so one N serves both) and the largest decode cache; 2 without a limit."""
@@ -502,6 +541,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "experts": [c.num_local_experts, c.moe_intermediate_size, c.num_experts_per_tok],
         "vocab_size": c.vocab_size,
     }
+    report["moe_prefill_paths"] = measure_moe_paths(shapes, rates, args.repeats, deadline)
     report["runs"] = [
         measure_model(shapes, quant, rates, args.repeats, deadline) for quant in formats
     ]
