@@ -59,6 +59,9 @@ def test_small_run_reports_every_figure(report):
     assert _positive(report["copy_bandwidth_bytes_per_s"])
     assert _positive(report["bf16_matmul_flops_per_s"])
     assert report["model"]["layers"] == 2  # no memory limit on the CPU backend
+    paths = report["moe_prefill_paths"]
+    assert [(p["path"], p["tokens"]) for p in paths] == [("ragged", 64), ("blocks", 64)]
+    assert all(_positive(p["seconds"]) and _positive(p["of_matmul_rate"]) for p in paths)
     assert [run["quantize"] for run in report["runs"]] == [None, "fp8"]
     bf16, fp8 = report["runs"]
     assert fp8["param_bytes"] < 0.75 * bf16["param_bytes"]  # float8 matrices
