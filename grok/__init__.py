@@ -5,7 +5,7 @@ Start with ``grok.load_pretrained(path)`` for a checkpoint in the released layou
 """
 
 from grok.api import Model, load_pretrained
-from grok.config import GROK1, GROK2, TINY_GROK1, TINY_GROK2, GrokConfig, get_preset, load_config
+from grok.config import GrokConfig, load_config
 from grok.errors import (
     CheckpointError,
     ConfigError,
@@ -18,6 +18,7 @@ from grok.errors import (
 )
 from grok.generate import GenerationResult
 from grok.kv_cache import KVCache
+from grok.presets import GROK1, GROK2, TINY_GROK1, TINY_GROK2, get_preset
 from grok.sampling import Sampler
 from grok.tokenizer import format_chat, load_tokenizer
 

@@ -14,12 +14,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from grok.config import GrokConfig, load_config
 from grok.distributed import to_global
-from grok.errors import ConfigError, GenerationError, TokenizerError
+from grok.errors import ConfigError
 from grok.generate import GenerationResult, TokenCallback, generate
 from grok.kv_cache import KVCache
 from grok.model import forward_fns
 from grok.rope import RopeTable, rope_table
 from grok.sampling import Sampler
+from grok.tokens import check_token_ids
 
 
 class Model:
@@ -75,21 +76,12 @@ class Model:
             return table
         return jax.tree.map(lambda x: self._put(np.asarray(x)), table)
 
-    def check_tokens(self, tokens: np.ndarray) -> None:
-        """Raises TokenizerError for ids outside [0, V) and GenerationError past the context."""
-        tokens = np.asarray(tokens)
-        if tokens.ndim != 2:
-            raise GenerationError(f"tokens must be [B, T], got shape {list(tokens.shape)}")
-        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
-            bad = tokens[(tokens < 0) | (tokens >= self.config.vocab_size)][0]
-            raise TokenizerError(
-                f"token id {int(bad)} is outside the vocabulary [0, {self.config.vocab_size})"
-            )
-        if tokens.shape[1] > self.config.max_position_embeddings:
-            raise GenerationError(
-                f"sequence of {tokens.shape[1]} tokens is longer than the context "
-                f"(max_position_embeddings = {self.config.max_position_embeddings})"
-            )
+    def check_tokens(self, tokens: Any) -> np.ndarray:
+        """``tokens`` [B, T] as int64 ids (see ``grok.tokens.check_token_ids``): TokenizerError
+        for ids outside [0, V), GenerationError for non-integers or more tokens than P."""
+        return check_token_ids(
+            tokens, vocab_size=self.config.vocab_size, context=self.config.max_position_embeddings
+        )
 
     def logits(self, tokens: Any) -> jax.Array:
         """Full-sequence logits: int32 tokens [B, T] at positions 0..T-1 -> float32 [B, T, V].
@@ -98,8 +90,7 @@ class Model:
         with the same tokens and ``grok.distributed.to_host(logits)`` (called on every
         process) brings the whole array to each host.
         """
-        tokens_np = np.asarray(tokens)
-        self.check_tokens(tokens_np)
+        tokens_np = self.check_tokens(tokens)
         b, t = tokens_np.shape
         tokens_j = self._put(tokens_np.astype(np.int32))
         positions = self._put(np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)))
@@ -197,7 +188,7 @@ def load_pretrained(
         return load_grok1(path, config=config, dtype=dtype, quantize=quantize, mesh=mesh)
     from grok.checkpoint import ReleasedCheckpoint, is_quantized, shard_read_bytes
     from grok.memory_plan import check_fits, device_bytes_limit, mesh_axis_sizes, plan_memory
-    from grok.progress import ProgressBar
+    from grok.progress import progress_bar
     from grok.sharding import ShardingRules, check_divisible, sharding_fn
 
     if quantize not in (None, "fp8"):
@@ -214,7 +205,7 @@ def load_pretrained(
         dtype=dtype,
         quantize=quantize,
         batch=kv_batch,
-        context=kv_context,
+        context=min(kv_context, config.max_position_embeddings),  # S <= P
         rules=rules,
     )
     devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
@@ -232,6 +223,6 @@ def load_pretrained(
             )
             for spec in ckpt.specs
         )
-        with ProgressBar(total, label=f"loading {os.fspath(path)}", quiet=quiet) as bar:
+        with progress_bar(total, desc=f"loading {os.fspath(path)}", quiet=quiet) as bar:
             params = ckpt.load_params(jnp.dtype(dtype), sharding_for, bar.update, quantize)
     return Model(config, params, dtype=dtype, mesh=mesh, quant=quantize)

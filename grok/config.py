@@ -4,7 +4,8 @@ The field names are those of the released Grok-2 ``config.json`` (see
 ``../shared/spec/grok2.md`` section 1), plus the few knobs that only Grok-1 needs
 (``attn_output_multiplier``, ``tie_word_embeddings``, ``hidden_act``). Caps and the
 attention temperature length are ``None`` when off; in a JSON file a value that is
-absent, 0 or negative also means off, as the reference engine reads it.
+absent, 0 or negative also means off, as the reference engine reads it. The named configs
+(``GROK2``, ``GROK1``, tiny test shapes) are in ``grok.presets``.
 
 Shape letters: V vocab, D model width, N query heads, K kv heads, G = N/K, H head dim,
 F dense MLP width, Fe expert width, E experts, k experts per token, L layers.
@@ -13,13 +14,16 @@ F dense MLP width, Fe expert width, E experts, k experts per token, L layers.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
+import math
 import os
 import types
 import typing
 from typing import Any
 
 from grok.errors import ConfigError
+from grok.jsonfile import read_json_file
 
 ROPE_TYPES = ("original", "yarn")
 HIDDEN_ACTS = ("gelu", "gelu_tanh")
@@ -31,6 +35,31 @@ _HIDDEN_ACT_ALIASES = {
     "gelu_tanh": "gelu_tanh",
     "gelu_pytorch_tanh": "gelu_tanh",
 }
+
+# Upper bounds on the shape fields, far above Grok-1 and Grok-2 (their values in brackets), so
+# that a config cannot make the library build millions of weight names or a rotary table of
+# gigabytes before any file is read. Raise them here if a real model ever needs more.
+MAX_FIELD_VALUES = {
+    "vocab_size": 2**22,  # 4,194,304 [131,072]
+    "hidden_size": 2**17,  # 131,072 [8,192; 6,144]
+    "num_hidden_layers": 2**10,  # 1,024 [64]
+    "num_attention_heads": 2**10,  # [64; 48]
+    "num_key_value_heads": 2**10,  # [8]
+    "head_dim": 2**10,  # [128]
+    "intermediate_size": 2**20,  # 1,048,576 [32,768]
+    "moe_intermediate_size": 2**20,  # [16,384; 32,768]
+    "num_local_experts": 2**10,  # [8]
+    "num_experts_per_tok": 2**10,  # [2]
+    "max_position_embeddings": 2**21,  # 2,097,152 [131,072; 8,192]
+    "original_max_position_embeddings": 2**21,  # [8,192]
+    "attn_temperature_len": 2**21,  # [1,024]
+}
+# Weight names and expert slices are built per (layer, expert): L * E [512].
+MAX_LAYER_EXPERTS = 2**16
+# The rotary table holds P * H/2 angles (computed in float64 on the host) [2**23].
+MAX_ROPE_ENTRIES = 2**26
+# config.json is a few hundred bytes; refuse to read anything near this before parsing.
+MAX_CONFIG_BYTES = 2**24
 
 # Fields whose JSON value <= 0 (or absence) means "off"; stored as None.
 _OPTIONAL_POSITIVE = (
@@ -86,6 +115,7 @@ class GrokConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
+        _check_bounds(self)
         positive = [
             "vocab_size",
             "hidden_size",
@@ -100,7 +130,9 @@ class GrokConfig:
         ]
         for name in positive:
             if getattr(self, name) <= 0:
-                raise ConfigError(f"config field {name!r} must be > 0, got {getattr(self, name)}")
+                raise ConfigError(
+                    f"config field {name!r} must be > 0, got {_shown(getattr(self, name))}"
+                )
         if self.residual_moe and self.intermediate_size <= 0:
             raise ConfigError(
                 "config field 'intermediate_size' must be > 0 when 'residual_moe' is true, "
@@ -139,6 +171,18 @@ class GrokConfig:
             raise ConfigError(
                 "config field 'original_max_position_embeddings' is required for rope_type 'yarn'"
             )
+        if self.rope_type == "yarn":  # YaRN divides by these (and by log rope_theta)
+            for name in ("scaling_factor", "beta_fast", "beta_slow", "attn_factor"):
+                if getattr(self, name) <= 0:
+                    raise ConfigError(
+                        f"config field {name!r} must be > 0 for rope_type 'yarn', "
+                        f"got {getattr(self, name)}"
+                    )
+            if self.rope_theta <= 1:
+                raise ConfigError(
+                    f"config field 'rope_theta' must be > 1 for rope_type 'yarn', "
+                    f"got {self.rope_theta}"
+                )
 
     # Derived values.
     @property
@@ -182,6 +226,10 @@ class GrokConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
         window = data.get("sliding_window_size", -1)
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int)):
+            raise ConfigError(
+                f"{source}: field 'sliding_window_size' must be an int, got {window!r:.80}"
+            )
         if window is not None and window > 0 or data.get("global_attn_every_n", 1) not in (1, None):
             raise ConfigError(
                 f"{source}: sliding-window attention (sliding_window_size={window}, "
@@ -211,7 +259,13 @@ class GrokConfig:
                         )
                     value = int(value)
                 else:
-                    value = float(value)
+                    try:
+                        value = float(value)
+                    except OverflowError:  # an int too large for a float
+                        raise ConfigError(
+                            f"{source}: field {field.name!r} must be a finite number, "
+                            f"got {_shown(value)}"
+                        ) from None
             elif field.name == "hidden_act":
                 if value not in _HIDDEN_ACT_ALIASES:
                     raise ConfigError(
@@ -246,14 +300,11 @@ class GrokConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike[str]) -> GrokConfig:
+        """Reads ``config.json``; every failure (unreadable, not JSON, ...) is a ConfigError."""
         path = os.fspath(path)
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}: not valid JSON ({err})") from None
+        data = read_json_file(
+            path, error=ConfigError, what="config file", max_bytes=MAX_CONFIG_BYTES
+        )
         return cls.from_dict(data, source=path)
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -291,6 +342,54 @@ def _check_types(config: GrokConfig) -> None:
             )
 
 
+def _check_bounds(config: GrokConfig) -> None:
+    """Every number finite; shape fields within MAX_FIELD_VALUES and the product bounds."""
+    hints = typing.get_type_hints(GrokConfig)
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if value is not None and _allows_float(hints[field.name]):
+            try:
+                finite = math.isfinite(value)
+            except OverflowError:  # an int too large for a float
+                finite = False
+            if not finite:
+                raise ConfigError(
+                    f"config field {field.name!r} must be a finite number, got {_shown(value)}"
+                )
+    for name, limit in MAX_FIELD_VALUES.items():
+        value = getattr(config, name)
+        if value is not None and value > limit:
+            raise ConfigError(
+                f"config field {name!r} must be <= {limit} (this library's bound, far above "
+                f"Grok-1 and Grok-2), got {_shown(value)}"
+            )
+    experts = config.num_hidden_layers * config.num_local_experts
+    if experts > MAX_LAYER_EXPERTS:
+        raise ConfigError(
+            f"config fields 'num_hidden_layers' x 'num_local_experts' = {experts} must be <= "
+            f"{MAX_LAYER_EXPERTS} (this library's bound; Grok-2 has 512)"
+        )
+    rope = config.max_position_embeddings * (config.head_dim // 2)
+    if rope > MAX_ROPE_ENTRIES:
+        raise ConfigError(
+            f"config fields 'max_position_embeddings' x 'head_dim' / 2 = {rope} rotary angles "
+            f"must be <= {MAX_ROPE_ENTRIES} (this library's bound; Grok-2 has 2**23)"
+        )
+
+
+def _shown(value: Any) -> str:
+    """``value`` for a message; an integer too long to print usefully is described instead."""
+    if isinstance(value, int) and abs(value) >= 10**30:
+        return f"an integer of {value.bit_length()} bits"
+    return repr(value)
+
+
+def _allows_float(hint: Any) -> bool:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return any(_allows_float(arg) for arg in typing.get_args(hint))
+    return hint is float
+
+
 def _is_instance(value: Any, hint: Any) -> bool:
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         return any(_is_instance(value, arg) for arg in typing.get_args(hint))
@@ -311,136 +410,16 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
-# Presets.
-
-GROK2 = GrokConfig(
-    vocab_size=131072,
-    hidden_size=8192,
-    num_hidden_layers=64,
-    num_attention_heads=64,
-    num_key_value_heads=8,
-    head_dim=128,
-    intermediate_size=32768,
-    moe_intermediate_size=16384,
-    num_local_experts=8,
-    num_experts_per_tok=2,
-    residual_moe=True,
-    rms_norm_eps=1e-5,
-    embedding_multiplier_scale=90.50966799187809,  # sqrt(8192)
-    output_multiplier_scale=0.5,
-    attn_logit_softcapping=30.0,
-    router_logit_softcapping=30.0,
-    final_logit_softcapping=50.0,
-    attn_temperature_len=1024,
-    rope_theta=208533496.0,
-    rope_type="original",
-    max_position_embeddings=131072,
-    original_max_position_embeddings=8192,
-    scaling_factor=16.0,
-    extrapolation_factor=1.0,
-    attn_factor=1.0,
-    beta_fast=8.0,
-    beta_slow=1.0,
+# The presets moved to ``grok.presets``; ``from grok.config import GROK2`` (and the other old
+# names) keeps working through this module hook (PEP 562). The import happens on first use,
+# not at the top, because ``grok.presets`` is built from this module's ``GrokConfig``: an
+# import at the top would be a circle.
+_MOVED_TO_PRESETS = frozenset(
+    {"GROK2", "GROK1", "TINY_GROK2", "TINY_GROK1", "BENCH", "BENCH_GROK1", "PRESETS", "get_preset"}
 )
 
-GROK1 = GrokConfig(
-    vocab_size=131072,
-    hidden_size=6144,
-    num_hidden_layers=64,
-    num_attention_heads=48,
-    num_key_value_heads=8,
-    head_dim=128,
-    intermediate_size=0,
-    moe_intermediate_size=32768,
-    num_local_experts=8,
-    num_experts_per_tok=2,
-    residual_moe=False,
-    rms_norm_eps=1e-5,
-    embedding_multiplier_scale=78.38367176906169,
-    output_multiplier_scale=0.5773502691896257,
-    attn_logit_softcapping=30.0,
-    router_logit_softcapping=None,
-    final_logit_softcapping=None,
-    attn_temperature_len=None,
-    rope_theta=10000.0,
-    rope_type="original",
-    max_position_embeddings=8192,
-    attn_output_multiplier=0.08838834764831845,  # 128 ** -0.5
-    tie_word_embeddings=True,
-    hidden_act="gelu_tanh",
-)
 
-# Small enough for a CPU test, with caps and temperature length small enough that each
-# of them changes the logits of random weights.
-TINY_GROK2 = GROK2.replace(
-    vocab_size=256,
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    intermediate_size=96,
-    moe_intermediate_size=32,
-    num_local_experts=8,
-    num_experts_per_tok=2,
-    embedding_multiplier_scale=8.0,  # sqrt(64), as Grok-2's is sqrt(D)
-    attn_logit_softcapping=1.5,
-    router_logit_softcapping=0.8,
-    final_logit_softcapping=2.0,
-    attn_temperature_len=4,
-    rope_theta=10000.0,
-    max_position_embeddings=128,
-    original_max_position_embeddings=16,
-    scaling_factor=8.0,
-)
-
-TINY_GROK1 = GROK1.replace(
-    vocab_size=256,
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    moe_intermediate_size=48,
-    embedding_multiplier_scale=8.0,
-    attn_logit_softcapping=1.5,
-    attn_output_multiplier=0.25,
-    max_position_embeddings=128,
-)
-
-# The benchmark shape (issue 6), small enough for a CPU; both variants share it.
-_BENCH_SHAPE = dict(
-    vocab_size=32000,
-    hidden_size=512,
-    num_hidden_layers=8,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    head_dim=64,
-    moe_intermediate_size=1024,
-    num_local_experts=8,
-    num_experts_per_tok=2,
-    embedding_multiplier_scale=22.627416997969522,  # sqrt(512), as Grok-2's is sqrt(D)
-)
-
-# Grok-2's rope, caps and temperature, with a dense MLP as wide as an expert.
-BENCH = GROK2.replace(**_BENCH_SHAPE, intermediate_size=1024)
-
-# The same shape with Grok-1's knobs and no dense MLP: the shape Mixtral can run.
-BENCH_GROK1 = GROK1.replace(**_BENCH_SHAPE, attn_output_multiplier=0.125)  # 64 ** -0.5
-
-PRESETS: dict[str, GrokConfig] = {
-    "grok2": GROK2,
-    "grok1": GROK1,
-    "tiny-grok2": TINY_GROK2,
-    "tiny-grok1": TINY_GROK1,
-    "bench": BENCH,
-    "bench-grok1": BENCH_GROK1,
-}
-
-
-def get_preset(name: str) -> GrokConfig:
-    """A preset by name: ``grok2``, ``grok1``, ``tiny-grok2``, ``tiny-grok1`` (and ``bench``...)."""
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ConfigError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_PRESETS:
+        return getattr(importlib.import_module("grok.presets"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -83,24 +83,32 @@ def convert_grok1_checkpoint(
       config: the checkpoint's config; default ``grok1_config_for(ckpt_dir)`` (``GROK1``).
       dtype: ``"bfloat16"`` (the Grok-2 release's dtype) or ``"float32"``.
       max_file_bytes: start a new output file once a file holds this many bytes.
-      overwrite: replace an existing ``out_dir`` (swapped in only after the new one is done).
+      overwrite: replace an existing ``out_dir`` (swapped in only after the new one is done);
+        only a folder that is empty or holds a ``config.json``.
       on_file: called with (path, tensor count) after each output file is written.
 
-    Returns the path of the finished folder.
+    Returns the path of the finished folder. Raises CheckpointError, before anything is
+    written, when ``out_dir`` is, lies inside or contains ``ckpt_dir``, is not a folder, or
+    cannot be created.
     """
     if dtype not in OUTPUT_DTYPES:
         raise ConfigError(f"output dtype must be one of {sorted(OUTPUT_DTYPES)}, got {dtype!r}")
+    if isinstance(max_file_bytes, bool) or not isinstance(max_file_bytes, int):
+        raise ConfigError(f"max_file_bytes must be an int > 0, got {max_file_bytes!r}")
     if max_file_bytes <= 0:
         raise ConfigError(f"max_file_bytes must be > 0, got {max_file_bytes}")
-    if find_ckpt_dir(ckpt_dir) is None:
+    found = find_ckpt_dir(ckpt_dir)
+    if found is None:
         raise CheckpointError(f"{os.fspath(ckpt_dir)}: not a Grok-1 ckpt-0 folder")
-    config = config or grok1_config_for(ckpt_dir)
     target = Path(out_dir).absolute()
-    if target.exists() and not overwrite:
-        raise CheckpointError(f"{target}: already exists (pass overwrite to replace it)")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _check_target(target, [Path(ckpt_dir), Path(found)], overwrite)
+    config = config or grok1_config_for(ckpt_dir)
     temp = target.with_name(f".{target.name}{PARTIAL_MARK}{uuid.uuid4().hex[:12]}")
-    temp.mkdir()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temp.mkdir()
+    except OSError as e:
+        raise CheckpointError(f"{target}: cannot create the output folder ({e})") from None
     out_dtype = OUTPUT_DTYPES[dtype]
     try:
         pending: dict[str, np.ndarray] = {}
@@ -138,6 +146,34 @@ def convert_grok1_checkpoint(
         shutil.rmtree(temp, ignore_errors=True)
         raise
     return target
+
+
+def _check_target(target: Path, sources: list[Path], overwrite: bool) -> None:
+    """Refuses an output folder that would destroy the input or something that is not ours.
+
+    ``target`` must not be, lie inside or contain any of ``sources`` (``overwrite`` would
+    delete the checkpoint being read); an existing ``target`` must be a folder, replaced only
+    with ``overwrite`` and only when it is empty or holds a ``config.json`` (a checkpoint).
+    """
+    real_target = Path(os.path.realpath(target))
+    for source in sources:
+        real_source = Path(os.path.realpath(source))
+        if real_target.is_relative_to(real_source) or real_source.is_relative_to(real_target):
+            raise CheckpointError(
+                f"output folder {target} overlaps the checkpoint being converted "
+                f"({real_source}): choose an output folder outside it"
+            )
+    if not os.path.lexists(target):
+        return
+    if not target.is_dir():
+        raise CheckpointError(f"{target}: exists and is not a folder; choose another output")
+    if not overwrite:
+        raise CheckpointError(f"{target}: already exists (pass overwrite to replace it)")
+    if any(target.iterdir()) and not (target / CONFIG_FILE).is_file():
+        raise CheckpointError(
+            f"{target}: exists and does not look like a checkpoint (no {CONFIG_FILE}); "
+            "refusing to replace it"
+        )
 
 
 def _swap_in(temp: Path, target: Path) -> None:

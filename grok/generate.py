@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import operator
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
@@ -49,11 +48,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from grok.config import GrokConfig
 from grok.distributed import to_global, to_host
-from grok.errors import GenerationError, TokenizerError
+from grok.errors import GenerationError
 from grok.kv_cache import KVCache
+from grok.memory_plan import check_generation_fits
 from grok.rope import RopeTable
 from grok.sampling import Sampler
 from grok.sharding import kv_cache_sharding
+from grok.tokens import check_token_ids
 
 # The smallest prompt / cache bucket: below this, padding costs less than a recompile would.
 MIN_BUCKET = 16
@@ -362,28 +363,12 @@ def _check_prompts(prompts: Any, vocab: int, context: int) -> list[list[int]]:
         )
     if len(prompts) == 0:
         raise GenerationError("prompts is empty: give at least one prompt")
-    out = []
-    for i, prompt in enumerate(prompts):
-        if isinstance(prompt, str | bytes):
-            raise GenerationError(f"prompt {i} is text: encode it with a tokenizer first")
-        try:
-            ids = [operator.index(t) for t in prompt]
-        except TypeError:
-            raise GenerationError(f"prompt {i} is not a sequence of int token ids") from None
-        if not ids:
-            raise GenerationError(f"prompt {i} is empty: a prompt needs at least one token")
-        if len(ids) > context:
-            raise GenerationError(
-                f"prompt {i} has {len(ids)} tokens, more than the context "
-                f"(max_position_embeddings = {context})"
-            )
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise TokenizerError(
-                f"prompt {i}: token id {bad[0]} is outside the model's vocabulary [0, {vocab})"
-            )
-        out.append(ids)
-    return out
+    return [
+        check_token_ids(
+            prompt, vocab_size=vocab, context=context, ndim=1, what=f"prompt {i}"
+        ).tolist()
+        for i, prompt in enumerate(prompts)
+    ]
 
 
 def _row_keys(seed: int | Sequence[int], batch: int) -> np.ndarray:
@@ -449,6 +434,15 @@ def generate(
         raise GenerationError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens must be an int >= 0, got {max_new_tokens}")
+    # The memory plan refuses a KV cache that cannot fit the devices (MemoryPlanError): first
+    # for rows of one token, before the rows are read, then for the exact cache length.
+    fits_check = functools.partial(
+        check_generation_fits, config, model.params, model.mesh, dtype=model.dtype
+    )
+    if isinstance(prompts, Sequence) or getattr(prompts, "ndim", 0) >= 1:  # before reading rows
+        fits_check(
+            batch=len(prompts), context=bucket_length(min(context, 1 + max_new_tokens), context)
+        )
     rows = _check_prompts(prompts, vocab, context)
     stop_mask = np.zeros((vocab,), bool)  # [V]
     for s in stop_tokens:
@@ -461,6 +455,7 @@ def generate(
     longest = int(lengths.max())
     prompt_len = bucket_length(longest, context)  # T
     cache_len = bucket_length(max(prompt_len, min(context, longest + max_new_tokens)), context)
+    fits_check(batch=batch, context=cache_len)
     tokens = np.zeros((batch, prompt_len), np.int32)  # [B, T], right-padded with id 0
     for b, r in enumerate(rows):
         tokens[b, : len(r)] = r

@@ -1,7 +1,8 @@
 """Loading Grok-1's released ``ckpt-0`` pickles straight into a ``grok.Model``.
 
-The files are read one leaf at a time by ``grok.grok1_checkpoint`` (restricted unpickler,
-every shape checked) and placed into this library's stacked parameter tree (``grok.params``).
+The files are read one leaf at a time by ``grok.grok1_checkpoint`` (an opcode parser, never
+an unpickler; every shape checked) and placed into this library's stacked parameter tree
+(``grok.params``).
 Two ways to hold the matrices:
 
 - ``quantize=None``: every int8 matrix is dequantised (``weight * scales``, exact in float32)
@@ -33,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grok.api import Model
-from grok.config import GROK1, GrokConfig, load_config
+from grok.config import GrokConfig, load_config
 from grok.errors import CheckpointError, ConfigError
 from grok.grok1_checkpoint import (
     INT8_MAX,
@@ -46,6 +47,7 @@ from grok.grok1_checkpoint import (
 )
 from grok.layers import scale_shape
 from grok.params import WeightSpec, hf_to_unit, weight_specs
+from grok.presets import GROK1
 
 QUANTIZE_MODES = (None, "int8")
 CONFIG_FILE = "config.json"

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -87,11 +89,14 @@ def plan_memory(
 ) -> MemoryPlan:
     """Bytes per device for ``config`` on a mesh of ``mesh_sizes`` ({"data": d, "model": m}).
 
-    Raises ShardingError (as the loader would) if the mesh cannot split a dimension.
+    Raises MemoryPlanError for a mesh axis below 1, a negative batch or context, or an unknown
+    ``quantize``; ShardingError (as the loader would) if the mesh cannot split a dimension.
     """
     from grok.checkpoint import is_quantized, quant_in_dims
 
-    sizes = {DATA: 1, MODEL: 1, **dict(mesh_sizes)}
+    sizes = _check_sizes(mesh_sizes, batch, context)
+    if quantize not in (None, "fp8"):
+        raise MemoryPlanError(f"quantize must be None or 'fp8', got {quantize!r}")
     by_dtype: dict[str, int] = {}
 
     def add(dt, n: int) -> None:
@@ -110,25 +115,100 @@ def plan_memory(
         else:
             add(spec.dtype(dtype), n)
 
-    kv_dt = jnp.dtype(kv_dtype or dtype)
+    kv = kv_cache_bytes(config, sizes, batch=batch, context=context, dtype=kv_dtype or dtype)
+    return MemoryPlan(by_dtype, kv, dict(sizes), batch, context)
+
+
+def kv_cache_bytes(
+    config: GrokConfig, mesh_sizes: Mapping[str, int], *, batch: int, context: int, dtype: Any
+) -> int:
+    """Bytes of one device's KV cache shard: L x (k, v) x B/data x S x K/model x H elements.
+
+    K is split over ``model`` when ``model`` divides it, else replicated (as the weights are).
+    """
+    sizes = _check_sizes(mesh_sizes, batch, context)
     k_heads = config.num_key_value_heads
     k_split = sizes[MODEL] if k_heads % sizes[MODEL] == 0 else 1
-    b_local = -(-batch // sizes[DATA]) if batch else 0
-    kv = (
-        config.num_hidden_layers * 2 * b_local * context * (k_heads // k_split) * config.head_dim
-    ) * kv_dt.itemsize
-    return MemoryPlan(by_dtype, int(kv), dict(sizes), batch, context)
+    b_local = -(-batch // sizes[DATA])
+    elements = config.num_hidden_layers * 2 * b_local * context * (k_heads // k_split)
+    return elements * config.head_dim * jnp.dtype(dtype).itemsize
+
+
+def _check_sizes(mesh_sizes: Mapping[str, int], batch: int, context: int) -> dict[str, int]:
+    """{"data": d, "model": m, ...} with every axis an int >= 1; MemoryPlanError otherwise,
+    and for a batch or context that is not an int >= 0."""
+    sizes = {DATA: 1, MODEL: 1, **dict(mesh_sizes)}
+    for axis, size in sizes.items():
+        if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1:
+            raise MemoryPlanError(f"mesh axis {axis!r} must be an int >= 1, got {size!r}")
+    for name, value in (("batch", batch), ("context", context)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+            raise MemoryPlanError(f"KV cache {name} must be an int >= 0, got {value!r}")
+    return {axis: int(size) for axis, size in sizes.items()}
 
 
 def device_bytes_limit(device: jax.Device) -> int | None:
-    """The device's ``memory_stats()["bytes_limit"]``, or None where the backend has none (CPU)."""
+    """The memory one device may use: ``memory_stats()["bytes_limit"]`` where the backend
+    reports it; on the CPU backend, whose devices all live in host memory, the host's physical
+    memory divided among its local CPU devices; else None (no check)."""
     try:
         stats = device.memory_stats()
     except Exception:  # backends without memory stats raise various errors
+        stats = None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    if device.platform == "cpu":
+        host = _host_memory_bytes()
+        if host is not None:
+            return host // max(1, len(jax.local_devices(backend="cpu")))
+    return None
+
+
+def _host_memory_bytes() -> int | None:
+    """Physical memory of this machine (``sysconf``), or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system
         return None
-    if not stats or "bytes_limit" not in stats:
-        return None
-    return int(stats["bytes_limit"])
+
+
+def params_bytes_per_device(params: Any) -> int:
+    """The most bytes of ``params`` (a tree of jax arrays) that any one device holds."""
+    per_device: dict[Any, int] = {}
+    for leaf in jax.tree_util.tree_leaves(params):
+        shards = getattr(leaf, "addressable_shards", None)
+        if shards is None:  # a host array: count it once
+            per_device[None] = per_device.get(None, 0) + int(np.asarray(leaf).nbytes)
+            continue
+        for shard in shards:
+            per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+    return max(per_device.values(), default=0)
+
+
+def check_generation_fits(
+    config: GrokConfig,
+    params: Any,
+    mesh: jax.sharding.Mesh | None,
+    *,
+    batch: int,
+    context: int,
+    dtype: Any,
+) -> None:
+    """MemoryPlanError unless the loaded ``params`` plus a KV cache of ``batch`` x ``context``
+    (in ``dtype``) fit each device, so a batch too large fails here, not in the backend."""
+    sizes = mesh_axis_sizes(mesh)
+    weights = params_bytes_per_device(params)
+    kv = kv_cache_bytes(config, sizes, batch=batch, context=context, dtype=dtype)
+    device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+    limit = device_bytes_limit(device)
+    if limit is None or weights + kv <= limit:
+        return
+    raise MemoryPlanError(
+        f"generating {batch} sequence(s) of up to {context} tokens: each device needs "
+        f"{(weights + kv) / GIB:.2f} GiB (weights {weights / GIB:.2f} GiB, KV cache "
+        f"{kv / GIB:.2f} GiB) but has {limit / GIB:.2f} GiB; use fewer prompts at once, fewer "
+        "new tokens, or more devices"
+    )
 
 
 def check_fits(plan: MemoryPlan, device_bytes: int | None, what: str) -> None:

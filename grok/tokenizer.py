@@ -33,10 +33,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import regex
 import sentencepiece
 import tiktoken
 
 from grok.errors import GenerationError, TokenizerError
+from grok.jsonfile import read_json_file
 
 # The "V1" word split of the Grok-2 tokenizer (spec section 5): words with an optional leading
 # non-letter, single digits, punctuation runs, newline runs and whitespace runs.
@@ -51,6 +53,21 @@ SEPARATOR_TOKEN = "<|separator|>"
 
 TOK_JSON_NAME = "tokenizer.tok.json"
 SENTENCEPIECE_NAME = "tokenizer.model"
+
+# Token ids go into int32 arrays (and tiktoken's ranks are u32): every id must be below this.
+MAX_TOKEN_ID = 2**31
+# Grok-2's tokenizer.tok.json is about 6 MB; refuse to read anything near this before parsing.
+MAX_TOK_JSON_BYTES = 2**28
+# The V1 pattern is ~120 characters; a longer pat_str only costs compile time.
+MAX_PAT_STR_CHARS = 10_000
+# Text a split pattern must cover exactly at load (every kind of character the V1 pattern
+# distinguishes): a pattern that skips characters would silently drop them from prompts.
+PAT_STR_PROBE = (
+    'Hello, World! It\'s 2024-12-01; x = y+1 /* ok */ "tab"\there\n\n'
+    "caf\u00e9 na\u00efve \u6771\u4eac\u90fd \u0645\u0631\u062d\u0628\u0627 "
+    "\U0001f642\u200b  \r\n end\u3000.  "
+)
+_PROBE_TIMEOUT_S = 2.0
 
 
 class Tokenizer(abc.ABC):
@@ -171,15 +188,9 @@ class TokJsonTokenizer(Tokenizer):
         self._id_to_bytes.update({i: t.encode("utf-8") for t, i in special_tokens.items()})
         single_bytes = {b[0] for b in regular_tokens if len(b) == 1}
         self._missing_bytes = frozenset(range(256)) - single_bytes
-        try:
-            self._encoding = tiktoken.Encoding(
-                os.path.basename(source),
-                pat_str=pat_str,
-                mergeable_ranks=dict(regular_tokens),
-                special_tokens=dict(special_tokens),
-            )
-        except ValueError as e:  # the Rust regex engine rejects pat_str
-            raise TokenizerError(f"{source}: pat_str is not a valid split pattern: {e}") from e
+        self._encoding = _tiktoken_encoding(
+            pat_str, dict(regular_tokens), dict(special_tokens), source
+        )
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> TokJsonTokenizer:
@@ -190,13 +201,9 @@ class TokJsonTokenizer(Tokenizer):
         regular and a special token.
         """
         path = os.fspath(path)
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            raise TokenizerError(f"{path}: tokenizer file not found") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise TokenizerError(f"{path}: cannot read as JSON: {e}") from e
+        data = read_json_file(
+            path, error=TokenizerError, what="tokenizer file", max_bytes=MAX_TOK_JSON_BYTES
+        )
         return cls(**_parse_tok_json(data, path), source=path)
 
     def encode(self, text: str, *, allow_special: bool = True) -> list[int]:
@@ -205,9 +212,25 @@ class TokJsonTokenizer(Tokenizer):
             raise TokenizerError(f"encode takes a str, got {type(text).__name__}")
         if self._missing_bytes:
             self._check_bytes_present(text)
-        if allow_special:
-            return self._encoding.encode(text, allowed_special="all")
-        return self._encoding.encode_ordinary(text)
+        try:
+            if allow_special:
+                ids = self._encoding.encode(text, allowed_special="all")
+            else:
+                ids = self._encoding.encode_ordinary(text)
+        except BaseException as err:  # tiktoken's Rust panics derive from BaseException
+            if not _is_rust_panic(err):
+                raise
+            raise TokenizerError(
+                f"{self.source}: tiktoken failed on the text with this pat_str ({err})"
+            ) from None
+        encoded = sum(len(self._id_to_bytes[i]) for i in ids)
+        expected = len(_text_bytes(text))
+        if encoded != expected:
+            raise TokenizerError(
+                f"{self.source}: pat_str does not cover the text: its {expected} UTF-8 bytes "
+                f"became tokens of {encoded} bytes (the split pattern skips some characters)"
+            )
+        return ids
 
     def decode(self, ids: Sequence[int], *, skip_special: bool = False) -> str:
         """Text of ``ids`` [T]; special tokens appear as their text unless ``skip_special``."""
@@ -234,16 +257,93 @@ class TokJsonTokenizer(Tokenizer):
         return token_id
 
     def _check_bytes_present(self, text: str) -> None:
-        try:
-            data = text.encode("utf-8")
-        except UnicodeEncodeError:  # lone surrogates: tiktoken encodes them as U+FFFD
-            data = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode()
+        data = _text_bytes(text)
         missing = sorted(self._missing_bytes.intersection(data))
         if missing:
             raise TokenizerError(
                 f"{self.source}: cannot encode the text: byte 0x{missing[0]:02x} is not a "
                 "single-byte regular token, and byte-level BPE needs every byte it meets"
             )
+
+
+def _text_bytes(text: str) -> bytes:
+    """The UTF-8 bytes tiktoken encodes ``text`` as (lone surrogates become U+FFFD)."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode()
+
+
+def _is_rust_panic(err: BaseException) -> bool:
+    """Whether ``err`` is PyO3's ``pyo3_runtime.PanicException`` (a Rust panic in tiktoken).
+
+    PyO3 creates that class at run time without a module to import it from, so it is
+    recognised by its qualified name.
+    """
+    cls = type(err)
+    return cls.__module__ == "pyo3_runtime" and cls.__name__ == "PanicException"
+
+
+def _tiktoken_encoding(
+    pat_str: str, ranks: dict[bytes, int], special: dict[str, int], source: str
+) -> tiktoken.Encoding:
+    """tiktoken's encoder for the tables, after checking that ``pat_str`` splits text safely.
+
+    tiktoken's regex engine compiles the pattern first (it refuses oversized patterns quickly,
+    which the ``regex`` module would spend minutes compiling); then the ``regex`` module, whose
+    syntax tiktoken's engine shares, checks on ``PAT_STR_PROBE`` that the pattern never matches
+    the empty string (tiktoken panics on an empty piece) and covers every character (else
+    tiktoken silently drops the rest); finally tiktoken itself must round-trip the probe.
+    """
+    where = f"{source}: pat_str"
+    if len(pat_str) > MAX_PAT_STR_CHARS:
+        raise TokenizerError(
+            f"{where} has {len(pat_str)} characters, more than {MAX_PAT_STR_CHARS}"
+        )
+    name = os.path.basename(source)
+    try:
+        encoding = tiktoken.Encoding(
+            name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=special
+        )
+    except ValueError as e:  # the Rust regex engine rejects pat_str
+        raise TokenizerError(f"{where} is not a valid split pattern: {e}") from None
+    except BaseException as e:
+        if not _is_rust_panic(e):
+            raise
+        raise TokenizerError(f"{where} made tiktoken fail ({e})") from None
+    try:
+        pieces = list(regex.finditer(pat_str, PAT_STR_PROBE, timeout=_PROBE_TIMEOUT_S))
+    except (regex.error, TimeoutError) as e:
+        raise TokenizerError(f"{where} cannot be checked: {e}") from None
+    offset = 0
+    for piece in pieces:
+        if piece.start() != offset:
+            raise TokenizerError(
+                f"{where} does not cover the text: it skips "
+                f"{PAT_STR_PROBE[offset : piece.start()]!r} of the probe {PAT_STR_PROBE!r}"
+            )
+        if piece.end() == piece.start():
+            raise TokenizerError(
+                f"{where} matches the empty string at offset {offset} of the probe "
+                f"{PAT_STR_PROBE!r}; tiktoken needs every piece non-empty"
+            )
+        offset = piece.end()
+    if offset != len(PAT_STR_PROBE):
+        raise TokenizerError(
+            f"{where} does not cover the text: it skips {PAT_STR_PROBE[offset:]!r} at the end "
+            f"of the probe {PAT_STR_PROBE!r}"
+        )
+    missing = set(_text_bytes(PAT_STR_PROBE)) - {b[0] for b in ranks if len(b) == 1}
+    if not missing:  # a vocabulary without every byte cannot encode the probe at all
+        try:
+            ids = encoding.encode_ordinary(PAT_STR_PROBE)
+        except BaseException as e:
+            if not _is_rust_panic(e):
+                raise
+            raise TokenizerError(f"{where} made tiktoken fail on the probe ({e})") from None
+        if encoding.decode_bytes(ids) != _text_bytes(PAT_STR_PROBE):
+            raise TokenizerError(f"{where} does not round-trip the probe {PAT_STR_PROBE!r}")
+    return encoding
 
 
 def _parse_tok_json(data: Any, path: str) -> dict[str, Any]:
@@ -290,9 +390,13 @@ def _parse_tok_json(data: Any, path: str) -> dict[str, Any]:
 
     vocab_size = data.get("vocab_size")
     if vocab_size is not None and (
-        isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1
+        isinstance(vocab_size, bool)
+        or not isinstance(vocab_size, int)
+        or not 1 <= vocab_size <= MAX_TOKEN_ID
     ):
-        raise TokenizerError(f"{path}: 'vocab_size' must be a positive int, got {vocab_size!r}")
+        raise TokenizerError(
+            f"{path}: 'vocab_size' must be an int in [1, {MAX_TOKEN_ID}], got {vocab_size!r}"
+        )
 
     allowed: set[str] = set()
     raw_allowed = data.get("default_allowed_special", [])
@@ -320,9 +424,15 @@ def _parse_entry(entry: Any, where: str) -> tuple[bytes, int]:
         if key not in entry:
             raise TokenizerError(f"{where}: key {key!r} is missing")
     token_id = entry["token"]
-    if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
-        raise TokenizerError(f"{where}: 'token' must be a non-negative int, got {token_id!r}")
+    if not _is_token_id(token_id):
+        raise TokenizerError(
+            f"{where}: 'token' must be an int in [0, {MAX_TOKEN_ID}), got {token_id!r}"
+        )
     return _parse_bytes(entry["bytes"], f"{where}.bytes"), token_id
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_TOKEN_ID
 
 
 def _parse_bytes(value: Any, where: str) -> bytes:
@@ -349,10 +459,10 @@ def _check_tables(regular: Mapping[bytes, int], special: Mapping[str, int], sour
     for token_bytes, token_id in regular.items():
         if not isinstance(token_bytes, bytes) or not token_bytes:
             raise TokenizerError(f"{source}: regular token {token_bytes!r} is not non-empty bytes")
-        if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
+        if not _is_token_id(token_id):
             raise TokenizerError(
                 f"{source}: regular token {token_bytes!r} has id {token_id!r}, "
-                "expected a non-negative int"
+                f"expected an int in [0, {MAX_TOKEN_ID})"
             )
         if token_id in id_to_regular:
             raise TokenizerError(
@@ -364,9 +474,10 @@ def _check_tables(regular: Mapping[bytes, int], special: Mapping[str, int], sour
     for text, token_id in special.items():
         if not isinstance(text, str) or not text:
             raise TokenizerError(f"{source}: special token {text!r} is not a non-empty str")
-        if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
+        if not _is_token_id(token_id):
             raise TokenizerError(
-                f"{source}: special token {text!r} has id {token_id!r}, expected a non-negative int"
+                f"{source}: special token {text!r} has id {token_id!r}, "
+                f"expected an int in [0, {MAX_TOKEN_ID})"
             )
         if token_id in id_to_special:
             raise TokenizerError(

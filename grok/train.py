@@ -23,7 +23,6 @@ import functools
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +40,7 @@ from grok.config import GrokConfig
 from grok.errors import CheckpointError, ConfigError
 from grok.model import LanguageModel
 from grok.moe import MoE, route
+from grok.progress import progress_bar
 from grok.rope import rope_table
 from grok.testing import write_checkpoint
 
@@ -313,29 +313,6 @@ class Trainer:
         self.step = int(json.loads((directory / STATE_FILE).read_text())["step"])
 
 
-class ProgressBar:
-    """A one-line text progress bar: step, bar, loss and tokens per second."""
-
-    def __init__(self, total: int, start: int = 0, stream=sys.stderr, width: int = 30):
-        self.total, self.stream, self.width = total, stream, width
-        self.start_step, self.start_time = start, time.perf_counter()
-
-    def update(self, step: int, loss: float, tokens_per_step: int) -> None:
-        elapsed = max(time.perf_counter() - self.start_time, 1e-9)
-        rate = (step - self.start_step) * tokens_per_step / elapsed
-        filled = self.width * step // self.total
-        bar = "#" * filled + "." * (self.width - filled)
-        self.stream.write(
-            f"\rstep {step:>{len(str(self.total))}}/{self.total} [{bar}] "
-            f"loss {loss:.3f} {rate:,.0f} tok/s"
-        )
-        self.stream.flush()
-
-    def close(self) -> None:
-        self.stream.write("\n")
-        self.stream.flush()
-
-
 class RunResult(NamedTuple):
     """What :func:`run` returns: per-step training losses and held-out evaluations."""
 
@@ -361,31 +338,35 @@ def run(
     cfg = trainer.train
     until = cfg.steps if until is None else min(until, cfg.steps)
     windows = data.eval_windows(heldout_stream, cfg.seq_len, cfg.eval_windows)
-    bar = ProgressBar(until, trainer.step) if progress else None
+    tokens_per_step = cfg.batch_size * cfg.seq_len
     losses: list[float] = []
     heldout: list[tuple[int, float]] = []
-    while trainer.step < until:
-        batch = data.batch_at(train_stream, trainer.step, cfg.batch_size, cfg.seq_len, cfg.seed)
-        metrics = trainer.train_step(batch)
-        loss = float(metrics.loss)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"training loss is {loss} at step {trainer.step}")
-        losses.append(loss)
-        if bar:
-            bar.update(trainer.step, loss, cfg.batch_size * cfg.seq_len)
-        done = trainer.step == until
-        if trainer.step % cfg.eval_every == 0 or done:
-            value = trainer.evaluate(windows)
-            heldout.append((trainer.step, value))
-            if bar:
-                bar.close()
-            log(
-                f"step {trainer.step}: train loss {loss:.4f}, held-out loss {value:.4f} "
-                f"(perplexity {math.exp(value):.2f}), balance {float(metrics.balance):.3f}, "
-                f"lr {float(metrics.lr):.2e}"
-            )
-        if checkpoint_dir is not None and (trainer.step % cfg.checkpoint_every == 0 or done):
-            trainer.save(checkpoint_dir)
-    if bar and (not heldout or heldout[-1][0] != trainer.step):
-        bar.close()
+    start_step, start_time = trainer.step, time.perf_counter()
+    bar = progress_bar(
+        until, desc="training", unit="step", initial=trainer.step, quiet=not progress
+    )
+    with bar:
+        while trainer.step < until:
+            batch = data.batch_at(train_stream, trainer.step, cfg.batch_size, cfg.seq_len, cfg.seed)
+            metrics = trainer.train_step(batch)
+            loss = float(metrics.loss)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"training loss is {loss} at step {trainer.step}")
+            losses.append(loss)
+            elapsed = max(time.perf_counter() - start_time, 1e-9)
+            rate = (trainer.step - start_step) * tokens_per_step / elapsed
+            bar.set_postfix_str(f"loss {loss:.3f}, {rate:,.0f} tok/s", refresh=False)
+            bar.update(1)
+            done = trainer.step == until
+            if trainer.step % cfg.eval_every == 0 or done:
+                value = trainer.evaluate(windows)
+                heldout.append((trainer.step, value))
+                with bar.external_write_mode():  # the line goes above the bar
+                    log(
+                        f"step {trainer.step}: train loss {loss:.4f}, held-out loss "
+                        f"{value:.4f} (perplexity {math.exp(value):.2f}), balance "
+                        f"{float(metrics.balance):.3f}, lr {float(metrics.lr):.2e}"
+                    )
+            if checkpoint_dir is not None and (trainer.step % cfg.checkpoint_every == 0 or done):
+                trainer.save(checkpoint_dir)
     return RunResult(losses, heldout)

@@ -1,12 +1,6 @@
-"""Generate text with a Grok model (the same program as `grok-sample`; see --help)."""
+"""Generate text with a Grok model: `grok-sample` (see --help and grok/cli/sample.py)."""
 
-import sys
-from pathlib import Path
-
-# Run from a checkout without installing: make the repository's ``grok`` importable.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from grok.cli.sample import main  # noqa: E402
+from grok.cli.sample import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -1,9 +1,11 @@
 """grok-sample end to end on a tiny checkpoint and tokenizer written by the test.
 
-The successful runs and a few error paths run ``scripts/sample.py`` in a subprocess with the
-venv's python (as a user would); the other error paths call ``main`` in-process.
+Most runs call ``main(argv)`` in-process; a bad flag and binary stdin run
+``scripts/sample.py`` in a subprocess with the venv's python, as a user would
+(``tests/test_builtin.py`` runs it with no arguments).
 """
 
+import io
 import os
 import subprocess
 import sys
@@ -12,8 +14,11 @@ from pathlib import Path
 import pytest
 from test_generate import random_params
 
+import grok
+from grok import memory_plan
 from grok.cli import sample as cli
-from grok.config import TINY_GROK2
+from grok.errors import MemoryPlanError
+from grok.presets import TINY_GROK2
 from grok.testing import write_checkpoint
 from grok.tokenizer import write_tok_json
 
@@ -61,27 +66,30 @@ def assert_one_line_error(proc, status, *fragments):
         assert fragment in lines[0]
 
 
-def test_batch_and_streaming_chat_runs_agree(checkpoint, tmp_path):
+def test_batch_and_streaming_chat_runs_agree(checkpoint, tmp_path, monkeypatch, capsys):
     prompt_file = tmp_path / "prompt.txt"
     prompt_file.write_text("Hi there, é!", encoding="utf-8")
     common = [
         "--checkpoint", checkpoint, "--chat", "--max-new-tokens", 8, "--dtype", "float32",
         "--temperature", 0.8, "--top-k", 40, "--top-p", 0.95, "--min-p", 0.01, "--seed", 7,
     ]  # fmt: skip
-    batch = run_script(*common, "--prompt", "Hi there, é!", "--prompt", f"@{prompt_file}")
-    assert batch.returncode == 0, batch.stderr
-    assert "2 sequence(s)" in batch.stderr
-    assert "time to first token" in batch.stderr and "tokens/s" in batch.stderr
-    parts = batch.stdout.split("--- completion 1 ---\n")
+    argv = [*common, "--prompt", "Hi there, é!", "--prompt", f"@{prompt_file}"]
+    assert cli.main(list(map(str, argv))) == 0
+    batch = capsys.readouterr()
+    assert "2 sequence(s)" in batch.err
+    assert "time to first token" in batch.err and "tokens/s" in batch.err
+    parts = batch.out.split("--- completion 1 ---\n")
     assert len(parts) == 2 and parts[0].startswith("--- completion 0 ---\n")
     first = parts[0].removeprefix("--- completion 0 ---\n")
 
     # One prompt (from stdin) streams token by token. Row 0 draws with the same key in both
     # runs, so the streamed text equals the batch's first completion.
-    stream = run_script(*common, "--prompt", "-", stdin="Hi there, é!")
-    assert stream.returncode == 0, stream.stderr
-    assert "1 sequence(s)" in stream.stderr
-    assert stream.stdout == first and first.strip()
+    stdin = io.TextIOWrapper(io.BytesIO("Hi there, é!".encode()), encoding="utf-8")
+    monkeypatch.setattr("sys.stdin", stdin)
+    assert cli.main(list(map(str, [*common, "--prompt", "-"]))) == 0
+    stream = capsys.readouterr()
+    assert "1 sequence(s)" in stream.err
+    assert stream.out == first and first.strip()
 
 
 def test_bad_flag_value(checkpoint):
@@ -89,14 +97,19 @@ def test_bad_flag_value(checkpoint):
     assert_one_line_error(proc, 2, "--dtype", "int7")
 
 
-def test_missing_tokenizer(bare_checkpoint):
-    proc = run_script("--checkpoint", bare_checkpoint, "--prompt", "x")
-    assert_one_line_error(proc, 1, "no tokenizer", "--tokenizer")
+def test_missing_tokenizer(bare_checkpoint, capsys):
+    assert cli.main(["--checkpoint", str(bare_checkpoint), "--prompt", "x"]) == 1
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("grok-sample: error: ") and "\n" not in line
+    assert "no tokenizer" in line and "--tokenizer" in line
 
 
-def test_prompt_longer_than_context(checkpoint):
-    proc = run_script("--checkpoint", checkpoint, "--prompt", "x" * 200, "--dtype", "float32")
-    assert_one_line_error(proc, 1, "200 tokens", "context")
+def test_prompt_longer_than_context(checkpoint, capsys):
+    argv = ["--checkpoint", str(checkpoint), "--prompt", "x" * 200, "--dtype", "float32"]
+    assert cli.main(argv) == 1
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("grok-sample: error: ") and "\n" not in line
+    assert "200 tokens" in line and "context" in line
 
 
 @pytest.mark.parametrize(
@@ -104,11 +117,14 @@ def test_prompt_longer_than_context(checkpoint):
     [
         (["--temperature", "-1"], 1, "temperature"),
         (["--top-p", "1.5"], 1, "top_p"),
-        (["--max-new-tokens", "-3"], 1, "max_new_tokens"),
+        (["--max-new-tokens", "-3"], 2, "--max-new-tokens: expected an integer >= 0, got '-3'"),
+        (["--seed", "-1"], 2, "--seed"),
+        (["--top-k", "0"], 2, "--top-k: expected an integer >= 1, got '0'"),
+        (["--temperature", "nan"], 2, "--temperature: expected a finite number, got 'nan'"),
         (["--mesh", "8"], 2, "DATAxMODEL"),
         (["--prompt", "@/nonexistent/prompt.txt"], 2, "cannot read"),
         (["--tokenizer", "/nonexistent/tok.json"], 1, "not found"),
-        (["--max-new-tokens", "many"], 2, "invalid int value"),
+        (["--max-new-tokens", "many"], 2, "expected an integer, got 'many'"),
     ],
 )
 def test_error_paths_in_process(checkpoint, capsys, extra, status, fragment):
@@ -140,3 +156,52 @@ def test_parse_mesh():
     for bad in ("8", "0x8", "1x2x3", "axb"):
         with pytest.raises(cli.UsageError):
             cli.parse_mesh(bad)
+
+
+def test_binary_stdin_is_one_line_error(checkpoint, monkeypatch, capsys):
+    stdin = io.TextIOWrapper(io.BytesIO(b"caf\xe9 \xff\xfe"), encoding="utf-8")
+    monkeypatch.setattr("sys.stdin", stdin)
+    assert cli.main(["--checkpoint", str(checkpoint), "--prompt", "-"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "grok-sample: error: --prompt -: stdin is not UTF-8 text (byte 0xe9 at offset 3)"
+    ]
+
+
+def test_binary_stdin_in_a_utf8_locale_subprocess(checkpoint):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "LC_ALL": "C.UTF-8", "PYTHONIOENCODING": ""}
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--checkpoint", str(checkpoint), "--prompt", "-"],
+        input=b"\x80\x81 binary",
+        capture_output=True,
+        env=env,
+        timeout=300,
+    )
+    proc.stderr = proc.stderr.decode()
+    assert_one_line_error(proc, 2, "stdin is not UTF-8", "0x80")
+
+
+def test_stdin_read_once_for_two_dashes():
+    stdin = io.TextIOWrapper(io.BytesIO("é\n".encode()), encoding="latin-1")
+    assert cli.read_prompts(["-", "x", "-"], stdin) == ["é\n", "x", "é\n"]  # UTF-8 always
+    assert cli.read_prompts(["-"], io.StringIO("plain")) == ["plain"]
+
+
+def test_huge_batch_refused_by_the_memory_plan(checkpoint):
+    """2^22 one-token prompts: the plan's error, at once, not the backend's out-of-memory."""
+    model = grok.load_pretrained(checkpoint, dtype="float32", quiet=True)
+    with pytest.raises(MemoryPlanError, match="generating 4194304 sequence") as err:
+        model.generate([[5]] * 2**22, max_new_tokens=8)
+    assert "KV cache" in str(err.value)
+
+
+def test_cli_batch_over_the_device_memory_is_one_line(checkpoint, monkeypatch, capsys):
+    weights = memory_plan.plan_memory(CONFIG, {}, dtype="float32").weights
+    # Room for the weights and 64 KiB: loading fits, a 2 x 128-slot cache (256 KiB) does not.
+    monkeypatch.setattr(memory_plan, "device_bytes_limit", lambda device: weights + 2**16)
+    argv = ["--checkpoint", str(checkpoint), "--dtype", "float32", "--prompt", "a", "--prompt", "b"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    # Refused by the plan before loading: weights plus the KV cache of B=2, S=128.
+    assert len(err) == 1 and err[0].startswith(f"grok-sample: error: {checkpoint}: each device")
+    assert "DOES NOT FIT" in err[0] and "B=2 S=128" in err[0]

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from grok1_fixtures import write_grok1_checkpoint
 from reference import expected_tensor_shapes, random_tensors, reference_logits
 
 import grok
@@ -33,7 +34,6 @@ from grok.grok1_checkpoint import (
     dequantize,
     read_grok1_checkpoint,
     release_file_name,
-    write_grok1_checkpoint,
 )
 from grok.params import hf_to_unit, unit_to_hf, weight_specs
 from grok.safetensors_io import CheckpointIndex

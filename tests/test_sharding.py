@@ -152,28 +152,6 @@ def test_each_distinct_shard_is_read_once():
     assert array.sharding == sharding
 
 
-def test_progress_bar_is_quiet_off_a_terminal():
-    import io
-
-    from grok.progress import ProgressBar
-
-    class Tty(io.StringIO):
-        def isatty(self):
-            return True
-
-    for stream, quiet, drawn in (
-        (io.StringIO(), False, False),
-        (Tty(), True, False),
-        (Tty(), False, True),
-    ):
-        with ProgressBar(2_000_000_000, stream=stream, quiet=quiet) as bar:
-            bar.update(1_000_000_000)
-            bar.update(1_000_000_000)
-        assert bool(stream.getvalue()) == drawn
-    line = stream.getvalue().strip().split("\r")[-1]
-    assert "2.00/2.00 GB" in line and "GB/s" in line and "left" in line
-
-
 def test_kv_cache_sharding_follows_the_kv_heads():
     from grok.sharding import kv_cache_sharding
 

@@ -362,9 +362,9 @@ MALFORMED = {
     "entry_not_object": r"regular_tokens\[3\]: expected an object, got list",
     "entry_no_bytes": r"regular_tokens\[3\]: key 'bytes' is missing",
     "entry_no_token": r"regular_tokens\[3\]: key 'token' is missing",
-    "token_str": r"regular_tokens\[3\]: 'token' must be a non-negative int, got '11'",
-    "token_bool": r"regular_tokens\[3\]: 'token' must be a non-negative int, got True",
-    "token_negative": r"regular_tokens\[3\]: 'token' must be a non-negative int, got -5",
+    "token_str": r"regular_tokens\[3\]: 'token' must be an int in \[0, 2147483648\), got '11'",
+    "token_bool": r"regular_tokens\[3\]: 'token' must be an int in \[0, 2147483648\), got True",
+    "token_negative": r"regular_tokens\[3\]: 'token' must be an int in \[0, 2147483648\), got -5",
     "byte_too_big": r"regular_tokens\[3\]\.bytes: 256 is not a byte value",
     "bytes_empty": r"regular_tokens\[3\]\.bytes: expected a non-empty list",
     "bytes_not_list": r"regular_tokens\[3\]\.bytes: expected a non-empty list",
@@ -381,7 +381,7 @@ MALFORMED = {
     "bad_pat_str": r"pat_str is not a valid split pattern",
     "pat_str_not_str": r"'pat_str' must be a non-empty string, got 5",
     "unknown_word_split": r"word_split 'V9' is unknown",
-    "vocab_size_str": r"'vocab_size' must be a positive int, got '131072'",
+    "vocab_size_str": r"'vocab_size' must be an int in \[1, 2147483648\], got '131072'",
 }
 
 
@@ -399,7 +399,7 @@ def test_malformed_file(tmp_path, ranks, kind):
 def test_not_json_and_not_object(tmp_path):
     path = tmp_path / "broken.tok.json"
     path.write_text('{"regular_tokens": [')
-    with pytest.raises(TokenizerError, match=r"broken\.tok\.json: cannot read as JSON"):
+    with pytest.raises(TokenizerError, match=r"broken\.tok\.json: not valid JSON"):
         TokJsonTokenizer.from_file(path)
     path.write_text("[]")
     with pytest.raises(

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from grok.config import GROK2, GrokConfig
+from grok.config import GrokConfig
+from grok.presets import GROK2
 
 BUILTIN_CONFIG: GrokConfig = GROK2.replace(
     vocab_size=2048,  # the BPE trained on ~465 KB of text: 3 specials + 256 bytes + merges

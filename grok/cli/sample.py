@@ -19,37 +19,25 @@ import io
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn, TextIO
+from typing import BinaryIO, TextIO
+
+from grok.cli.common import (
+    Parser,
+    UsageError,
+    finite_float,
+    nonnegative_int,
+    positive_int,
+    run_program,
+)
 
 PROG = "grok-sample"
 DTYPES = ("bfloat16", "float32", "float16")
 QUANTIZE = ("fp8",)
-EXIT_BAD_ARGS = 2  # argparse's own status for a bad command line
-EXIT_ERROR = 1
-EXIT_INTERRUPTED = 130  # the shell's status for SIGINT
-
-
-class UsageError(Exception):
-    """A bad command line found after parsing (a prompt file that cannot be read, ...)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but an error is one line on stderr (no usage block) and exit status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        _report(message)
-        raise SystemExit(EXIT_BAD_ARGS)
-
-
-def _report(message: object) -> None:
-    """Prints ``grok-sample: error: <message>`` on one line of stderr."""
-    one_line = " ".join(str(message).split())
-    print(f"{PROG}: error: {one_line}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser of ``grok-sample``."""
-    p = _Parser(prog=PROG, description="Generate text with a Grok model.")
+    p = Parser(prog=PROG, description="Generate text with a Grok model.")
     p.add_argument(
         "--checkpoint",
         help="checkpoint directory (config.json + safetensors); default: the built-in model",
@@ -65,12 +53,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompt text; repeat for a batch; @FILE reads a file, - reads stdin",
     )
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the default)")
-    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
-    p.add_argument("--min-p", type=float, default=None, help="keep tokens with p >= min_p * p_max")
-    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same text)")
+    p.add_argument(
+        "--max-new-tokens", type=nonnegative_int, default=128, help="new tokens per prompt"
+    )
+    p.add_argument(
+        "--temperature", type=finite_float, default=0.0, help="0 is greedy (the default)"
+    )
+    p.add_argument("--top-k", type=positive_int, default=None, help="keep the k most likely")
+    p.add_argument(
+        "--top-p", type=finite_float, default=None, help="nucleus sampling mass in (0, 1]"
+    )
+    p.add_argument(
+        "--min-p", type=finite_float, default=None, help="keep tokens with p >= min_p * p_max"
+    )
+    p.add_argument(
+        "--seed", type=nonnegative_int, default=0, help="random seed (same seed, same text)"
+    )
     p.add_argument("--mesh", default=None, help="device mesh DATAxMODEL, e.g. 1x8")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="compute dtype")
     p.add_argument("--quantize", choices=QUANTIZE, default=None, help="keep weights in fp8")
@@ -83,10 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: $JAX_COORDINATOR_ADDRESS)",
     )
     p.add_argument(
-        "--num-processes", type=int, default=None, help="processes (default: $JAX_NUM_PROCESSES)"
+        "--num-processes",
+        type=positive_int,
+        default=None,
+        help="processes (default: $JAX_NUM_PROCESSES)",
     )
     p.add_argument(
-        "--process-id", type=int, default=None, help="this process (default: $JAX_PROCESS_ID)"
+        "--process-id",
+        type=nonnegative_int,
+        default=None,
+        help="this process (default: $JAX_PROCESS_ID)",
     )
     return p
 
@@ -96,14 +100,30 @@ def build_parser() -> argparse.ArgumentParser:
 BUILTIN_PROMPT = "A class definition"
 
 
-def read_prompts(values: Sequence[str], stdin: TextIO) -> list[str]:
+def read_stdin(stdin: TextIO | BinaryIO) -> str:
+    """All of stdin as text, decoded as UTF-8 whatever the locale; UsageError if it is not."""
+    raw = getattr(stdin, "buffer", stdin).read()
+    if isinstance(raw, str):  # a text stream without a byte buffer (io.StringIO)
+        return raw
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(
+            f"--prompt -: stdin is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})"
+        ) from None
+
+
+def read_prompts(values: Sequence[str], stdin: TextIO | BinaryIO) -> list[str]:
     """The prompt texts: each value as is, ``@FILE`` as that file's text, ``-`` as stdin."""
     if not values:
         raise UsageError("no prompt: pass --prompt TEXT (or --prompt @FILE, or --prompt -)")
     prompts = []
+    stdin_text = None
     for value in values:
         if value == "-":
-            prompts.append(stdin.read())
+            if stdin_text is None:  # "-" twice reads stdin once and uses it twice
+                stdin_text = read_stdin(stdin)
+            prompts.append(stdin_text)
         elif value.startswith("@"):
             path = Path(value[1:])
             try:
@@ -173,7 +193,7 @@ class TextStream:
             self.written = text
 
 
-def run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> None:
+def run(args: argparse.Namespace, stdin: TextIO | BinaryIO, stdout: TextIO, stderr: TextIO) -> None:
     """Loads the model and tokenizer, generates, prints. Raises GrokError / UsageError."""
     echo_prompt = False
     if not args.prompt and not args.checkpoint and builtin_checkpoint() is not None:
@@ -223,7 +243,14 @@ def run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO)
         mesh = make_mesh(*mesh_shape)
     try:
         model = grok.load_pretrained(
-            checkpoint, dtype=jnp.dtype(args.dtype), mesh=mesh, quantize=args.quantize
+            checkpoint,
+            dtype=jnp.dtype(args.dtype),
+            mesh=mesh,
+            quantize=args.quantize,
+            # The memory plan refuses a batch whose KV cache cannot fit before a byte is read
+            # (a released checkpoint; a Grok-1 one is checked when generation starts).
+            kv_batch=len(prompts),
+            kv_context=max(len(p) for p in prompts) + args.max_new_tokens,
         )
     except NotImplementedError as e:
         raise UsageError(f"cannot load {checkpoint} as asked: {e}") from None
@@ -256,22 +283,10 @@ def run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``grok-sample``: returns the exit status (argparse exits on its own)."""
-    args = build_parser().parse_args(argv)
-    from grok.errors import GrokError
-
-    try:
-        run(args, sys.stdin, sys.stdout, sys.stderr)
-    except UsageError as e:
-        _report(e)
-        return EXIT_BAD_ARGS
-    except (GrokError, OSError) as e:
-        _report(e)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        _report("interrupted")
-        return EXIT_INTERRUPTED
-    return 0
+    """Entry point of ``grok-sample``: returns the exit status (2: bad command line, 1: error)."""
+    return run_program(
+        build_parser(), lambda args: run(args, sys.stdin, sys.stdout, sys.stderr), argv
+    )
 
 
 if __name__ == "__main__":
