@@ -79,7 +79,8 @@ def initialize(
       process_id: this process's index in ``[0, num_processes)``.
       environ: where to read the fallbacks (default ``os.environ``).
     Returns:
-      True when this process joined a multi-process runtime, False when it runs alone.
+      True when this process joined a multi-process runtime, False when it runs alone. A
+      process that has joined already stays as it is.
     Raises:
       ConfigError: a malformed address, a count below 1, or an id outside the range.
     """
@@ -102,13 +103,15 @@ def initialize(
         )
     if num_processes == 1 and coordinator is None:
         return False
+    if jax.distributed.is_initialized():  # joined already (a second call in one process)
+        return jax.process_count() > 1
     if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
         jax.config.update("jax_cpu_collectives_implementation", CPU_COLLECTIVES)
     try:
         jax.distributed.initialize(
             coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
         )
-    except ValueError as e:  # JAX's word for arguments it cannot complete or use
+    except (ValueError, RuntimeError) as e:  # arguments JAX cannot use; devices already in use
         raise ConfigError(f"cannot join the multi-process runtime: {e}") from None
     return jax.process_count() > 1
 

@@ -117,6 +117,7 @@ def worker(process_id: int, port: int, checkpoint: str, out_dir: str) -> None:
         ]
     )
     assert jax.process_count() == PROCESSES and jax.device_count() == 8
+    assert distributed.initialize(f"localhost:{port}", PROCESSES, process_id)  # joined already
 
     model = grok.load_pretrained(checkpoint, dtype=jnp.float32, mesh=make_mesh(2, 4), quiet=True)
     streamed: list[list[int]] = [[] for _ in TEXTS]
@@ -274,6 +275,12 @@ def test_cli_prints_once_and_matches_one_process(runs):
 def test_initialize_rejects_bad_settings_before_joining(kwargs, environ, fragment):
     with pytest.raises(grok.ConfigError, match=fragment):
         distributed.initialize(**kwargs, environ=environ)
+
+
+def test_initialize_after_jax_has_started_is_a_config_error():
+    jax.devices()  # the backend is up: too late to join other processes
+    with pytest.raises(grok.ConfigError, match="before any JAX calls"):
+        distributed.initialize("localhost:1234", 2, 0, environ={})
 
 
 def test_initialize_alone_is_a_no_op():
