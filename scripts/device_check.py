@@ -22,7 +22,7 @@ Steps, each recorded in the JSON:
    against a cache of 2048 filled slots. Each is timed (median of repeats after a compiling
    run) and reported as model FLOPs / t over the matmul rate and bytes moved / t over the
    copy bandwidth.
-4. One layer's experts at full width on the prefill lengths by both expert paths
+4. Last, one layer's experts at full width on the prefill lengths by both expert paths
    (``moe_ragged``, ``moe_blocks``): which one ``grok.moe.PREFILL_IMPL`` should pick here.
 
 FLOPs count the matmuls of the active parameters (attention projections, dense MLP, the k
@@ -541,10 +541,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "experts": [c.num_local_experts, c.moe_intermediate_size, c.num_experts_per_tok],
         "vocab_size": c.vocab_size,
     }
-    report["moe_prefill_paths"] = measure_moe_paths(shapes, rates, args.repeats, deadline)
     report["runs"] = [
         measure_model(shapes, quant, rates, args.repeats, deadline) for quant in formats
     ]
+    report["moe_prefill_paths"] = measure_moe_paths(shapes, rates, args.repeats, deadline)
     report["total_s"] = round(time.perf_counter() - start, 1)
     text = json.dumps(report, indent=2)
     print(text)

@@ -93,3 +93,14 @@ def test_test_step_runs_pytest_and_reads_the_outcome(device_check, tmp_path):
     result = device_check.run_tests([str(probe)])
     assert result["passed"] == 1 and result["failed"] == 1 and result["returncode"] == 1
     assert any("test_bad" in line for line in result["failures"])
+
+
+def test_a_case_past_the_budget_or_failing_is_recorded(device_check):
+    def fails(_: int) -> dict:
+        raise MemoryError("out of device memory")
+
+    assert device_check._case(lambda n: {"n": n}, 3, deadline=float("inf")) == {"n": 3}
+    assert "skipped" in device_check._case(lambda n: {"n": n}, 3, deadline=0.0)
+    assert device_check._case(fails, 3, deadline=float("inf")) == {
+        "error": "MemoryError: out of device memory"
+    }
