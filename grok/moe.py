@@ -234,21 +234,35 @@ def moe_blocks(
     return out.astype(x.dtype)
 
 
+# The contracted (input) axis of one layer's expert matrix [E, ., .] as ``expert_weights``
+# lays it out: 1 for w1/w3 [E, D, Fe] and w2 [E, Fe, D]. ``moe_ragged`` reads the layout from
+# here (so do its tests and scripts/device_check.py): an [out, in] layout is 2.
+EXPERT_IN_AXIS = 1
+
+
 def _ragged_matmul(
     xs: jax.Array, w: jax.Array | QuantWeight, sizes: jax.Array, row_expert: jax.Array
 ) -> jax.Array:
     """Rows of ``xs`` [A, In] (sorted by expert, ``sizes`` [E] per expert) times their
-    expert's matrix ``w`` [E, In, Out] -> [A, Out], accumulated in float32.
+    expert's matrix ``w`` ([E, In, Out], or [E, Out, In] when ``EXPERT_IN_AXIS`` is 2)
+    -> [A, Out], accumulated in float32.
 
     A quantised weight is multiplied as stored (cast to the activations' dtype) and its
-    per-output-channel scale [E, 1, Out] applied to each row's output afterwards (the same
-    product, without a dequantised [E, In, Out] copy in float32).
+    per-output-channel scale (1 on the In axis) applied to each row's output afterwards (the
+    same product, without a dequantised copy in float32).
     """
     dt = xs.dtype
-    if isinstance(w, QuantWeight):
-        y = jax.lax.ragged_dot(xs, w.q.astype(dt), sizes, preferred_element_type=jnp.float32)
-        return (y * w.scale[row_expert, 0]).astype(dt)  # scale per row's expert: [A, Out]
-    y = jax.lax.ragged_dot(xs, w.astype(dt), sizes, preferred_element_type=jnp.float32)
+    numbers = jax.lax.RaggedDotDimensionNumbers(
+        dot_dimension_numbers=(([1], [EXPERT_IN_AXIS]), ([], [])),
+        lhs_ragged_dimensions=[0],
+        rhs_group_dimensions=[0],
+    )
+    q = w.q if isinstance(w, QuantWeight) else w
+    y = jax.lax.ragged_dot_general(
+        xs, q.astype(dt), sizes, numbers, preferred_element_type=jnp.float32
+    )  # [A, Out]
+    if isinstance(w, QuantWeight):  # scale per row's expert: [A, Out]
+        y = y * jnp.squeeze(w.scale[row_expert], axis=EXPERT_IN_AXIS)
     return y.astype(dt)
 
 
@@ -261,15 +275,16 @@ def moe_ragged(
     w2: jax.Array | QuantWeight | LayerExperts,
     act: Callable[[jax.Array], jax.Array],
 ) -> jax.Array:
-    """Expert outputs by grouped matmuls (``jax.lax.ragged_dot``) over the assignments
-    sorted by expert: work is exactly the active tokens-times-experts, with no padding.
+    """Expert outputs by grouped matmuls (``jax.lax.ragged_dot_general``) over the
+    assignments sorted by expert: work is exactly the active tokens-times-experts, with no
+    padding.
 
-    With the expert width Fe split over ``model`` (w1/w3 [E, D, Fe] by columns, w2 [E, Fe, D]
-    by rows) the compiler keeps every device on its own Fe slice and sums the [A, D] partial
-    outputs once (one all-reduce); the weights are never gathered.
+    With the expert width Fe split over ``model`` the compiler keeps every device on its own
+    Fe slice of w1, w3 and w2 and sums the [A, D] partial outputs once (one all-reduce); the
+    weights are never gathered.
 
-    x [M, D], weights/experts [M, k], w1/w3 [E, D, Fe], w2 [E, Fe, D] (or ``LayerExperts``
-    views, or ``QuantWeight``s) -> [M, D].
+    x [M, D], weights/experts [M, k], w1/w3 [E, D, Fe], w2 [E, Fe, D] (laid out as
+    ``EXPERT_IN_AXIS`` says; or ``LayerExperts`` views, or ``QuantWeight``s) -> [M, D].
     """
     m, d = x.shape
     k = experts.shape[1]

@@ -59,7 +59,7 @@ from grok.kv_cache import KVCache
 from grok.layers import activation
 from grok.memory_plan import device_bytes_limit
 from grok.model import forward_fns
-from grok.moe import moe_blocks, moe_ragged
+from grok.moe import EXPERT_IN_AXIS, moe_blocks, moe_ragged
 from grok.rope import rope_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -431,9 +431,12 @@ def measure_moe_paths(
     c = shapes.config
     e, d, fe, k = c.num_local_experts, c.hidden_size, c.moe_intermediate_size, c.num_experts_per_tok
     key = jax.random.key(7, impl="rbg")
+    in_out = [(e, d, fe), (e, d, fe), (e, fe, d)]  # w1, w3, w2 as [E, In, Out]
     w1, w3, w2 = (
         _chunk(jax.random.fold_in(key, i), "experts", "w", shape, jnp.bfloat16)
-        for i, shape in enumerate([(e, d, fe), (e, d, fe), (e, fe, d)])
+        for i, shape in enumerate(
+            in_out if EXPERT_IN_AXIS == 1 else [(s[0], s[2], s[1]) for s in in_out]
+        )
     )
     act = activation(c.hidden_act)
     paths = {"ragged": moe_ragged, "blocks": moe_blocks}

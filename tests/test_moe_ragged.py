@@ -18,6 +18,7 @@ from grok.config import TINY_GROK2
 from grok.errors import ConfigError
 from grok.layers import QuantWeight
 from grok.moe import (
+    EXPERT_IN_AXIS,
     PREFILL_ENV,
     LayerExperts,
     moe_dense_reference,
@@ -32,13 +33,18 @@ D, FE, E, K = 32, 64, 8, 2
 ACT = jax.nn.gelu
 
 
+def _layout(w: np.ndarray) -> np.ndarray:
+    """[E, In, Out] -> the module's expert layout (``EXPERT_IN_AXIS``)."""
+    return w if EXPERT_IN_AXIS == 1 else np.swapaxes(w, 1, 2)
+
+
 def _experts(seed: int):
-    """w1/w3 [E, D, Fe], w2 [E, Fe, D] float32."""
+    """w1/w3 [E, D, Fe], w2 [E, Fe, D] float32, laid out as ``expert_weights`` does."""
     rng = np.random.default_rng(seed)
     w1 = rng.standard_normal((E, D, FE)) / np.sqrt(D)
     w3 = rng.standard_normal((E, D, FE)) / np.sqrt(D)
     w2 = rng.standard_normal((E, FE, D)) / np.sqrt(FE)
-    return tuple(jnp.asarray(w, jnp.float32) for w in (w1, w3, w2))
+    return tuple(jnp.asarray(_layout(w), jnp.float32) for w in (w1, w3, w2))
 
 
 def _tokens(m: int, seed: int, skew: bool):
@@ -76,7 +82,7 @@ def test_ragged_with_fp8_weights_and_layer_views():
         q = (w / scale).astype(jnp.float8_e4m3fn)
         return QuantWeight(q[None].repeat(2, 0), scale[None].repeat(2, 0))  # [L=2, E, ...]
 
-    views = [LayerExperts(quantise(w, 1), jnp.int32(1)) for w in (w1, w3, w2)]
+    views = [LayerExperts(quantise(w, EXPERT_IN_AXIS), jnp.int32(1)) for w in (w1, w3, w2)]
     got = jax.jit(lambda x, ws, ex, views: moe_ragged(x, ws, ex, *views, ACT))(
         x, weights, experts, views
     )
@@ -93,14 +99,15 @@ def test_ragged_with_expert_width_split_over_model():
     mesh = make_mesh(2, 4)
     w1, w3, w2 = _experts(7)
     x, weights, experts = _tokens(48, 8, False)
-    split_out = NamedSharding(mesh, P(None, None, "model"))  # w1/w3 [E, D, Fe]
-    split_in = NamedSharding(mesh, P(None, "model", None))  # w2 [E, Fe, D]
-    sharded = (
-        jax.device_put(w1, split_out),
-        jax.device_put(w3, split_out),
-        jax.device_put(w2, split_in),
-    )
-    assert sharded[0].addressable_shards[0].data.shape == (E, D, FE // 4)
+    fe_axis = {"w1": 3 - EXPERT_IN_AXIS, "w2": EXPERT_IN_AXIS}  # Fe: w1/w3's out, w2's in
+
+    def split(w, axis):
+        spec = [None, None, None]
+        spec[axis] = "model"
+        return jax.device_put(w, NamedSharding(mesh, P(*spec)))
+
+    sharded = (split(w1, fe_axis["w1"]), split(w3, fe_axis["w1"]), split(w2, fe_axis["w2"]))
+    assert sharded[0].addressable_shards[0].data.shape[fe_axis["w1"]] == FE // 4
     fn = jax.jit(lambda *a: moe_ragged(*a, ACT))
     compiled = fn.lower(x, weights, experts, *sharded).compile()
     hlo = compiled.as_text()
