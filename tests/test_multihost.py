@@ -29,6 +29,8 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -38,9 +40,9 @@ import pytest
 
 import grok
 from grok import distributed
+from grok.checkpoint import ReleasedCheckpoint
 from grok.cli import sample as cli
 from grok.config import TINY_GROK2
-from grok.safetensors_io import SafetensorsFile
 from grok.sharding import make_mesh
 from grok.testing import write_checkpoint
 from grok.tokenizer import load_tokenizer, write_tok_json
@@ -70,22 +72,35 @@ def cli_main(args: list[str]) -> tuple[int, str]:
     return status, out.getvalue()
 
 
-def count_reads() -> list[int]:
-    """Counts the bytes of tensor data this process reads from checkpoint files.
+def count_reads() -> tuple[list[int], Callable[[], None]]:
+    """Counts the bytes of tensor data this process copies out of the checkpoint files.
 
-    ``SafetensorsFile.get_slice`` is where the checkpoint reader takes a tensor region from
-    a file; wrapping it counts every byte read (the returned region's size).
+    The counter wraps the one method through which the checkpoint reader takes a tensor
+    region out of a file: ``ReleasedCheckpoint._copy(entry, rows, cols, dst)`` in the
+    ``grok/checkpoint/`` package (called from a thread pool, hence the lock), or
+    ``ReleasedCheckpoint._read_entry(entry, rows, cols) -> region`` in the single-module
+    reader before it. Returns (the running total in a list, a function that unwraps).
     """
-    total = [0]
-    original = SafetensorsFile.get_slice
+    total, lock = [0], threading.Lock()
 
-    def counted(self, name, index):
-        region = original(self, name, index)
-        total[0] += region.nbytes
+    def add(nbytes: int) -> None:
+        with lock:
+            total[0] += nbytes
+
+    name = "_copy" if hasattr(ReleasedCheckpoint, "_copy") else "_read_entry"
+    original = getattr(ReleasedCheckpoint, name)
+
+    def copy(self, entry, rows, cols, dst):
+        original(self, entry, rows, cols, dst)
+        add(dst.size * entry.dtype.itemsize)
+
+    def read_entry(self, entry, rows, cols):
+        region = original(self, entry, rows, cols)
+        add(region.nbytes)
         return region
 
-    SafetensorsFile.get_slice = counted
-    return total
+    setattr(ReleasedCheckpoint, name, copy if name == "_copy" else read_entry)
+    return total, lambda: setattr(ReleasedCheckpoint, name, original)
 
 
 def local_shard_bytes(params) -> int:
@@ -132,7 +147,7 @@ def worker(process_id: int, port: int, checkpoint: str, out_dir: str) -> None:
         [d for d in jax.devices() if d.process_index == p] for p in range(PROCESSES)
     ]  # [process][local device]
     grid = [by_process[p][2 * r + c] for r in range(2) for p in range(2) for c in range(2)]
-    read = count_reads()
+    read, _ = count_reads()
     spanning = grok.load_pretrained(
         checkpoint, dtype=jnp.float32, mesh=make_mesh(2, 4, grid), quiet=True
     )
@@ -168,13 +183,12 @@ def checkpoint(tmp_path_factory) -> Path:
 
 def one_device(checkpoint: Path) -> dict:
     """One process, one device: the bytes its load reads, logits, a generation, the CLI."""
-    original = SafetensorsFile.get_slice
+    read, unwrap = count_reads()
     try:
-        read = count_reads()
         model = grok.load_pretrained(checkpoint, dtype=jnp.float32, quiet=True)
         read_bytes = read[0]
     finally:
-        SafetensorsFile.get_slice = original
+        unwrap()
     return {
         "read_bytes": read_bytes,
         "logits": np.asarray(model.logits(LOGIT_TOKENS)),
