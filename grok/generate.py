@@ -234,21 +234,15 @@ def _pin_state(
             return x
         return jax.lax.with_sharding_constraint(x, sharding)
 
-    h = host_sharding
     cache = state.cache
     k, v = pin(cache.k, cache_sharding), pin(cache.v, cache_sharding)
-    cache = KVCache(k=k, v=v, lengths=pin(cache.lengths, h))
-    return DecodeState(
-        cache=cache,
-        token=pin(state.token, h),
-        position=pin(state.position, h),
-        num_new=pin(state.num_new, h),
-        done=pin(state.done, h),
-        out=pin(state.out, h),
-        logits=pin(state.logits, h),
-        keys=pin(state.keys, h),
-        step=pin(state.step, h),
-    )
+    fields = {
+        f.name: pin(getattr(state, f.name), host_sharding)
+        for f in dataclasses.fields(state)
+        if f.name != "cache"
+    }
+    cache = dataclasses.replace(cache, k=k, v=v, lengths=pin(cache.lengths, host_sharding))
+    return dataclasses.replace(state, cache=cache, **fields)
 
 
 @functools.partial(

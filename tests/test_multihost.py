@@ -25,7 +25,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -121,8 +123,24 @@ def prompts(checkpoint: str | Path) -> list[list[int]]:
     return [tokenizer.encode(t) for t in TEXTS]
 
 
+class CompileLog(logging.Handler):
+    """Names of the functions JAX compiles while ``jax_log_compiles`` is on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        match = re.match(r"Compiling jit\((\w+)\)", record.getMessage())
+        if match:
+            self.names.append(match.group(1))
+
+
 def worker(process_id: int, port: int, checkpoint: str, out_dir: str) -> None:
     """One simulated host (see the module docstring)."""
+    compiles = CompileLog()
+    logging.getLogger("jax").addHandler(compiles)
+    jax.config.update("jax_log_compiles", True)
     status, cli_out = cli_main(
         [
             *CLI_ARGS,
@@ -141,6 +159,7 @@ def worker(process_id: int, port: int, checkpoint: str, out_dir: str) -> None:
         max_new_tokens=MAX_NEW,
         on_token=lambda row, token: streamed[row].append(token),
     )
+    jax.config.update("jax_log_compiles", False)
 
     # Model axis across the processes: row r holds devices 2r, 2r+1 of each process.
     by_process = [
@@ -163,6 +182,7 @@ def worker(process_id: int, port: int, checkpoint: str, out_dir: str) -> None:
         "tokens": result.tokens,
         "streamed": streamed,
         "finish_reasons": result.finish_reasons,
+        "compiles": compiles.names,
     }
     (Path(out_dir) / f"report{process_id}.json").write_text(json.dumps(report))
 
@@ -251,6 +271,9 @@ def test_logits_and_generation_equal_one_device(runs):
         assert report["tokens"] == single["result"].tokens
         assert report["finish_reasons"] == single["result"].finish_reasons
         assert report["streamed"] == single["result"].tokens  # on_token ran on every process
+        # The CLI's batch and the streamed calls share one prefill and one decode program:
+        # the decode state keeps one layout from call to call.
+        assert report["compiles"].count("_prefill") == report["compiles"].count("_decode") == 1
     assert all(len(t) == MAX_NEW for t in single["result"].tokens)  # no early stop
 
 
