@@ -9,7 +9,7 @@ with the same arguments. Host data enters as global arrays (``to_global``: each 
 builds only its own devices' slices of the full value it holds) and leaves through
 ``to_host``, which gathers across processes only what no process holds whole.
 
-Glossary: only array ranks and shardings matter here; the letters are those of the caller.
+Arrays keep their shapes (in the caller's glossary letters); only where they live changes.
 """
 
 from __future__ import annotations
