@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from grok.config import GrokConfig, load_config
+from grok.distributed import to_global
 from grok.errors import ConfigError
+from grok.generate import GenerationResult, TokenCallback, generate
 from grok.kv_cache import KVCache
 from grok.model import forward_fns
 from grok.rope import RopeTable, rope_table
+from grok.sampling import Sampler
 from grok.tokens import check_token_ids
 
 
@@ -25,8 +30,10 @@ class Model:
       config: the ``GrokConfig``.
       params: the Haiku parameter tree (``jax.Array`` leaves, possibly sharded).
       dtype: the compute/parameter dtype (router kept in float32).
-      mesh: the device mesh the parameters live on, or None for one device.
+      mesh: the device mesh the parameters live on (it may span processes: see
+        ``grok.distributed``), or None for one device.
       quant: None, or "fp8"/"int8" when matrices are kept quantised on the device.
+      apply_fn: the pure (un-jitted) Haiku apply function ``generate`` compiles.
     """
 
     def __init__(
@@ -51,12 +58,23 @@ class Model:
 
             act_sharding = activation_sharding(mesh)
         self._fns = forward_fns(config, self.dtype, moe_impl, quant, act_sharding)
+        self.apply_fn = self._fns.apply
         self._apply = jax.jit(self._fns.apply)
+
+    def _put(self, value: np.ndarray) -> jax.Array:
+        """Host data as an input: on a mesh, a global array replicated over it (each process
+        builds its own devices' copies from the same value); else a one-device array."""
+        if self.mesh is None:
+            return jnp.asarray(value)
+        return to_global(np.asarray(value), NamedSharding(self.mesh, PartitionSpec()))
 
     @functools.cached_property
     def rope(self) -> RopeTable:
-        """The rotary table [P, H/2], P = max_position_embeddings."""
-        return rope_table(self.config)
+        """The rotary table [P, H/2], P = max_position_embeddings (replicated on a mesh)."""
+        table = rope_table(self.config)
+        if self.mesh is None:
+            return table
+        return jax.tree.map(lambda x: self._put(np.asarray(x)), table)
 
     def check_tokens(self, tokens: Any) -> np.ndarray:
         """``tokens`` [B, T] as int64 ids (see ``grok.tokens.check_token_ids``): TokenizerError
@@ -66,12 +84,17 @@ class Model:
         )
 
     def logits(self, tokens: Any) -> jax.Array:
-        """Full-sequence logits: int32 tokens [B, T] at positions 0..T-1 -> float32 [B, T, V]."""
+        """Full-sequence logits: int32 tokens [B, T] at positions 0..T-1 -> float32 [B, T, V].
+
+        On a mesh the result stays on it; when the mesh spans processes, every process calls
+        with the same tokens and ``grok.distributed.to_host(logits)`` (called on every
+        process) brings the whole array to each host.
+        """
         tokens_np = self.check_tokens(tokens)
         b, t = tokens_np.shape
-        tokens_j = jnp.asarray(tokens_np, jnp.int32)
-        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        lengths = jnp.full((b,), t, jnp.int32)
+        tokens_j = self._put(tokens_np.astype(np.int32))
+        positions = self._put(np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)))
+        lengths = self._put(np.full((b,), t, np.int32))
         out, _ = self._apply(self.params, tokens_j, positions, self.rope, None, lengths)
         return out
 
@@ -93,21 +116,20 @@ class Model:
 
     def generate(
         self,
-        prompts: Any,
+        prompts: Sequence[Sequence[int]] | np.ndarray,
         *,
         max_new_tokens: int,
-        sampler: Any = None,
-        seed: int | Any = 0,
-        stop_tokens: Any = (),
-        on_token: Any = None,
+        sampler: Sampler | None = None,
+        seed: int | Sequence[int] = 0,
+        stop_tokens: Sequence[int] = (),
+        on_token: TokenCallback | None = None,
         return_logits: bool = False,
-    ) -> Any:
+    ) -> GenerationResult:
         """Continues B prompts of token ids (any lengths) with prefill and cached decode.
 
-        See ``grok.generate.generate`` for the arguments; returns a ``GenerationResult``.
+        See ``grok.generate.generate`` for the arguments (and for a mesh that spans
+        processes: every process calls with the same arguments and gets the same result).
         """
-        from grok.generate import generate
-
         return generate(
             self,
             prompts,

@@ -21,6 +21,16 @@ How a batch runs:
 - Row b's draws use the key ``fold_in(key_b, i)`` for its i-th new token, where ``key_b``
   comes from the seed and the row (or from the row's own seed). The same seed gives the same
   tokens, and with per-row seeds a sequence gets the same tokens in any batch.
+
+On a mesh that spans several processes (``grok.distributed``), every process calls
+``generate`` with the same arguments. The prompts, lengths, keys and limits enter as global
+arrays replicated over the mesh (each process builds its own devices' copies from the values
+it holds); the KV cache stays split over the mesh; what the host reads after each call
+(tokens, counts, done flags, recorded logits) is pinned replicated inside the compiled
+programs, so every process reads it from its own devices and no gather runs on the host.
+Every process gets the same ``GenerationResult``, and ``on_token`` runs on every process
+with the same tokens (print from ``jax.process_index() == 0`` only, as ``grok-sample``
+does).
 """
 
 from __future__ import annotations
@@ -28,23 +38,23 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from grok.config import GrokConfig
+from grok.distributed import to_global, to_host
 from grok.errors import GenerationError
 from grok.kv_cache import KVCache
 from grok.memory_plan import check_generation_fits
+from grok.rope import RopeTable
 from grok.sampling import Sampler
 from grok.sharding import kv_cache_sharding
 from grok.tokens import check_token_ids
-
-if TYPE_CHECKING:
-    from grok.api import Model
 
 # The smallest prompt / cache bucket: below this, padding costs less than a recompile would.
 MIN_BUCKET = 16
@@ -56,6 +66,38 @@ FINISH_LENGTH = "length"  # max_new_tokens tokens were produced
 FINISH_CONTEXT = "context"  # the last token sits at position P - 1: the context is full
 
 TokenCallback = Callable[[int, int], None]
+
+# ``apply(params, tokens [B, T], positions [B, T], rope, cache, kv_lengths [B], logits_at [B])``
+# -> (logits [B, T or 1, V] float32, cache): the Haiku apply of ``grok.model.forward_fns``.
+ApplyFn = Callable[..., tuple[jax.Array, KVCache | None]]
+Params = Mapping[str, Mapping[str, Any]]  # the Haiku tree: {module: {name: array}}
+
+
+class ModelLike(Protocol):
+    """What ``generate`` needs of a model; ``grok.Model`` is one.
+
+    ``apply_fn`` is the pure (un-jitted) apply function; it is a static argument of the
+    compiled prefill and decode, so it must be hashable and the same object from call to
+    call (``grok.model.forward_fns`` caches it per config).
+    """
+
+    @property
+    def config(self) -> GrokConfig: ...
+
+    @property
+    def params(self) -> Params: ...
+
+    @property
+    def dtype(self) -> jnp.dtype: ...
+
+    @property
+    def mesh(self) -> Mesh | None: ...
+
+    @property
+    def rope(self) -> RopeTable: ...
+
+    @property
+    def apply_fn(self) -> ApplyFn: ...
 
 
 def bucket_length(n: int, limit: int) -> int:
@@ -177,6 +219,32 @@ def _record(
     )
 
 
+def _pin_state(
+    state: DecodeState,
+    cache_sharding: jax.sharding.Sharding | None,
+    host_sharding: jax.sharding.Sharding | None,
+) -> DecodeState:
+    """Pins the decode state's layout on a mesh: k/v to ``cache_sharding``, everything else
+    (what the host reads, and the keys) to ``host_sharding``, replicated over the mesh so
+    that every process holds it whole. Prefill's output and decode's input and output then
+    share one layout, so decode compiles once. None: left to the compiler."""
+
+    def pin(x: Any, sharding: jax.sharding.Sharding | None) -> Any:
+        if x is None or sharding is None:
+            return x
+        return jax.lax.with_sharding_constraint(x, sharding)
+
+    cache = state.cache
+    k, v = pin(cache.k, cache_sharding), pin(cache.v, cache_sharding)
+    fields = {
+        f.name: pin(getattr(state, f.name), host_sharding)
+        for f in dataclasses.fields(state)
+        if f.name != "cache"
+    }
+    cache = dataclasses.replace(cache, k=k, v=v, lengths=pin(cache.lengths, host_sharding))
+    return dataclasses.replace(state, cache=cache, **fields)
+
+
 @functools.partial(
     jax.jit,
     static_argnames=(
@@ -187,6 +255,7 @@ def _record(
         "cache_len",
         "record_logits",
         "cache_sharding",
+        "host_sharding",
     ),
 )
 def _prefill(
@@ -205,9 +274,11 @@ def _prefill(
     cache_len: int,
     record_logits: bool,
     cache_sharding: jax.sharding.Sharding | None = None,
+    host_sharding: jax.sharding.Sharding | None = None,
 ) -> DecodeState:
     """Runs the prompts [B, T] (row b valid up to ``lengths[b]``) into a fresh cache of
-    ``cache_len`` slots and samples each row's first new token."""
+    ``cache_len`` slots and samples each row's first new token. ``cache_sharding`` and
+    ``host_sharding``: see ``_pin_state``."""
     b, t = tokens.shape
     p = config.max_position_embeddings
     cache = KVCache.create(config, b, cache_len, dtype)
@@ -235,12 +306,13 @@ def _prefill(
         keys=keys,
         step=jnp.zeros((), jnp.int32),
     )
-    return _record(state, first, last, stop_mask, max_new, p)
+    state = _record(state, first, last, stop_mask, max_new, p)
+    return _pin_state(state, cache_sharding, host_sharding)
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("apply_fn", "context", "sampler"),
+    static_argnames=("apply_fn", "context", "sampler", "cache_sharding", "host_sharding"),
     donate_argnames=("state",),
 )
 def _decode(
@@ -254,8 +326,11 @@ def _decode(
     apply_fn: Callable,
     context: int,
     sampler: Sampler,
+    cache_sharding: jax.sharding.Sharding | None = None,
+    host_sharding: jax.sharding.Sharding | None = None,
 ) -> DecodeState:
-    """Decode steps until every row is done or ``state.step`` reaches ``limit``."""
+    """Decode steps until every row is done or ``state.step`` reaches ``limit``.
+    ``cache_sharding`` and ``host_sharding``: see ``_pin_state``."""
 
     def cond(s: DecodeState) -> jax.Array:
         return (s.step < limit) & ~jnp.all(s.done)
@@ -269,7 +344,7 @@ def _decode(
         s = dataclasses.replace(s, cache=cache, position=advanced, step=s.step + 1)
         return _record(s, token, logits[:, 0], stop_mask, max_new, context)
 
-    return jax.lax.while_loop(cond, body, state)
+    return _pin_state(jax.lax.while_loop(cond, body, state), cache_sharding, host_sharding)
 
 
 def _check_prompts(prompts: Any, vocab: int, context: int) -> list[list[int]]:
@@ -290,8 +365,10 @@ def _check_prompts(prompts: Any, vocab: int, context: int) -> list[list[int]]:
     ]
 
 
-def _row_keys(seed: int | Sequence[int], batch: int) -> jax.Array:
-    """[B] PRNG keys: ``fold_in(key(seed), b)`` for one seed, ``key(seed[b])`` for a list."""
+def _row_keys(seed: int | Sequence[int], batch: int) -> np.ndarray:
+    """[B, 2] uint32 data of the PRNG keys (``jax.random.wrap_key_data`` makes them keys):
+    ``fold_in(key(seed), b)`` for one seed, ``key(seed[b])`` for a list. Host data, so that
+    on several processes it can enter as a global array like the other inputs."""
 
     def check(s: Any, what: str) -> int:
         if isinstance(s, bool) or not isinstance(s, int | np.integer) or not 0 <= s <= MAX_SEED:
@@ -302,14 +379,16 @@ def _row_keys(seed: int | Sequence[int], batch: int) -> jax.Array:
         if len(seed) != batch:
             raise GenerationError(f"got {len(seed)} seeds for {batch} prompts; give one per prompt")
         seeds = jnp.asarray([check(s, f"seed[{i}]") for i, s in enumerate(seed)], jnp.uint32)
-        return jax.vmap(jax.random.key)(seeds)
-    base = jax.random.key(check(seed, "seed"))
-    return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(batch))
+        keys = jax.vmap(jax.random.key)(seeds)
+    else:
+        base = jax.random.key(check(seed, "seed"))
+        keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(batch))
+    return np.asarray(jax.random.key_data(keys))
 
 
 def generate(
-    model: Model,
-    prompts: Sequence[Sequence[int]],
+    model: ModelLike,
+    prompts: Sequence[Sequence[int]] | np.ndarray,
     *,
     max_new_tokens: int,
     sampler: Sampler | None = None,
@@ -321,7 +400,8 @@ def generate(
     """Continues each prompt until it stops (see the module docstring).
 
     Args:
-      model: the model (parameters may be sharded over a mesh; nothing is moved to one device).
+      model: the model (parameters may be sharded over a mesh, one that may span processes;
+        nothing is moved to one device).
       prompts: B prompts of token ids, of any lengths in [1, P].
       max_new_tokens: the most new tokens per sequence (a stop token counts as one).
       sampler: how to pick tokens; default greedy.
@@ -331,6 +411,7 @@ def generate(
         for chat); the stop token is not included in the result's tokens.
       on_token: called as ``on_token(b, token_id)`` for each kept new token, in order, as soon
         as it is on the host. With it, the decode loop returns to the host once per step.
+        On several processes it runs on every process, with the same tokens.
       return_logits: also return the logits of every sampled token (float32 [B, S, V] on the
         device while generating: for tests and small vocabularies).
     Returns:
@@ -372,32 +453,42 @@ def generate(
     tokens = np.zeros((batch, prompt_len), np.int32)  # [B, T], right-padded with id 0
     for b, r in enumerate(rows):
         tokens[b, : len(r)] = r
-    keys = _row_keys(seed, batch)
-    max_new = jnp.asarray(min(max_new_tokens, cache_len), jnp.int32)
-    stop_mask_j = jnp.asarray(stop_mask)
+    mesh = model.mesh
+    # On a mesh every input is a global array replicated over it (built per process from the
+    # same host values), and so is what the host reads back.
+    replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+    cache_sharding = None if mesh is None else kv_cache_sharding(mesh, config, batch)
+
+    def put(value: np.ndarray) -> jax.Array:
+        return jnp.asarray(value) if replicated is None else to_global(value, replicated)
+
+    keys = jax.random.wrap_key_data(put(_row_keys(seed, batch)))  # [B]
+    max_new = put(np.int32(min(max_new_tokens, cache_len)))
+    stop_mask_j = put(stop_mask)
 
     start = time.perf_counter()
     state = _prefill(
         model.params,
         model.rope,
-        jnp.asarray(tokens),
-        jnp.asarray(lengths),
+        put(tokens),
+        put(lengths),
         keys,
         max_new,
         stop_mask_j,
-        apply_fn=model._fns.apply,
+        apply_fn=model.apply_fn,
         config=config,
         dtype=model.dtype,
         sampler=sampler,
         cache_len=cache_len,
         record_logits=return_logits,
-        cache_sharding=None if model.mesh is None else kv_cache_sharding(model.mesh, config, batch),
+        cache_sharding=cache_sharding,
+        host_sharding=replicated,
     )
     emitted = np.zeros((batch,), np.int32)  # tokens already handed to on_token, per row
 
     def stream() -> bool:
         """Hands new tokens to on_token; returns whether every row is done."""
-        num_new, token, done = jax.device_get((state.num_new, state.token, state.done))
+        num_new, token, done = (to_host(x) for x in (state.num_new, state.token, state.done))
         for b in range(batch):
             if num_new[b] > emitted[b]:  # at most one new token per step
                 emitted[b] = num_new[b]
@@ -406,7 +497,12 @@ def generate(
         return bool(done.all())
 
     decode_fn = functools.partial(
-        _decode, apply_fn=model._fns.apply, context=context, sampler=sampler
+        _decode,
+        apply_fn=model.apply_fn,
+        context=context,
+        sampler=sampler,
+        cache_sharding=cache_sharding,
+        host_sharding=replicated,
     )
     if on_token is not None:
         finished = stream()
@@ -415,17 +511,17 @@ def generate(
         while not finished:
             step += 1
             state = decode_fn(
-                model.params, model.rope, state, jnp.int32(step), max_new, stop_mask_j
+                model.params, model.rope, state, put(np.int32(step)), max_new, stop_mask_j
             )
             finished = stream()
     else:
         jax.block_until_ready(state.token)
         first_at = time.perf_counter()
         state = decode_fn(
-            model.params, model.rope, state, jnp.int32(cache_len), max_new, stop_mask_j
+            model.params, model.rope, state, put(np.int32(cache_len)), max_new, stop_mask_j
         )
-    num_new, out = jax.device_get((state.num_new, state.out))
-    recorded = None if state.logits is None else np.asarray(state.logits)
+    num_new, out = to_host(state.num_new), to_host(state.out)
+    recorded = None if state.logits is None else to_host(state.logits)
     end = time.perf_counter()
 
     tokens_out, reasons, stops, logits_out = [], [], [], []
@@ -463,6 +559,7 @@ __all__ = [
     "MIN_BUCKET",
     "DecodeState",
     "GenerationResult",
+    "ModelLike",
     "bucket_length",
     "generate",
 ]

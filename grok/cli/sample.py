@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -71,6 +72,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", default=None, help="device mesh DATAxMODEL, e.g. 1x8")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="compute dtype")
     p.add_argument("--quantize", choices=QUANTIZE, default=None, help="keep weights in fp8")
+    # Several processes, one mesh (grok.distributed): every process runs the same command with
+    # its own --process-id; only process 0 prints.
+    p.add_argument(
+        "--coordinator",
+        default=None,
+        help="HOST:PORT of process 0, for a mesh over several processes "
+        "(default: $JAX_COORDINATOR_ADDRESS)",
+    )
+    p.add_argument(
+        "--num-processes",
+        type=positive_int,
+        default=None,
+        help="processes (default: $JAX_NUM_PROCESSES)",
+    )
+    p.add_argument(
+        "--process-id",
+        type=nonnegative_int,
+        default=None,
+        help="this process (default: $JAX_PROCESS_ID)",
+    )
     return p
 
 
@@ -184,9 +205,12 @@ def run(args: argparse.Namespace, stdin: TextIO | BinaryIO, stdout: TextIO, stde
     import jax.numpy as jnp
 
     import grok
+    from grok.distributed import initialize, is_main_process
     from grok.sampling import Sampler
     from grok.tokenizer import chat_stop_ids, encode_chat, load_tokenizer
 
+    if initialize(args.coordinator, args.num_processes, args.process_id) and not is_main_process():
+        stdout = stderr = io.StringIO()  # every process computes the same text; one prints it
     sampler = Sampler(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p
     )

@@ -1,0 +1,561 @@
+"""One accelerator, one command: the tests that make sense there, then full-width Grok-2 layers
+measured against the device's own copy bandwidth and matmul rate. JSON out.
+
+    PYTHONPATH=. python scripts/device_check.py --out device.json      # a GPU/TPU, < 8 minutes
+    PYTHONPATH=. python scripts/device_check.py --small --tests none   # CPU smoke run (the suite)
+
+Steps, each recorded in the JSON:
+
+1. Tests: ``pytest`` on ``DEVICE_TEST_MODULES`` (the model against the float64 reference, the
+   fast paths, the ragged MoE, generation, sampling) in a subprocess with float32 matmuls at
+   full precision (``JAX_DEFAULT_MATMUL_PRECISION=highest``: accelerators otherwise use
+   reduced-precision float32 matmuls, which the 1e-4 reference tolerances do not allow).
+   Skipped with ``--tests none`` or when pytest is not installed.
+2. Rooflines measured on this device: the copy bandwidth (``y = x + 1`` over a large bfloat16
+   array: 2 * bytes / t) and the bfloat16 matmul rate ([n, n] x [n, n], float32
+   accumulation: 2 n^3 / t).
+3. N full-width Grok-2 decoder layers (D 8192, 64/8 heads of 128, dense MLP 32768, 8 experts of
+   16384, top-2) with the embedding and head (V 131072), random weights made on the device,
+   N sized to the device's memory (``--layers`` to force), in bfloat16 and with
+   ``quantize="fp8"`` (matrices in float8_e4m3fn with per-channel scales): prefill of 2048
+   and 8192 tokens (batch 1) into a KV cache, and one decode step at batch 1, 8 and 64
+   against a cache of 2048 filled slots. Each is timed (median of repeats after a compiling
+   run) and reported as model FLOPs / t over the matmul rate and bytes moved / t over the
+   copy bandwidth.
+4. Last, one layer's experts at full width on the prefill lengths by both expert paths
+   (``moe_ragged``, ``moe_blocks``): which one ``grok.moe.PREFILL_IMPL`` should pick here.
+
+FLOPs count the matmuls of the active parameters (attention projections, dense MLP, the k
+chosen experts, the router, the head at the positions computed) and causal attention. Bytes
+count every weight read once per call (for decode, the experts each batch is expected to
+touch under uniform routing, ``E * (1 - (1 - k/E)^B)`` of E, and B embedding rows), the KV
+cache read (decode) or written (prefill). Steps 2-3 stop early past ``--budget-s`` and say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import importlib.util
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from grok.config import GROK2, GrokConfig
+from grok.kv_cache import KVCache
+from grok.layers import activation
+from grok.memory_plan import device_bytes_limit
+from grok.model import forward_fns
+from grok.moe import EXPERT_IN_AXIS, moe_blocks, moe_ragged
+from grok.rope import rope_table
+
+ROOT = Path(__file__).resolve().parent.parent
+DEVICE_TEST_MODULES = (
+    "tests/test_model.py",
+    "tests/test_fast_paths.py",
+    "tests/test_moe_ragged.py",
+    "tests/test_generate.py",
+    "tests/test_sampling.py",
+)
+TESTS_TIMEOUT_S = 180  # the test step's share of the 8 minutes
+# JAX takes 75% of an accelerator's memory by default; the layers want more of it. Read when
+# the backend starts, so each process (the tests' and this one) sets it before touching it.
+MEM_FRACTION_ENV = ("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.90")
+ROOFLINE_REPEATS = 10  # the copy and matmul kernels are short: more runs for a stable median
+FULL = GROK2  # D 8192, 64/8 heads of 128, F 32768, 8 x 16384 experts, V 131072
+# Reduced widths with the same structure (GQA 8:1, residual MoE, 8 experts top-2): the CPU run.
+SMALL = GROK2.replace(
+    vocab_size=2048,
+    hidden_size=256,
+    num_attention_heads=8,
+    num_key_value_heads=1,
+    head_dim=32,
+    intermediate_size=1024,
+    moe_intermediate_size=512,
+    embedding_multiplier_scale=256**0.5,
+    attn_temperature_len=64,
+)
+WEIGHT_STD = 0.02  # random weights ~ N(0, 0.02^2): finite activations through every layer
+FP8_Q_STD = 16.0  # fp8 codes ~ N(0, 16^2) (well inside e4m3's 448), scale 0.02 / 16
+HEADROOM_BYTES = 24 << 30  # device memory kept free of weights and cache (activations)
+RANDOM_CHUNK_BYTES = 1 << 30  # float32 bytes drawn per call when making a weight
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    """What to measure."""
+
+    config: GrokConfig
+    prefill_lengths: tuple[int, ...]
+    decode_batches: tuple[int, ...]
+    decode_context: int  # filled cache slots a decode step attends to
+    copy_bytes: int  # bytes of the array the copy bandwidth is measured on
+    matmul_n: int  # [n, n] x [n, n]
+
+
+FULL_SHAPES = Shapes(FULL, (2048, 8192), (1, 8, 64), 2048, 4 << 30, 8192)
+SMALL_SHAPES = Shapes(SMALL, (64, 256), (1, 8, 64), 128, 64 << 20, 1024)
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
+    """(first call's seconds, compiling included; median of ``repeats`` further calls)."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return first, statistics.median(times)
+
+
+# Step 1: tests.
+
+
+def test_command(modules: Sequence[str]) -> list[str]:
+    """The pytest command line of the test step."""
+    return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *modules]
+
+
+def run_tests(modules: Sequence[str]) -> dict[str, Any]:
+    if not modules:
+        return {"skipped": "--tests none"}
+    if importlib.util.find_spec("pytest") is None:
+        return {"skipped": "pytest is not installed (bring its wheel along, see the README)"}
+    env = {
+        **os.environ,
+        "JAX_DEFAULT_MATMUL_PRECISION": "highest",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            test_command(modules),
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=TESTS_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired as e:
+        tail = (e.stdout or b"")[-2000:]
+        return {"modules": list(modules), "timed_out_s": TESTS_TIMEOUT_S, "tail": str(tail)}
+    lines = proc.stdout.strip().splitlines()
+    summary = lines[-1] if lines else ""
+    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|error|skipped)", summary)}
+    return {
+        "modules": list(modules),
+        "returncode": proc.returncode,
+        "summary": summary,
+        **counts,
+        "seconds": round(time.perf_counter() - start, 1),
+        "failures": [ln for ln in lines if ln.startswith(("FAILED", "ERROR"))][:20],
+    }
+
+
+# Step 2: rooflines.
+
+
+def copy_bandwidth(nbytes: int, repeats: int) -> dict[str, float]:
+    """``y = x + 1`` over ``nbytes`` of bfloat16: reads and writes each byte once."""
+    x = jnp.zeros((nbytes // 2 // 4096, 4096), jnp.bfloat16)  # 2-D: no index past 2^31
+    add = jax.jit(lambda x: x + jnp.asarray(1, x.dtype))
+    _, t = timed(lambda: add(x), repeats)
+    return {"bytes": nbytes, "seconds": t, "bytes_per_s": 2 * nbytes / t}
+
+
+def matmul_rate(n: int, repeats: int) -> dict[str, float]:
+    """[n, n] x [n, n] in bfloat16 with float32 accumulation, bfloat16 out."""
+    a = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(2), (n, n), jnp.bfloat16)
+    mm = jax.jit(
+        lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+    )
+    _, t = timed(lambda: mm(a, b), repeats)
+    return {"n": n, "seconds": t, "flops_per_s": 2 * n**3 / t}
+
+
+# Step 3: the layers.
+
+
+def _init_shapes(config: GrokConfig, quant: str | None) -> dict[str, dict[str, Any]]:
+    fns = forward_fns(config, jnp.dtype(jnp.bfloat16), "auto", quant)
+    one = jnp.zeros((1, 1), jnp.int32)
+    return jax.eval_shape(
+        fns.init, jax.random.key(0), one, one, rope_table(config, 1), None, jnp.ones(1, jnp.int32)
+    )
+
+
+def _value(key: jax.Array, module: str, name: str, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    """A random weight (traced): norms 1, fp8 scales ``WEIGHT_STD / FP8_Q_STD``, fp8 codes
+    ~ N(0, FP8_Q_STD^2) clipped to e4m3's range, everything else ~ N(0, WEIGHT_STD^2)."""
+    if "norm" in module:
+        return jnp.ones(shape, dtype)
+    if name.endswith("_scale"):
+        return jnp.full(shape, WEIGHT_STD / FP8_Q_STD, dtype)
+    if jnp.dtype(dtype) == jnp.dtype(jnp.float8_e4m3fn):
+        x = jax.random.normal(key, shape, jnp.float32) * FP8_Q_STD
+        return jnp.clip(x, -448.0, 448.0).astype(dtype)
+    return (jax.random.normal(key, shape, jnp.float32) * WEIGHT_STD).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("module", "name", "shape", "dtype"))
+def _chunk(key: jax.Array, module: str, name: str, shape: tuple[int, ...], dtype: Any):
+    return _value(key, module, name, shape, dtype)
+
+
+@functools.partial(jax.jit, donate_argnames=("out",))
+def _place(out: jax.Array, chunk: jax.Array, start: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_update_slice_in_dim(out, chunk, start, axis=0)
+
+
+def _large_leaf(key: jax.Array, module: str, name: str, s: jax.ShapeDtypeStruct) -> jax.Array:
+    """A weight above ``RANDOM_CHUNK_BYTES`` in float32, drawn chunk by chunk along its first
+    axis (layers, experts or vocab rows) into one device buffer."""
+    row = math.prod(s.shape[1:]) * 4
+    rows = max(1, min(s.shape[0], RANDOM_CHUNK_BYTES // row))
+    while s.shape[0] % rows:
+        rows -= 1
+    out = jnp.zeros(s.shape, s.dtype)
+    for i, start in enumerate(range(0, s.shape[0], rows)):
+        chunk = _chunk(jax.random.fold_in(key, i), module, name, (rows, *s.shape[1:]), s.dtype)
+        out = _place(out, chunk, jnp.int32(start))
+    return out
+
+
+def random_params(config: GrokConfig, quant: str | None, seed: int = 0) -> dict:
+    """Random parameters made on the default device: the small ones in one compiled call,
+    the large ones one chunk at a time (so no float32 copy of a whole weight exists)."""
+    leaves = [
+        (module, name, s)
+        for module, tree in sorted(_init_shapes(config, quant).items())
+        for name, s in sorted(tree.items())
+    ]
+    small = [i for i, (_, _, s) in enumerate(leaves) if s.size * 4 <= RANDOM_CHUNK_BYTES]
+
+    @jax.jit
+    def make_small(key: jax.Array) -> list[jax.Array]:
+        return [
+            _value(jax.random.fold_in(key, i), m, n, s.shape, s.dtype)
+            for i, (m, n, s) in ((i, leaves[i]) for i in small)
+        ]
+
+    key = jax.random.key(seed, impl="rbg")  # XLA's own generator: quick to compile and run
+    values = dict(zip(small, make_small(key), strict=True))
+    for i, (module, name, s) in enumerate(leaves):
+        if i not in values:
+            values[i] = jax.block_until_ready(
+                _large_leaf(jax.random.fold_in(key, i), module, name, s)
+            )
+    params: dict[str, dict[str, jax.Array]] = {}
+    for i, (module, name, _) in enumerate(leaves):
+        params.setdefault(module, {})[name] = values[i]
+    return params
+
+
+def _nbytes(tree: Any) -> int:
+    return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree))
+
+
+@dataclasses.dataclass(frozen=True)
+class Costs:
+    """Per-call work of the model: parameter bytes by part, active matmul parameters."""
+
+    expert_bytes: int  # all layers' experts (scales included)
+    embed_bytes: int
+    other_bytes: int  # everything else (attention, dense MLP, router, norms, head)
+    active_params: int  # matmul parameters one token uses in the layers (k experts)
+    head_params: int  # D * V
+
+
+def model_costs(config: GrokConfig, shapes: dict[str, dict[str, Any]]) -> Costs:
+    c = config
+    expert = embed = other = 0
+    for module, leaves in shapes.items():
+        for name, s in leaves.items():
+            n = s.size * jnp.dtype(s.dtype).itemsize
+            if module.endswith("experts"):
+                expert += n
+            elif name == "embed_tokens":
+                embed += n
+            else:
+                other += n
+    d, h = c.hidden_size, c.head_dim
+    attn = d * h * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
+    dense = 3 * d * c.intermediate_size if c.has_dense_mlp else 0
+    experts = c.num_experts_per_tok * 3 * d * c.moe_intermediate_size
+    router = d * c.num_local_experts
+    active = c.num_hidden_layers * (attn + dense + experts + router)
+    return Costs(expert, embed, other, active, d * c.vocab_size)
+
+
+def expected_experts(batch: int, experts: int, k: int) -> float:
+    """Experts a batch of ``batch`` tokens touches per layer under uniform top-k routing."""
+    return experts * (1.0 - (1.0 - k / experts) ** batch)
+
+
+def _kv_bytes(config: GrokConfig, batch: int, slots: int, itemsize: int) -> int:
+    c = config
+    return c.num_hidden_layers * batch * slots * 2 * c.num_key_value_heads * c.head_dim * itemsize
+
+
+def _attention_flops(config: GrokConfig, queries: int, keys: int) -> float:
+    """Q K^T and P V over ``keys`` positions for ``queries`` rows, every layer."""
+    c = config
+    return 4.0 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * queries * keys
+
+
+def measure_model(
+    shapes: Shapes,
+    quant: str | None,
+    rates: dict[str, float],
+    repeats: int,
+    deadline: float,
+) -> dict[str, Any]:
+    """Prefill and decode timings of one weight format."""
+    config = shapes.config
+    dtype = jnp.dtype(jnp.bfloat16)
+    init_shapes = _init_shapes(config, quant)
+    costs = model_costs(config, init_shapes)
+    start = time.perf_counter()
+    params = random_params(config, quant)
+    made_s = time.perf_counter() - start
+    fns = forward_fns(config, dtype, "auto", quant)
+    positions_needed = max(*shapes.prefill_lengths, shapes.decode_context + 1)
+    rope = rope_table(config, positions_needed)
+    weights = costs.expert_bytes + costs.embed_bytes + costs.other_bytes
+    out: dict[str, Any] = {
+        "quantize": quant,
+        "param_bytes": _nbytes(params),
+        "make_weights_s": round(made_s, 2),
+        "prefill": [],
+        "decode": [],
+    }
+
+    def fractions(flops: float, nbytes: float, t: float) -> dict[str, float]:
+        return {
+            "seconds": t,
+            "flops": flops,
+            "bytes": nbytes,
+            "of_matmul_rate": flops / t / rates["flops_per_s"],
+            "of_copy_bandwidth": nbytes / t / rates["bytes_per_s"],
+        }
+
+    @functools.partial(jax.jit, static_argnames=("t",))
+    def prefill(params, rope, tokens, t):
+        cache = KVCache.create(config, 1, t, dtype)
+        positions = jnp.arange(t, dtype=jnp.int32)[None]  # [1, T]
+        lengths = jnp.full((1,), t, jnp.int32)
+        return fns.apply(params, tokens, positions, rope, cache, lengths, lengths - 1)
+
+    def prefill_case(t: int) -> dict[str, Any]:
+        tokens = jax.random.randint(jax.random.key(t), (1, t), 0, config.vocab_size)
+        first, secs = timed(lambda: prefill(params, rope, tokens, t), repeats)
+        flops = 2.0 * t * costs.active_params + _attention_flops(config, t, t) / 2
+        flops += 2.0 * costs.head_params  # the head at the last position only
+        nbytes = weights + _kv_bytes(config, 1, t, dtype.itemsize)
+        return {"first_call_s": first, **fractions(flops, nbytes, secs)}
+
+    for t in shapes.prefill_lengths:
+        out["prefill"].append({"tokens": t, **_case(prefill_case, t, deadline)})
+
+    @functools.partial(jax.jit, donate_argnames=("cache",))
+    def decode(params, rope, cache, tokens, positions):
+        return fns.apply(params, tokens, positions, rope, cache, positions[:, 0] + 1)
+
+    ctx = shapes.decode_context
+
+    def decode_case(b: int) -> dict[str, Any]:
+        cache = KVCache.create(config, b, ctx + 1, dtype)
+        tokens = jax.random.randint(jax.random.key(b), (b, 1), 0, config.vocab_size)
+        positions = jnp.full((b, 1), ctx, jnp.int32)
+        state = {"cache": cache}
+
+        def step(tokens=tokens, positions=positions, state=state):
+            logits, state["cache"] = decode(params, rope, state["cache"], tokens, positions)
+            return logits
+
+        first, secs = timed(step, repeats)
+        used = expected_experts(b, config.num_local_experts, config.num_experts_per_tok)
+        nbytes = (
+            costs.other_bytes
+            + costs.expert_bytes * used / config.num_local_experts
+            + costs.embed_bytes * b / config.vocab_size
+            + _kv_bytes(config, b, ctx + 1, dtype.itemsize)
+        )
+        flops = b * (2.0 * (costs.active_params + costs.head_params))
+        flops += _attention_flops(config, b, ctx + 1)
+        return {
+            "context": ctx,
+            "tokens_per_s": b / secs,
+            "expected_experts_per_layer": used,
+            "first_call_s": first,
+            **fractions(flops, nbytes, secs),
+        }
+
+    for b in shapes.decode_batches:
+        out["decode"].append({"batch": b, **_case(decode_case, b, deadline)})
+    return out
+
+
+def _case(fn: Callable[[int], dict[str, Any]], size: int, deadline: float) -> dict[str, Any]:
+    """One measurement; past the deadline it is skipped, and an error is recorded rather
+    than raised, so an unattended run still reports everything else."""
+    if time.perf_counter() > deadline:
+        return {"skipped": "time budget (--budget-s)"}
+    try:
+        return fn(size)
+    except Exception as e:  # out of memory, a lowering the backend lacks, ...
+        return {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+
+
+def measure_moe_paths(
+    shapes: Shapes, rates: dict[str, float], repeats: int, deadline: float
+) -> list[dict[str, Any]]:
+    """One layer's experts (bf16, uniform random top-k routing) on the prefill lengths by the
+    grouped-matmul path and the block path: the data behind ``grok.moe.PREFILL_IMPL``."""
+    c = shapes.config
+    e, d, fe, k = c.num_local_experts, c.hidden_size, c.moe_intermediate_size, c.num_experts_per_tok
+    key = jax.random.key(7, impl="rbg")
+    in_out = [(e, d, fe), (e, d, fe), (e, fe, d)]  # w1, w3, w2 as [E, In, Out]
+    w1, w3, w2 = (
+        _chunk(jax.random.fold_in(key, i), "experts", "w", shape, jnp.bfloat16)
+        for i, shape in enumerate(
+            in_out if EXPERT_IN_AXIS == 1 else [(s[0], s[2], s[1]) for s in in_out]
+        )
+    )
+    act = activation(c.hidden_act)
+    paths = {"ragged": moe_ragged, "blocks": moe_blocks}
+
+    def case(path: str, t: int) -> dict[str, Any]:
+        x = jax.random.normal(jax.random.fold_in(key, t), (t, d), jnp.bfloat16)  # [T, D]
+        logits = jax.random.normal(jax.random.fold_in(key, t + 1), (t, e))  # [T, E]
+        weights, experts = jax.lax.top_k(jax.nn.softmax(logits), k)  # [T, k]
+        run = jax.jit(lambda x, ws, ex: paths[path](x, ws, ex, w1, w3, w2, act))
+        first, secs = timed(lambda: run(x, weights, experts), repeats)
+        flops = 2.0 * t * k * 3 * d * fe
+        return {
+            "first_call_s": first,
+            "seconds": secs,
+            "of_matmul_rate": flops / secs / rates["flops_per_s"],
+        }
+
+    return [
+        {"path": path, "tokens": t, **_case(functools.partial(case, path), t, deadline)}
+        for t in shapes.prefill_lengths
+        for path in paths
+    ]
+
+
+def layers_for_memory(shapes: Shapes, limit: int | None, quant: str | None) -> int:
+    """How many layers fit in ``limit`` bytes beside ``HEADROOM_BYTES``: the bf16 weights
+    (the larger format, so one N serves both) and the largest decode cache; 2 without a limit."""
+    if limit is None:
+        return 2
+    one = shapes.config.replace(num_hidden_layers=1)
+    costs = model_costs(one, _init_shapes(one, quant))
+    per_layer = costs.expert_bytes + costs.other_bytes - 2 * costs.head_params
+    per_layer += _kv_bytes(one, max(shapes.decode_batches), shapes.decode_context + 1, 2)
+    fixed = costs.embed_bytes + 2 * costs.head_params  # the embedding and the head
+    return max(1, int((limit - HEADROOM_BYTES - fixed) // per_layer))
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--small", action="store_true", help="reduced widths (the CPU smoke run)")
+    p.add_argument("--layers", type=int, default=None, help="N (default: sized to memory)")
+    p.add_argument(
+        "--tests",
+        default="default",
+        help="'default' (DEVICE_TEST_MODULES), 'none', or comma-separated test files",
+    )
+    p.add_argument("--quantize", default="none,fp8", help="weight formats: none and/or fp8")
+    p.add_argument("--prefill", default=None, help="prompt lengths, e.g. 2048,8192")
+    p.add_argument("--decode-batches", default=None, help="decode batch sizes, e.g. 1,8,64")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls after the compiling one")
+    p.add_argument("--budget-s", type=float, default=400.0, help="stop measuring after this")
+    p.add_argument("--out", default=None, help="write the JSON here too (it always goes to stdout)")
+    return p.parse_args(argv)
+
+
+def _ints(text: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
+    return default if text is None else tuple(int(v) for v in text.split(","))
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    deadline = start + args.budget_s
+    os.environ.setdefault(*MEM_FRACTION_ENV)
+    modules = {"default": DEVICE_TEST_MODULES, "none": ()}.get(args.tests)
+    if modules is None:
+        modules = tuple(args.tests.split(","))
+    tests = run_tests(modules)  # first: its process needs the device before this one holds it
+
+    base = SMALL_SHAPES if args.small else FULL_SHAPES
+    shapes = dataclasses.replace(
+        base,
+        prefill_lengths=_ints(args.prefill, base.prefill_lengths),
+        decode_batches=_ints(args.decode_batches, base.decode_batches),
+    )
+    device = jax.devices()[0]
+    limit = device_bytes_limit(device)
+    # The small run keeps 2 layers: its point is to run every step, not to fill the memory.
+    layers = args.layers or (2 if args.small else layers_for_memory(shapes, limit, None))
+    shapes = dataclasses.replace(shapes, config=shapes.config.replace(num_hidden_layers=layers))
+    formats = [None if q == "none" else q for q in args.quantize.split(",")]
+
+    report: dict[str, Any] = {
+        "device": device.device_kind,
+        "platform": device.platform,
+        "device_count": jax.device_count(),
+        "bytes_limit": limit,
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "small": args.small,
+        "tests": tests,
+    }
+    repeats = max(args.repeats, ROOFLINE_REPEATS)
+    rates = {
+        **copy_bandwidth(shapes.copy_bytes, repeats),
+        **matmul_rate(shapes.matmul_n, repeats),
+    }
+    report["copy_bandwidth_bytes_per_s"] = rates["bytes_per_s"]
+    report["bf16_matmul_flops_per_s"] = rates["flops_per_s"]
+    c = shapes.config
+    report["model"] = {
+        "layers": layers,
+        "hidden_size": c.hidden_size,
+        "heads": [c.num_attention_heads, c.num_key_value_heads, c.head_dim],
+        "intermediate_size": c.intermediate_size,
+        "experts": [c.num_local_experts, c.moe_intermediate_size, c.num_experts_per_tok],
+        "vocab_size": c.vocab_size,
+    }
+    report["runs"] = [
+        measure_model(shapes, quant, rates, args.repeats, deadline) for quant in formats
+    ]
+    report["moe_prefill_paths"] = measure_moe_paths(shapes, rates, args.repeats, deadline)
+    report["total_s"] = round(time.perf_counter() - start, 1)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
