@@ -14,13 +14,19 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from grok.config import GrokConfig
 from grok.errors import MemoryPlanError
-from grok.layers import scale_shape
 from grok.params import weight_specs
-from grok.sharding import DATA, MODEL, ShardingRules, param_partition_spec
+from grok.quant import scale_shape
+from grok.sharding import (
+    DATA,
+    MODEL,
+    ShardingRules,
+    kv_cache_spec,
+    param_partition_spec,
+    scale_partition_spec,
+)
 
 GIB = 1 << 30
 
@@ -89,8 +95,6 @@ def plan_memory(
 
     Raises ShardingError (as the loader would) if the mesh cannot split a dimension.
     """
-    from grok.checkpoint import is_quantized, quant_in_dims
-
     sizes = {DATA: 1, MODEL: 1, **dict(mesh_sizes)}
     by_dtype: dict[str, int] = {}
 
@@ -101,22 +105,26 @@ def plan_memory(
     for spec in weight_specs(config):
         pspec = param_partition_spec(spec, sizes, rules)
         n = _shard_elements(spec.shape, pspec, sizes)
-        if quantize == "fp8" and is_quantized(spec):
+        if quantize == "fp8" and spec.quantized:
             add(jnp.float8_e4m3fn, n)
-            in_dims = quant_in_dims(spec)
-            s_shape = scale_shape(spec.shape, in_dims)
-            s_spec = [None if d in in_dims else p for d, p in enumerate(pspec)]
-            add(jnp.float32, _shard_elements(s_shape, s_spec, sizes))
+            s_shape = scale_shape(spec.shape, spec.in_dims)
+            add(
+                jnp.float32,
+                _shard_elements(s_shape, scale_partition_spec(spec, sizes, rules), sizes),
+            )
         else:
             add(spec.dtype(dtype), n)
 
     kv_dt = jnp.dtype(kv_dtype or dtype)
-    k_heads = config.num_key_value_heads
-    k_split = sizes[MODEL] if k_heads % sizes[MODEL] == 0 else 1
-    b_local = -(-batch // sizes[DATA]) if batch else 0
-    kv = (
-        config.num_hidden_layers * 2 * b_local * context * (k_heads // k_split) * config.head_dim
-    ) * kv_dt.itemsize
+    kv_shape = (
+        config.num_hidden_layers,
+        batch,
+        context,
+        config.num_key_value_heads,
+        config.head_dim,
+    )
+    kv_spec = kv_cache_spec(config, sizes, batch, context, rules)
+    kv = 2 * _shard_elements(kv_shape, kv_spec, sizes) * kv_dt.itemsize  # k and v
     return MemoryPlan(by_dtype, int(kv), dict(sizes), batch, context)
 
 
@@ -141,10 +149,3 @@ def check_fits(plan: MemoryPlan, device_bytes: int | None, what: str) -> None:
         f"{device_bytes / GIB:.2f} GiB; use more model-parallel devices, quantize='fp8', or a "
         f"smaller batch/context.\n{plan.describe(device_bytes)}"
     )
-
-
-def mesh_axis_sizes(mesh: jax.sharding.Mesh | None) -> dict[str, int]:
-    """{axis: size} of ``mesh``; one device for None."""
-    if mesh is None:
-        return {DATA: 1, MODEL: 1}
-    return dict(zip(mesh.axis_names, np.shape(mesh.devices), strict=True))

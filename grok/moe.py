@@ -8,7 +8,7 @@ Only the k chosen experts do work for a token:
   are skipped, so only chosen experts' weights are read;
 - many assignments (prefill): assignments are sorted by expert and cut into fixed-size
   blocks that each belong to one expert (groups padded to the block size); a scan runs one
-  [block, D] x [D, Fe] matmul per block, skipping empty blocks. Work is the active
+  [block, D] x [Fe, D] matmul per block, skipping empty blocks. Work is the active
   tokens-times-experts plus at most one partial block per expert.
 ``moe_dense_reference`` computes every expert and masks: the slow oracle for tests.
 """
@@ -61,7 +61,7 @@ def _whole(w):
 
 
 def expert_weights(config: GrokConfig, dtype: jnp.dtype, quant: str | None):
-    """The stacked expert weights of every layer: w1/w3 [L, E, D, Fe], w2 [L, E, Fe, D].
+    """The stacked expert weights of every layer: w1/w3 [L, E, Fe, D], w2 [L, E, D, Fe].
 
     Created once, outside the layer scan, under ``grok/experts``; each is a plain array or a
     ``QuantWeight``. Initialised with standard deviation 1/sqrt(fan-in) of one expert.
@@ -71,9 +71,9 @@ def expert_weights(config: GrokConfig, dtype: jnp.dtype, quant: str | None):
     init_in = hk.initializers.TruncatedNormal(D**-0.5)
     init_hidden = hk.initializers.TruncatedNormal(Fe**-0.5)
     with hk.name_scope(EXPERTS_MODULE):
-        w1 = get_weight("w1", (L, E, D, Fe), dtype, init_in, quant=quant, in_dims=(2,))
-        w3 = get_weight("w3", (L, E, D, Fe), dtype, init_in, quant=quant, in_dims=(2,))
-        w2 = get_weight("w2", (L, E, Fe, D), dtype, init_hidden, quant=quant, in_dims=(2,))
+        w1 = get_weight("w1", (L, E, Fe, D), dtype, init_in, quant=quant, in_dims=(3,))
+        w3 = get_weight("w3", (L, E, Fe, D), dtype, init_in, quant=quant, in_dims=(3,))
+        w2 = get_weight("w2", (L, E, D, Fe), dtype, init_hidden, quant=quant, in_dims=(3,))
     return w1, w3, w2
 
 
@@ -88,14 +88,14 @@ def route(
     """Top-k routing in float32.
 
     Args:
-      x: [..., D] tokens; w_gate: [D, E] router weight.
+      x: [..., D] tokens; w_gate: [E, D] router weight.
     Returns:
       (weights [..., k] float32, experts [..., k] int32, probs [..., E] float32). The weights
       are the softmax probabilities at the chosen experts, not renormalised unless asked.
       Ties break toward the lower expert index.
     """
     logits = jnp.einsum(
-        "...D,DE->...E",
+        "...D,ED->...E",
         x.astype(jnp.float32),
         w_gate.astype(jnp.float32),
         precision=jax.lax.Precision.HIGHEST,
@@ -109,10 +109,11 @@ def route(
 
 
 def _gated_mlp(x, w1, w3, w2, act):
-    """``w2(act(x w1) * (x w3))`` for x [.., D], w1/w3 [D, F], w2 [F, D]."""
+    """``w2(act(x w1) * (x w3))`` for x [.., D], w1/w3 [F, D], w2 [D, F] ([out, in])."""
     dt = x.dtype
     w1, w3, w2 = dequant(w1, dt), dequant(w3, dt), dequant(w2, dt)
-    return jnp.dot(act(jnp.dot(x, w1)) * jnp.dot(x, w3), w2)
+    h = act(jnp.einsum("...D,FD->...F", x, w1)) * jnp.einsum("...D,FD->...F", x, w3)
+    return jnp.einsum("...F,DF->...D", h, w2)
 
 
 def moe_gather(
@@ -131,7 +132,7 @@ def moe_gather(
     (Gathering each assignment's weights, ``w1[experts]``, would read the same bytes, but on
     CPU XLA copies the gathered [M, k, D, Fe] blocks first: measured 3-25x slower.)
 
-    x [M, D], weights/experts [M, k], w1/w3 [E, D, Fe], w2 [E, Fe, D] -> [M, D].
+    x [M, D], weights/experts [M, k], w1/w3 [E, Fe, D], w2 [E, D, Fe] -> [M, D].
     """
     e = w1.shape[0]
     gate = jnp.sum(jax.nn.one_hot(experts, e) * weights[..., None], axis=1)  # [M, E]
@@ -170,7 +171,7 @@ def moe_blocks(
 ) -> jax.Array:
     """Expert outputs by sorting assignments into per-expert blocks (for large M).
 
-    x [M, D], weights/experts [M, k], w1/w3 [E, D, Fe], w2 [E, Fe, D] -> [M, D].
+    x [M, D], weights/experts [M, k], w1/w3 [E, Fe, D], w2 [E, D, Fe] -> [M, D].
     """
     m, d = x.shape
     k = experts.shape[1]
@@ -219,14 +220,14 @@ def moe_dense_reference(x, weights, experts, w1, w3, w2, act) -> jax.Array:
     """Every expert on every token, masked: E / k times the work. A test oracle only."""
     e = w1.shape[0]
     w1, w3, w2 = (dequant(_whole(w), x.dtype) for w in (w1, w3, w2))
-    h = act(jnp.einsum("MD,EDF->MEF", x, w1)) * jnp.einsum("MD,EDF->MEF", x, w3)
-    y = jnp.einsum("MEF,EFD->MED", h, w2).astype(jnp.float32)  # [M, E, D]
+    h = act(jnp.einsum("MD,EFD->MEF", x, w1)) * jnp.einsum("MD,EFD->MEF", x, w3)
+    y = jnp.einsum("MEF,EDF->MED", h, w2).astype(jnp.float32)  # [M, E, D]
     gate = jnp.sum(jax.nn.one_hot(experts, e) * weights[..., None], axis=1)  # [M, E]
     return jnp.einsum("MED,ME->MD", y, gate).astype(x.dtype)
 
 
 class MoE(hk.Module):
-    """Router and experts. Parameter: router [D, E] (float32).
+    """Router and experts. Parameter: router [E, D] (float32).
 
     The expert weights come in from ``expert_weights`` as ``LayerExperts`` views (or, for a
     standalone module, [E, ...] arrays).
@@ -246,8 +247,8 @@ class MoE(hk.Module):
         """
         cfg = self.config
         d, e = cfg.hidden_size, cfg.num_local_experts
-        init = hk.initializers.VarianceScaling(1.0, "fan_in", "truncated_normal")
-        w_gate = hk.get_parameter("router", (d, e), jnp.float32, init=init)  # [D, E]
+        init = hk.initializers.VarianceScaling(1.0, "fan_out", "truncated_normal")  # [out, in]
+        w_gate = hk.get_parameter("router", (e, d), jnp.float32, init=init)  # [E, D]
         w1, w3, w2 = experts
 
         b, t, _ = x.shape
@@ -269,7 +270,7 @@ class MoE(hk.Module):
 
 
 class DenseMLP(hk.Module):
-    """The residual (dense) MLP: ``down(act(x gate) * (x up))``. gate/up [D, F], down [F, D]."""
+    """The residual (dense) MLP: ``down(act(x gate) * (x up))``. gate/up [F, D], down [D, F]."""
 
     def __init__(self, config: GrokConfig, dtype: jnp.dtype, quant: str | None = None, name=None):
         super().__init__(name=name)
@@ -280,11 +281,11 @@ class DenseMLP(hk.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [B, T, D] -> [B, T, D]."""
         d, f = self.config.hidden_size, self.config.intermediate_size
-        init = hk.initializers.VarianceScaling(1.0, "fan_in", "truncated_normal")
+        init = hk.initializers.VarianceScaling(1.0, "fan_out", "truncated_normal")  # [out, in]
         dt, quant = self.dtype, self.quant
-        gate = get_weight("gate_proj", (d, f), dt, init, quant=quant, in_dims=(0,))  # [D, F]
-        up = get_weight("up_proj", (d, f), dt, init, quant=quant, in_dims=(0,))  # [D, F]
-        down = get_weight("down_proj", (f, d), dt, init, quant=quant, in_dims=(0,))  # [F, D]
+        gate = get_weight("gate_proj", (f, d), dt, init, quant=quant, in_dims=(1,))  # [F, D]
+        up = get_weight("up_proj", (f, d), dt, init, quant=quant, in_dims=(1,))  # [F, D]
+        down = get_weight("down_proj", (d, f), dt, init, quant=quant, in_dims=(1,))  # [D, F]
         return _gated_mlp(x.astype(self.dtype), gate, up, down, activation(self.config.hidden_act))
 
 
