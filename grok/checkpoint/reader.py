@@ -117,7 +117,7 @@ class ReleasedCheckpoint:
         if found != spec.hf_shape and entries[0].rank is not None:
             dim = spec.tp_dim
             per_file = entries[0].shape[dim]
-            if found[dim] < spec.hf_shape[dim] and spec.hf_shape[dim] % per_file == 0:
+            if spec.hf_shape[dim] == per_file * (len(entries) + 1):  # the last rank is gone
                 rank = len(entries)
                 raise CheckpointError(
                     f"{self.directory}: tensor {name!r} is split over {len(entries)} TP "
@@ -128,7 +128,8 @@ class ReleasedCheckpoint:
             raise CheckpointError(
                 f"{where}: tensor {name!r} has shape {list(found)} stitched from "
                 f"{len(entries)} TP files, expected {list(spec.hf_shape)}; the config's "
-                "moe_intermediate_size/hidden_size contradicts the weights"
+                "moe_intermediate_size/hidden_size contradicts the weights (or TP files are "
+                "missing)"
             )
         if found != spec.hf_shape:
             raise CheckpointError(
