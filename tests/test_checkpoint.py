@@ -136,7 +136,9 @@ def test_config_that_contradicts_the_weights(ckpt):
 def test_fp8_tensor_without_scale(ckpt):
     f = file_holding(ckpt, EMBED)
     rewrite(f, lambda t: t.update({EMBED: t[EMBED].astype(jnp.float8_e4m3fn)}))
-    with pytest.raises(CheckpointError, match=rf"{f.name}.*{EMBED}.*needs exactly one of .*_scale.*found 0"):
+    with pytest.raises(
+        CheckpointError, match=rf"{f.name}.*{EMBED}.*needs exactly one of .*_scale.*found 0"
+    ):
         load(ckpt)
 
 
@@ -204,3 +206,24 @@ def test_non_finite_weight_is_refused_unless_asked(ckpt, bad):
         load(ckpt)
     model = load_pretrained(ckpt, dtype=jnp.float32, quiet=True, check_finite=False)
     assert not np.all(np.isfinite(np.asarray(model.params["grok/experts"]["w1"])))
+
+
+def test_writer_round_trips_float8_and_bfloat16_atomically(tmp_path):
+    f = tmp_path / "x.safetensors"
+    tensors = {
+        "a": np.arange(6, dtype=np.float32).reshape(2, 3).astype(jnp.float8_e4m3fn),
+        "b": np.ones((3,), jnp.bfloat16),
+        "c": np.float32(2.5),
+    }
+    save_file(f, tensors)
+    infos = read_header(f)
+    assert {n: i.safetensors_dtype for n, i in infos.items()} == {
+        "a": "F8_E4M3",
+        "b": "BF16",
+        "c": "F32",
+    }
+    assert infos["c"].shape == ()
+    with pytest.raises(CheckpointError, match="x.safetensors: cannot write"):
+        save_file(f, {"bad": np.array([object()])})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.safetensors"]  # no temp left
+    assert read_header(f).keys() == infos.keys()  # the old file is intact

@@ -372,6 +372,7 @@ class ReleasedCheckpoint:
         """(float8 weight, float32 per-output-channel scale), one layer at a time."""
         qs = _zeros(spec.shape, QUANT_DTYPES["fp8"], sharding)
         ss = _zeros(scale_shape(spec.shape, spec.in_dims), jnp.float32, scale_sharding)
+        update = _quantize_into_fn(spec.in_dims, sharding, scale_sharding)
         for layer in range(spec.shape[0]):
             w = self.build(spec, sharding, jnp.float32, pool, on_bytes, layer=layer)
             if not bool(_all_finite(w)):  # a scale from a NaN would spoil the whole channel
@@ -380,7 +381,7 @@ class ReleasedCheckpoint:
                     f"{self.directory}: tensor {name!r} holds a non-finite value (NaN or "
                     "Inf); cannot quantise it to fp8"
                 )
-            qs, ss = _quantize_into(qs, ss, w, layer, spec.in_dims)
+            qs, ss = update(qs, ss, w, layer)
             w.delete()
         return qs, ss
 
@@ -411,12 +412,22 @@ def _zeros(shape, dtype, sharding) -> jax.Array:
     return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
 
 
-@functools.partial(jax.jit, static_argnames="in_dims", donate_argnums=(0, 1))
-def _quantize_into(qs, ss, w, layer, in_dims):
-    """Quantises layer ``w`` [1, ...] per output channel into ``qs``/``ss`` at ``layer``."""
-    q, s = quantize(w, "fp8", in_dims)
-    start = (layer,) + (0,) * (qs.ndim - 1)
-    return jax.lax.dynamic_update_slice(qs, q, start), jax.lax.dynamic_update_slice(ss, s, start)
+def _quantize_into_fn(in_dims, sharding, scale_sharding):
+    """A jitted ``(qs, ss, w, layer) -> (qs, ss)`` writing layer ``w`` [1, ...] quantised.
+
+    Per output channel (the ``in_dims`` reduced; the compiler gathers their max across
+    shards); ``qs``/``ss`` are donated, updated in place, and keep their shardings.
+    """
+
+    def update(qs, ss, w, layer):
+        q, s = quantize(w, "fp8", in_dims)
+        start = (layer,) + (0,) * (qs.ndim - 1)
+        return (
+            jax.lax.dynamic_update_slice(qs, q, start),
+            jax.lax.dynamic_update_slice(ss, s, start),
+        )
+
+    return jax.jit(update, donate_argnums=(0, 1), out_shardings=(sharding, scale_sharding))
 
 
 def shard_read_bytes(shape: tuple[int, ...], sharding: jax.sharding.Sharding, itemsize: int) -> int:
