@@ -87,7 +87,8 @@ class ShardingRules:
         Raises ShardingError when two logical axes map to the same mesh axis, or (``strict``)
         when a mesh axis does not divide the dimension it splits, except kv_heads,
         replicated when the mesh axis is a multiple of K. Size-1 dims are never split.
-        Without ``strict`` an undivided dimension is replicated.
+        Without ``strict`` an undivided dimension, or one whose mesh axis the mesh lacks,
+        is replicated.
         """
         used: dict[str, str] = {}
         out: list[str | None] = []
@@ -95,6 +96,9 @@ class ShardingRules:
             mesh_axis = self.mesh_axis(logical)
             if mesh_axis is None:
                 out.append(None)
+                continue
+            if mesh_axis not in mesh_sizes and not strict:
+                out.append(None)  # the cache or the activations on a mesh without that axis
                 continue
             if mesh_axis not in mesh_sizes:
                 raise ShardingError(

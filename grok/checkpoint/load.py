@@ -64,7 +64,12 @@ def load(
     sizes = mesh_sizes(mesh)
     check_divisible(config, sizes, rules)
     plan = plan_memory(
-        config, sizes, dtype=dtype, quantize=quantize, batch=kv_batch, context=kv_context,
+        config,
+        sizes,
+        dtype=dtype,
+        quantize=quantize,
+        batch=kv_batch,
+        context=kv_context,
         rules=rules,
     )
     devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]

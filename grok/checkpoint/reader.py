@@ -339,7 +339,6 @@ class ReleasedCheckpoint:
         sharding_for = sharding_for or default
         scale_sharding_for = scale_sharding_for or sharding_for
         params: dict[str, dict[str, jax.Array]] = {}
-        checks: list[tuple[WeightSpec, int | None, jax.Array]] = []
         workers = workers or os.cpu_count() or 1
         try:
             with ThreadPoolExecutor(workers, thread_name_prefix="grok-load") as pool:
@@ -351,13 +350,17 @@ class ReleasedCheckpoint:
                         )
                         module[spec.name], module[spec.name + "_scale"] = q, s
                         continue
-                    array = self.build(spec, sharding_for(spec), dtype, pool, on_bytes)
-                    module[spec.name] = array
-                    if check_finite:
-                        checks.append((spec, None, _all_finite(array)))
-            for spec, layer, ok in checks:
-                if not bool(ok):
-                    name = _first_bad_unit(spec, params[spec.module][spec.name], layer)
+                    module[spec.name] = self.build(spec, sharding_for(spec), dtype, pool, on_bytes)
+            # One compiled check over every plain array (quantised ones were checked per layer).
+            plain = {
+                s.hf_name: params[s.module][s.name]
+                for s in self.specs
+                if not (quantize and s.quantized)
+            }
+            finite = _all_finite_tree(plain) if check_finite else {}
+            for spec in self.specs:
+                if spec.hf_name in finite and not bool(finite[spec.hf_name]):
+                    name = _first_bad_unit(spec, params[spec.module][spec.name], None)
                     raise CheckpointError(
                         f"{self.directory}: tensor {name!r} holds a non-finite value (NaN or "
                         "Inf); the weights are damaged (check_finite=False loads them anyway)"
@@ -397,6 +400,11 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
 @jax.jit
 def _all_finite(x: jax.Array) -> jax.Array:
     return jnp.all(jnp.isfinite(x))
+
+
+@jax.jit
+def _all_finite_tree(tree: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    return {k: jnp.all(jnp.isfinite(x)) for k, x in tree.items()}
 
 
 def _first_bad_unit(spec: WeightSpec, array: jax.Array, layer: int | None) -> str:
