@@ -162,6 +162,7 @@ def load_grok1_params(
     dtype: Any = jnp.bfloat16,
     quantize: str | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    check_finite: bool = True,
 ) -> tuple[GrokConfig, dict[str, dict[str, jax.Array]]]:
     """(config, parameters on the first device) of a Grok-1 ``ckpt-0`` folder (or its parent).
 
@@ -173,6 +174,7 @@ def load_grok1_params(
       quantize: None (dequantise) or ``"int8"`` (int8 matrices on the device, see the module
         docstring for which keep the release's exact values).
       mesh: must be None; sharded Grok-1 loading goes through the converted safetensors.
+      check_finite: refuse a NaN or Inf in any float parameter (CheckpointError naming it).
     """
     if mesh is not None:
         raise ConfigError(
@@ -181,5 +183,12 @@ def load_grok1_params(
         )
     config = config or grok1_config_for(path)
     host = read_grok1_params(path, config, dtype=dtype, quantize=quantize)
+    for module, leaves in host.items() if check_finite else ():
+        for name, value in leaves.items():
+            if value.dtype != np.int8 and not np.all(np.isfinite(value.astype(np.float32))):
+                raise CheckpointError(
+                    f"{os.fspath(path)}: parameter {module}/{name} holds a non-finite "
+                    "value (NaN or Inf); the weights are damaged"
+                )
     device = jax.devices()[0]
     return config, jax.tree_util.tree_map(lambda x: jax.device_put(x, device), host)

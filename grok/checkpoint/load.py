@@ -54,7 +54,14 @@ def load(
         path = builtin_dir()
     mesh = auto_axes(mesh) if mesh is not None else None
     if is_grok1_checkpoint(path):  # Grok-1 ckpt-0 pickles (or their parent)
-        return load_grok1_params(path, config=config, dtype=dtype, quantize=quantize, mesh=mesh)
+        return load_grok1_params(
+            path,
+            config=config,
+            dtype=dtype,
+            quantize=quantize,
+            mesh=mesh,
+            check_finite=check_finite,
+        )
     if quantize not in (None, "fp8"):
         raise ConfigError(f"quantize must be None or 'fp8', got {quantize!r}")
     if not os.path.isdir(path):

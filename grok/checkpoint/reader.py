@@ -207,7 +207,7 @@ class ReleasedCheckpoint:
         src = src.reshape(-1)[rows] if cols is None else src[rows, cols]  # flat: not a matrix
         if entry.dtype in FP8_DTYPES:  # the 256 codes' float32 values by lookup, then scaled
             src = _FP8_VALUES[entry.dtype].take(src.view(np.uint8))
-            src *= self._scale_region(entry, rows, cols)
+            self._scale(entry, rows, cols, src)
         if src.dtype == dst.dtype:  # raw bits: a plain memory copy, whatever the float type
             bits = np.dtype(f"u{dst.dtype.itemsize}")
             dst.view(bits)[...] = src.view(bits)
@@ -216,15 +216,20 @@ class ReleasedCheckpoint:
         if self._check_finite and not _finite(dst):
             self._non_finite.append(entry.name)
 
-    def _scale_region(self, entry: TensorInfo, rows: slice, cols: slice) -> np.ndarray:
-        """float32 scales that multiply FP8 ``tensor[rows, cols]`` (broadcastable)."""
+    def _scale(self, entry: TensorInfo, rows: slice, cols: slice, values: np.ndarray) -> None:
+        """Multiplies FP8 ``tensor[rows, cols]``'s float32 ``values`` by their scales."""
         scale_name = self._scales[entry.name]
         s = np.asarray(self.files.view(self.files.entry(scale_name, entry.rank)), np.float32)
-        if scale_name.endswith("_scale_inv"):
-            return block_scales(s, rows, cols, FP8_BLOCK)
-        if s.size == 1:
-            return s.reshape(())
-        return s.reshape(-1)[rows, None]
+        if not scale_name.endswith("_scale_inv"):  # per tensor or per output row
+            values *= s.reshape(()) if s.size == 1 else s.reshape(-1)[rows, None]
+            return
+        # One 128-row band of tiles at a time: a [cols] row of scales broadcast over the band.
+        r0, r1 = rows.start, rows.stop
+        c0, c1 = cols.indices(entry.shape[1])[:2]
+        for band in range(r0 // FP8_BLOCK, -(-r1 // FP8_BLOCK)):
+            lo, hi = max(r0, band * FP8_BLOCK), min(r1, (band + 1) * FP8_BLOCK)
+            row = block_scales(s, slice(band * FP8_BLOCK, band * FP8_BLOCK + 1), slice(c0, c1))
+            values[lo - r0 : hi - r0] *= row
 
     def shard_units(
         self, spec: WeightSpec, index: tuple[slice, ...], buffer: np.ndarray
