@@ -37,6 +37,20 @@ def _xp(x: Array):
     return jnp if isinstance(x, jax.Array) else np
 
 
+def _divide(a: Array, b: Array) -> Array:
+    """``a / b`` as true IEEE division, on the host and on the device alike.
+
+    XLA rewrites a division by a constant or a broadcast value into a multiplication by its
+    reciprocal, which differs from numpy in the last bit for about half the values and so
+    flips FP8 codes; behind an optimisation barrier the divisor stays a plain array (a
+    temporary of ``a``'s size), so both quantisers agree bit for bit.
+    """
+    if not isinstance(a, jax.Array):
+        return a / b
+    shape = jnp.broadcast_shapes(jnp.shape(a), jnp.shape(b))
+    return a / jax.lax.optimization_barrier(jnp.broadcast_to(jnp.asarray(b, a.dtype), shape))
+
+
 def scale_shape(shape: Sequence[int], in_dims: Sequence[int]) -> tuple[int, ...]:
     """The per-output-channel scale's shape: ``shape`` with the ``in_dims`` set to 1."""
     return tuple(1 if d in in_dims else n for d, n in enumerate(shape))
@@ -46,7 +60,8 @@ def scale_from_amax(amax: Array, kind: str) -> Array:
     """amax / qmax (the largest value maps to the format's largest); 1 where amax is 0."""
     xp = _xp(amax)
     amax = amax.astype(np.float32)
-    return xp.where(amax > 0, amax / np.float32(QMAX[kind]), np.float32(1)).astype(np.float32)
+    scale = _divide(amax, np.float32(QMAX[kind]))
+    return xp.where(amax > 0, scale, np.float32(1)).astype(np.float32)
 
 
 def _cast(scaled: Array, kind: str) -> Array:
@@ -70,7 +85,7 @@ def quantize(w: Array, kind: str, in_dims: Sequence[int] | None = None) -> tuple
         scale = scale_from_amax(xp.max(xp.abs(w)), kind)
     else:
         scale = scale_from_amax(xp.max(xp.abs(w), axis=tuple(in_dims), keepdims=True), kind)
-    return _cast(w / scale, kind), scale
+    return _cast(_divide(w, scale), kind), scale
 
 
 def dequantize(q: Array, scale: Array, dtype=np.float32) -> Array:

@@ -11,7 +11,7 @@ the parameter's own layout, which is the release's ``[out, in]`` reshaped (``gro
 so filling it is a copy of file bytes, split into (file, row range) units that a thread
 pool runs in parallel (copies out of a memory map release the GIL). The finished buffer is
 placed on its device(s) before the next shard is read, so the host holds about one device
-shard at a time; on the CPU backend ``device_put`` of a 64-byte-aligned buffer takes it
+shard at a time; on the CPU backend ``device_put`` of a page-aligned buffer takes it
 without a copy. FP8 weights are dequantised unit by unit on the way into the buffer.
 """
 
@@ -48,7 +48,6 @@ SCALE_SUFFIXES = ("_scale", "_scale_inv")
 # 0.08 G elements/s on this machine) and gives the same values.
 _FP8_VALUES = {dt: np.arange(256, dtype=np.uint8).view(dt).astype(np.float32) for dt in FP8_DTYPES}
 UNIT_BYTES = 8 << 20  # rows per copy unit: about this many bytes, so big tensors split
-ALIGN = 64  # the CPU backend adopts host buffers aligned to this without copying
 
 
 class ReleasedCheckpoint:
@@ -393,7 +392,7 @@ class ReleasedCheckpoint:
 def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """An uninitialised C-order array on fresh page-aligned memory, without huge pages.
 
-    Page-aligned (so beyond ``ALIGN``): the CPU backend adopts it without a copy. No huge
+    Page-aligned (the CPU backend adopts buffers aligned to 64 bytes without a copy). No huge
     pages: with transparent huge pages on, first touching a several-hundred-MB shard made the
     kernel zero and gather 2 MB pages, and a 2 GB one-device load took 4.6-8.1 s instead of
     1.9-2.2 s (this machine, under load).
