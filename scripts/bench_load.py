@@ -8,7 +8,8 @@ about 1e9 parameters: -TP-common files plus 8 TP files with the experts split as
 router float8_e4m3fn with a per-output-channel ``_scale`` / 128x128-block ``_scale_inv``
 (random finite codes and scales), the rest bfloat16 (1.1 GB). Then, per kind, on the same
 (page-cached) files:
-  1. plain read: every file read start to end into one reused 64 MiB buffer -> GB/s;
+  1. plain read: every file read start to end into one reused 64 MiB buffer -> GB/s (the
+     target's reference), and into newly allocated memory, as any load must write it;
   2. ``load_pretrained`` (bfloat16) onto one device, then onto an 8-device ("data", "model")
      = (1, 8) CPU mesh, each in a fresh process (the JAX backend started before the clock)
      -> GB/s of file bytes, and the ratio to the plain read;
@@ -151,6 +152,14 @@ def plain_read(directory: Path) -> tuple[int, float]:
     return total, time.perf_counter() - start
 
 
+def fresh_read(directory: Path) -> tuple[int, float]:
+    """Every file read into newly allocated memory, as a load must (page faults included)."""
+    total, start = 0, time.perf_counter()
+    for path in sorted(directory.glob("*.safetensors")):
+        total += np.fromfile(path, dtype=np.uint8).nbytes
+    return total, time.perf_counter() - start
+
+
 def timed_load(directory: Path, mesh) -> dict:
     jax.devices()  # the backend starts before the clock, as the plain read's Python does
     before = MemorySampler.now()
@@ -204,6 +213,8 @@ def main() -> int:
         nbytes, seconds = plain_read(directory)
         plain_rate = nbytes / seconds / GB
         print(f"plain read:            {plain_rate:6.2f} GB/s ({seconds:.2f} s)")
+        nbytes, seconds = fresh_read(directory)
+        print(f"read into new memory:  {nbytes / seconds / GB:6.2f} GB/s ({seconds:.2f} s)")
         for label, which in (("load, 1 device", "single"), ("load, mesh (1, 8)", "mesh")):
             child = [sys.executable, __file__, "--dir", str(directory), "--load-only", which]
             r = json.loads(subprocess.run(child, check=True, capture_output=True).stdout)
