@@ -227,3 +227,18 @@ def test_writer_round_trips_float8_and_bfloat16_atomically(tmp_path):
         save_file(f, {"bad": np.array([object()])})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.safetensors"]  # no temp left
     assert read_header(f).keys() == infos.keys()  # the old file is intact
+
+
+def test_nan_payload_is_caught_through_the_bfloat16_cast(tmp_path, hf_tensors):
+    """A float32 NaN whose payload would round to 0 in bfloat16 is still refused."""
+    hf = hf_tensors(CONFIG)
+    hf[EMBED] = hf[EMBED].copy()
+    hf[EMBED].view(np.uint32)[1, 2] = 0xFFFFFFFF  # NaN; + the rounding bias wraps to 0
+    path = write_checkpoint(tmp_path / "ckpt", CONFIG, hf, tp=8)
+    with pytest.raises(CheckpointError, match=rf"{EMBED}.*non-finite"):
+        load_pretrained(path, dtype=jnp.bfloat16, quiet=True)
+    ok = hf_tensors(CONFIG)
+    path = write_checkpoint(tmp_path / "ok", CONFIG, ok, tp=8)
+    model = load_pretrained(path, dtype=jnp.bfloat16, quiet=True)
+    got = np.asarray(model.params["grok"]["embed_tokens"]).view(np.uint16)
+    np.testing.assert_array_equal(got, ok[EMBED].astype(jnp.bfloat16).view(np.uint16))
