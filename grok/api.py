@@ -12,14 +12,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from grok.config import GrokConfig, load_config
+from grok.checkpoint import load
+from grok.config import GrokConfig
 from grok.distributed import to_global
-from grok.errors import ConfigError
 from grok.generate import GenerationResult, TokenCallback, generate
 from grok.kv_cache import KVCache
 from grok.model import forward_fns
 from grok.rope import RopeTable, rope_table
 from grok.sampling import Sampler
+from grok.sharding import ShardingRules, activation_sharding, auto_axes
 from grok.tokens import check_token_ids
 
 
@@ -54,8 +55,7 @@ class Model:
         self.quant = quant
         act_sharding = None
         if mesh is not None:
-            from grok.sharding import activation_sharding
-
+            self.mesh = mesh = auto_axes(mesh)  # Explicit axes (jax.make_mesh) run as Auto
             act_sharding = activation_sharding(mesh)
         self._fns = forward_fns(config, self.dtype, moe_impl, quant, act_sharding)
         self.apply_fn = self._fns.apply
@@ -152,77 +152,52 @@ def load_pretrained(
     mesh: jax.sharding.Mesh | None = None,
     quantize: str | None = None,
     config: GrokConfig | None = None,
-    rules: Any = None,
+    rules: ShardingRules | None = None,
     device_memory_bytes: int | None = None,
     kv_batch: int = 0,
     kv_context: int = 0,
     quiet: bool = False,
+    check_finite: bool = True,
 ) -> Model:
     """Loads a checkpoint in the released Grok-2 layout, optionally sharded and quantised.
 
     Before a byte of weight data is read: the mesh is checked against every dimension
     (``ShardingError``), the per-device memory is planned and checked (``MemoryPlanError``),
     and every safetensors header is validated (``CheckpointError``). Each process then reads
-    only its own devices' shards, slice by slice, with a progress bar on a terminal.
+    only its own devices' shards, in parallel, with a progress bar on a terminal. A Grok-1
+    ``ckpt-0`` folder (or its parent) loads too (see ``grok.checkpoint.grok1``).
 
     Args:
-      path: directory with ``config.json`` (or ``config_grok2_like.json``) and safetensors.
+      path: directory with ``config.json`` (or ``config_grok2_like.json``) and safetensors,
+        a Grok-1 ``ckpt-0``, or ``"builtin"`` (the small model shipped in the package).
       dtype: parameter/compute dtype (``jnp.float32`` computes in float32 throughout).
-      mesh: a ("data", "model") device mesh (``grok.sharding.make_mesh``); None: one device.
+      mesh: a ("data", "model") device mesh: ``grok.sharding.make_mesh``,
+        ``jax.make_mesh(shape, ("data", "model"))`` or ``Mesh(...)`` over any devices, with
+        Explicit or Auto axes (the model runs on its Auto-axes twin); None: one device.
       quantize: None, or ``"fp8"`` to keep the matrices in float8_e4m3fn on the device with
-        per-output-channel float32 scales (router, norms, embedding and head stay ``dtype``).
+        per-output-channel float32 scales (router, norms, embedding and head stay ``dtype``);
+        ``"int8"`` for a Grok-1 checkpoint.
       config: use this config instead of the directory's.
       rules: a ``grok.sharding.ShardingRules`` (default: ``DEFAULT_RULES``).
       device_memory_bytes: memory of one device for the plan check; default: the device's
         ``memory_stats()["bytes_limit"]`` where the backend reports one, else no check.
       kv_batch, kv_context: a KV cache (B x S) the plan must leave room for.
       quiet: no progress bar even on a terminal.
+      check_finite: check every weight for NaN/Inf as it is read (``CheckpointError`` naming
+        the tensor); ``False`` skips it.
     """
-    if os.fspath(path) == "builtin":  # the small model shipped in the package
-        from grok.builtin import builtin_dir
-
-        path = builtin_dir()
-    from grok.grok1 import is_grok1_checkpoint, load_grok1
-
-    if is_grok1_checkpoint(path):  # Grok-1 ckpt-0 pickles (or their parent); see grok.grok1
-        return load_grok1(path, config=config, dtype=dtype, quantize=quantize, mesh=mesh)
-    from grok.checkpoint import ReleasedCheckpoint, is_quantized, shard_read_bytes
-    from grok.memory_plan import check_fits, device_bytes_limit, mesh_axis_sizes, plan_memory
-    from grok.progress import progress_bar
-    from grok.sharding import ShardingRules, check_divisible, sharding_fn
-
-    if quantize not in (None, "fp8"):
-        raise ConfigError(f"quantize must be None or 'fp8', got {quantize!r}")
-    if not os.path.isdir(path):
-        raise ConfigError(f"{path}: not a checkpoint directory")
-    config = config or load_config(path)
-    rules = rules or ShardingRules()
-    sizes = mesh_axis_sizes(mesh)
-    check_divisible(config, sizes, rules)
-    plan = plan_memory(
-        config,
-        sizes,
+    config, params = load(
+        path,
         dtype=dtype,
+        mesh=mesh,
         quantize=quantize,
-        batch=kv_batch,
-        context=min(kv_context, config.max_position_embeddings),  # S <= P
+        config=config,
         rules=rules,
+        device_memory_bytes=device_memory_bytes,
+        kv_batch=kv_batch,
+        kv_context=kv_context,
+        quiet=quiet,
+        check_finite=check_finite,
     )
-    devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
-    local = [d for d in devices if d.process_index == jax.process_index()] or devices
-    limit = device_memory_bytes or device_bytes_limit(local[0])
-    check_fits(plan, limit, str(path))
-    sharding_for = sharding_fn(mesh, rules) if mesh is not None else None
-    with ReleasedCheckpoint(path, config) as ckpt:
-        default = jax.sharding.SingleDeviceSharding(devices[0])
-        total = sum(
-            shard_read_bytes(
-                spec.shape,
-                sharding_for(spec) if sharding_for else default,
-                1 if quantize and is_quantized(spec) else jnp.dtype(spec.dtype(dtype)).itemsize,
-            )
-            for spec in ckpt.specs
-        )
-        with progress_bar(total, desc=f"loading {os.fspath(path)}", quiet=quiet) as bar:
-            params = ckpt.load_params(jnp.dtype(dtype), sharding_for, bar.update, quantize)
+    mesh = auto_axes(mesh) if mesh is not None else None
     return Model(config, params, dtype=dtype, mesh=mesh, quant=quantize)

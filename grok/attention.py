@@ -156,7 +156,8 @@ def blocked_attention(
 class Attention(hk.Module):
     """GQA self-attention. Parameters (no biases):
 
-    q_proj [D, N, H], k_proj [D, K, H], v_proj [D, K, H], o_proj [N, H, D].
+    q_proj [N, H, D], k_proj [K, H, D], v_proj [K, H, D], o_proj [D, N, H] (the release's
+    [out, in] orientation, reshaped; see ``grok.params``).
     """
 
     def __init__(self, config: GrokConfig, dtype: jnp.dtype, quant: str | None = None, name=None):
@@ -192,18 +193,18 @@ class Attention(hk.Module):
             cfg.num_key_value_heads,
             cfg.head_dim,
         )
-        init = hk.initializers.VarianceScaling(1.0, "fan_in", "truncated_normal")
+        init = hk.initializers.VarianceScaling(1.0, "fan_out", "truncated_normal")  # [out, in]
         dt, quant = self.dtype, self.quant
-        wq = get_weight("q_proj", (d, n, h), dt, init, quant=quant, in_dims=(0,))  # [D, N, H]
-        wk = get_weight("k_proj", (d, kh, h), dt, init, quant=quant, in_dims=(0,))  # [D, K, H]
-        wv = get_weight("v_proj", (d, kh, h), dt, init, quant=quant, in_dims=(0,))  # [D, K, H]
-        wo = get_weight("o_proj", (n, h, d), dt, init, quant=quant, in_dims=(0, 1))  # [N, H, D]
+        wq = get_weight("q_proj", (n, h, d), dt, init, quant=quant, in_dims=(2,))  # [N, H, D]
+        wk = get_weight("k_proj", (kh, h, d), dt, init, quant=quant, in_dims=(2,))  # [K, H, D]
+        wv = get_weight("v_proj", (kh, h, d), dt, init, quant=quant, in_dims=(2,))  # [K, H, D]
+        wo = get_weight("o_proj", (d, n, h), dt, init, quant=quant, in_dims=(1, 2))  # [D, N, H]
         wq, wk, wv, wo = (dequant(w, dt) for w in (wq, wk, wv, wo))
 
         x = x.astype(self.dtype)
-        q = jnp.einsum("BTD,DNH->BTNH", x, wq)  # [B, T, N, H]
-        k = jnp.einsum("BTD,DKH->BTKH", x, wk)  # [B, T, K, H]
-        v = jnp.einsum("BTD,DKH->BTKH", x, wv)  # [B, T, K, H]
+        q = jnp.einsum("BTD,NHD->BTNH", x, wq)  # [B, T, N, H]
+        k = jnp.einsum("BTD,KHD->BTKH", x, wk)  # [B, T, K, H]
+        v = jnp.einsum("BTD,KHD->BTKH", x, wv)  # [B, T, K, H]
         q = apply_rope(q, rope_cos, rope_sin)
         k = apply_rope(k, rope_cos, rope_sin)
 
@@ -226,4 +227,4 @@ class Attention(hk.Module):
             probs = attention_weights(q, keys, positions, kv_lengths, cfg)  # [B, K, G, T, S]
             out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(values.dtype), values)
         out = out.reshape(b, t, n, h)  # [B, T, N, H]
-        return jnp.einsum("BTNH,NHD->BTD", out, wo), new_cache  # [B, T, D]
+        return jnp.einsum("BTNH,DNH->BTD", out, wo), new_cache  # [B, T, D]

@@ -1,27 +1,7 @@
-"""Loading Grok-1's released ``ckpt-0`` pickles straight into a ``grok.Model``.
+"""Grok-1 ``ckpt-0`` loading, kept importable here; the code lives in ``grok.checkpoint.grok1``.
 
-The files are read one leaf at a time by ``grok.grok1_checkpoint`` (an opcode parser, never
-an unpickler; every shape checked) and placed into this library's stacked parameter tree
-(``grok.params``).
-Two ways to hold the matrices:
-
-- ``quantize=None``: every int8 matrix is dequantised (``weight * scales``, exact in float32)
-  and cast to ``dtype``.
-- ``quantize="int8"``: the matrices stay int8 on the device with float32 per-output-channel
-  scales (``grok.layers.QuantWeight``). q/k/v and the expert W1/W3 keep the release's int8
-  values and scales bit for bit. The attention output (``o_proj``) and expert W2 were released
-  with 8 scale blocks along the *input* axis, which a per-output-channel scale cannot express:
-  those two are re-quantised per output channel from their exactly dequantised values (scale
-  = max |w| / 127 over the whole row, values rounded to nearest). That adds at most half a
-  new quantisation step per entry to those two matrices, on top of the release's own rounding.
-
-The whole parameter tree is built on the host, then put on one device. A full Grok-1 (316 B
-parameters) fits neither one host's memory comfortably nor one accelerator: for that, convert
-it once with ``scripts/convert.py`` and load the safetensors output with ``load_pretrained``
-and a mesh (memory-mapped, each device reading only its shard).
-
-Shape letters: V vocab, D width, N query heads, K kv heads, H head dim, E experts,
-Fe expert width, L layers.
+``load_grok1`` returns a ``grok.Model``; ``grok.load_pretrained`` routes ``ckpt-0`` folders
+to the same reader.
 """
 
 from __future__ import annotations
@@ -31,141 +11,28 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from grok.api import Model
-from grok.config import GrokConfig, load_config
-from grok.errors import CheckpointError, ConfigError
-from grok.grok1_checkpoint import (
-    INT8_MAX,
-    RELEASE_SUBDIR,
-    QuantizedWeight8bit,
-    check_grok1_config,
-    dequantize,
-    iter_grok1_tensors,
-    release_file_name,
+from grok.checkpoint.grok1 import (
+    QUANTIZE_MODES,
+    find_ckpt_dir,
+    grok1_config_for,
+    is_grok1_checkpoint,
+    load_grok1_params,
+    read_grok1_params,
+    requantize_per_channel,
 )
-from grok.layers import scale_shape
-from grok.params import WeightSpec, hf_to_unit, weight_specs
-from grok.presets import GROK1
+from grok.config import GrokConfig
 
-QUANTIZE_MODES = (None, "int8")
-CONFIG_FILE = "config.json"
-
-
-def find_ckpt_dir(path: str | os.PathLike[str]) -> str | None:
-    """The folder holding ``tensor00000_000`` (``path`` or ``path/ckpt-0``), or None."""
-    path = os.fspath(path)
-    for candidate in (path, os.path.join(path, RELEASE_SUBDIR)):
-        if os.path.isfile(os.path.join(candidate, release_file_name(0))):
-            return candidate
-    return None
-
-
-def is_grok1_checkpoint(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a Grok-1 ``ckpt-0`` folder or the folder that contains one."""
-    return find_ckpt_dir(path) is not None
-
-
-def grok1_config_for(path: str | os.PathLike[str]) -> GrokConfig:
-    """The config of a Grok-1 checkpoint: a ``config.json`` beside the pickles or in the folder
-    above ``ckpt-0``, else the ``GROK1`` preset (the release ships no config file)."""
-    ckpt_dir = find_ckpt_dir(path)
-    if ckpt_dir is None:
-        raise CheckpointError(f"{os.fspath(path)}: no Grok-1 {release_file_name(0)} found")
-    for folder in (ckpt_dir, os.path.dirname(os.path.abspath(ckpt_dir))):
-        candidate = os.path.join(folder, CONFIG_FILE)
-        if os.path.isfile(candidate):
-            return load_config(candidate)
-    return GROK1
-
-
-def _quant_in_dims(spec: WeightSpec) -> tuple[int, ...]:
-    """Input dims of one unit (layer, expert) of a matrix parameter in our layout."""
-    return tuple(range(spec.in_axes))
-
-
-def _scale_to_unit(spec: WeightSpec, scales: np.ndarray) -> np.ndarray:
-    """Per-output-channel scales [out, 1] (released layout) -> our unit scale shape."""
-    unit = scale_shape(spec.unit_shape, _quant_in_dims(spec))
-    return np.asarray(scales, np.float32).T.reshape(unit)
-
-
-def requantize_per_channel(qw: QuantizedWeight8bit) -> QuantizedWeight8bit:
-    """int8 [out, in] with one float32 scale per output row, from ``qw``'s exact values.
-
-    A ``qw`` whose scales are already [out, 1] is returned with the same int8 values (scales
-    widened to float32). Otherwise the matrix is dequantised in float32 and each row is
-    re-quantised with scale max|row| / 127 (1 for an all-zero row), rounding to nearest.
-    """
-    out_rows = qw.weight.shape[0]
-    if qw.scales.shape == (out_rows, 1):
-        return QuantizedWeight8bit(qw.weight, qw.scales.astype(np.float32))
-    w = dequantize(qw, np.float32)  # [out, in]
-    scale = np.max(np.abs(w), axis=1, keepdims=True) / np.float32(INT8_MAX)  # [out, 1]
-    scale = np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
-    q = np.clip(np.rint(w / scale), -INT8_MAX, INT8_MAX).astype(np.int8)
-    return QuantizedWeight8bit(q, scale)
-
-
-def read_grok1_params(
-    path: str | os.PathLike[str],
-    config: GrokConfig,
-    *,
-    dtype: Any = jnp.bfloat16,
-    quantize: str | None = None,
-) -> dict[str, dict[str, np.ndarray]]:
-    """The Haiku parameter tree (host numpy arrays) of a Grok-1 ``ckpt-0``.
-
-    Leaves are read one file at a time. With ``quantize="int8"`` every quantised matrix is
-    ``name`` (int8, the parameter's shape) plus ``name + "_scale"`` (float32, the shape with
-    the input dims set to 1); see the module docstring for o_proj and W2. The router stays
-    float32, norms and the embedding are ``dtype``.
-    """
-    if quantize not in QUANTIZE_MODES:
-        raise ConfigError(
-            f"quantize must be None or 'int8' for a Grok-1 checkpoint, got {quantize!r}"
-        )
-    check_grok1_config(config)
-    ckpt_dir = find_ckpt_dir(path)
-    if ckpt_dir is None:
-        raise CheckpointError(f"{os.fspath(path)}: no Grok-1 {release_file_name(0)} found")
-    dtype = jnp.dtype(dtype)
-    # Released name -> (spec, unit index) for every tensor the model needs.
-    where: dict[str, tuple[WeightSpec, tuple[int, ...]]] = {}
-    for spec in weight_specs(config):
-        for unit, name in spec.hf_names():
-            where[name] = (spec, unit)
-    params: dict[str, dict[str, np.ndarray]] = {}
-
-    def buffer(spec: WeightSpec, name: str, shape: tuple[int, ...], dt: Any) -> np.ndarray:
-        module = params.setdefault(spec.module, {})
-        if name not in module:
-            module[name] = np.zeros(shape, dt)
-        return module[name]
-
-    filled: set[str] = set()
-    for hf_name, value in iter_grok1_tensors(ckpt_dir, config):
-        if hf_name not in where:  # cannot happen for a config that passed check_grok1_config
-            raise CheckpointError(f"{ckpt_dir}: tensor {hf_name} has no place in the model")
-        spec, unit = where[hf_name]
-        filled.add(hf_name)
-        if isinstance(value, QuantizedWeight8bit) and quantize == "int8":
-            qw = requantize_per_channel(value)
-            q = buffer(spec, spec.name, spec.shape, np.int8)
-            s_shape = scale_shape(spec.shape, tuple(d + len(unit) for d in _quant_in_dims(spec)))
-            s = buffer(spec, spec.name + "_scale", s_shape, np.float32)
-            q[unit] = hf_to_unit(spec, qw.weight)
-            s[unit] = _scale_to_unit(spec, qw.scales)
-            continue
-        if isinstance(value, QuantizedWeight8bit):
-            value = dequantize(value, np.float32)
-        target = buffer(spec, spec.name, spec.shape, np.dtype(spec.dtype(dtype)))
-        target[unit] = hf_to_unit(spec, np.asarray(value, np.float32))
-    missing = sorted(set(where) - filled)
-    if missing:
-        raise CheckpointError(f"{ckpt_dir}: tensor {missing[0]} was never read")
-    return params
+__all__ = [
+    "QUANTIZE_MODES",
+    "find_ckpt_dir",
+    "grok1_config_for",
+    "is_grok1_checkpoint",
+    "load_grok1",
+    "read_grok1_params",
+    "requantize_per_channel",
+]
 
 
 def load_grok1(
@@ -176,24 +43,8 @@ def load_grok1(
     quantize: str | None = None,
     mesh: jax.sharding.Mesh | None = None,
 ) -> Model:
-    """A ``grok.Model`` from a Grok-1 ``ckpt-0`` folder (or the folder above it), one device.
-
-    Args:
-      path: the ``ckpt-0`` folder of ``tensor{i:05d}_000`` pickles, or its parent.
-      config: the model's config; default ``grok1_config_for(path)`` (``GROK1`` unless a
-        ``config.json`` sits beside the checkpoint).
-      dtype: parameter/compute dtype; dequantised matrices are cast to it.
-      quantize: None (dequantise) or ``"int8"`` (int8 matrices on the device, see the module
-        docstring for which keep the release's exact values).
-      mesh: must be None; sharded Grok-1 loading goes through the converted safetensors.
-    """
-    if mesh is not None:
-        raise ConfigError(
-            f"{os.fspath(path)}: Grok-1 pickles load onto one device only; convert them with "
-            "scripts/convert.py and load the safetensors output with a mesh"
-        )
-    config = config or grok1_config_for(path)
-    host = read_grok1_params(path, config, dtype=dtype, quantize=quantize)
-    device = jax.devices()[0]
-    params = jax.tree_util.tree_map(lambda x: jax.device_put(x, device), host)
+    """A ``grok.Model`` from a Grok-1 ``ckpt-0`` folder; see ``load_grok1_params``."""
+    config, params = load_grok1_params(
+        path, config=config, dtype=dtype, quantize=quantize, mesh=mesh
+    )
     return Model(config, params, dtype=dtype, quant=quantize)

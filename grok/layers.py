@@ -12,6 +12,8 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
+from grok.quant import QUANT_DTYPES, dequantize, scale_shape
+
 
 def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
     """``cap * tanh(x / cap)``; ``None`` means no cap. Used for attention, router and output."""
@@ -52,9 +54,6 @@ class RMSNorm(hk.Module):
         return rms_norm(x, weight, self.eps)
 
 
-QUANT_DTYPES = {"fp8": jnp.float8_e4m3fn, "int8": jnp.int8}
-
-
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class QuantWeight:
@@ -79,13 +78,8 @@ class QuantWeight:
 def dequant(w: jax.Array | QuantWeight, dtype: jnp.dtype) -> jax.Array:
     """A plain array as is (cast to ``dtype``); a ``QuantWeight`` as ``q * scale`` in ``dtype``."""
     if isinstance(w, QuantWeight):
-        return (w.q.astype(jnp.float32) * w.scale).astype(dtype)
+        return dequantize(w.q, w.scale, dtype)
     return w.astype(dtype)
-
-
-def scale_shape(shape: tuple[int, ...], in_dims: tuple[int, ...]) -> tuple[int, ...]:
-    """The per-output-channel scale's shape: ``shape`` with the ``in_dims`` set to 1."""
-    return tuple(1 if d in in_dims else n for d, n in enumerate(shape))
 
 
 def get_weight(

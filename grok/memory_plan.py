@@ -20,9 +20,17 @@ import numpy as np
 
 from grok.config import GrokConfig
 from grok.errors import MemoryPlanError
-from grok.layers import scale_shape
 from grok.params import weight_specs
-from grok.sharding import DATA, MODEL, ShardingRules, param_partition_spec
+from grok.quant import scale_shape
+from grok.sharding import (
+    DATA,
+    MODEL,
+    ShardingRules,
+    kv_cache_spec,
+    mesh_sizes,
+    param_partition_spec,
+    scale_partition_spec,
+)
 
 GIB = 1 << 30
 
@@ -92,8 +100,6 @@ def plan_memory(
     Raises MemoryPlanError for a mesh axis below 1, a negative batch or context, or an unknown
     ``quantize``; ShardingError (as the loader would) if the mesh cannot split a dimension.
     """
-    from grok.checkpoint import is_quantized, quant_in_dims
-
     sizes = _check_sizes(mesh_sizes, batch, context)
     if quantize not in (None, "fp8"):
         raise MemoryPlanError(f"quantize must be None or 'fp8', got {quantize!r}")
@@ -106,32 +112,37 @@ def plan_memory(
     for spec in weight_specs(config):
         pspec = param_partition_spec(spec, sizes, rules)
         n = _shard_elements(spec.shape, pspec, sizes)
-        if quantize == "fp8" and is_quantized(spec):
+        if quantize == "fp8" and spec.quantized:
             add(jnp.float8_e4m3fn, n)
-            in_dims = quant_in_dims(spec)
-            s_shape = scale_shape(spec.shape, in_dims)
-            s_spec = [None if d in in_dims else p for d, p in enumerate(pspec)]
-            add(jnp.float32, _shard_elements(s_shape, s_spec, sizes))
+            s_shape = scale_shape(spec.shape, spec.in_dims)
+            add(
+                jnp.float32,
+                _shard_elements(s_shape, scale_partition_spec(spec, sizes, rules), sizes),
+            )
         else:
             add(spec.dtype(dtype), n)
 
-    kv = kv_cache_bytes(config, sizes, batch=batch, context=context, dtype=kv_dtype or dtype)
+    kv = kv_cache_bytes(
+        config, sizes, batch=batch, context=context, dtype=kv_dtype or dtype, rules=rules
+    )
     return MemoryPlan(by_dtype, kv, dict(sizes), batch, context)
 
 
 def kv_cache_bytes(
-    config: GrokConfig, mesh_sizes: Mapping[str, int], *, batch: int, context: int, dtype: Any
+    config: GrokConfig,
+    mesh_sizes: Mapping[str, int],
+    *,
+    batch: int,
+    context: int,
+    dtype: Any,
+    rules: ShardingRules | None = None,
 ) -> int:
-    """Bytes of one device's KV cache shard: L x (k, v) x B/data x S x K/model x H elements.
-
-    K is split over ``model`` when ``model`` divides it, else replicated (as the weights are).
-    """
+    """Bytes of one device's KV cache shard: k and v, each [L, B, S, K, H] split as the rule
+    table splits the cache (``grok.sharding.kv_cache_spec``)."""
     sizes = _check_sizes(mesh_sizes, batch, context)
-    k_heads = config.num_key_value_heads
-    k_split = sizes[MODEL] if k_heads % sizes[MODEL] == 0 else 1
-    b_local = -(-batch // sizes[DATA])
-    elements = config.num_hidden_layers * 2 * b_local * context * (k_heads // k_split)
-    return elements * config.head_dim * jnp.dtype(dtype).itemsize
+    shape = (config.num_hidden_layers, batch, context, config.num_key_value_heads, config.head_dim)
+    spec = kv_cache_spec(config, sizes, batch, context, rules)
+    return 2 * _shard_elements(shape, spec, sizes) * jnp.dtype(dtype).itemsize  # k and v
 
 
 def _check_sizes(mesh_sizes: Mapping[str, int], batch: int, context: int) -> dict[str, int]:
@@ -196,7 +207,7 @@ def check_generation_fits(
 ) -> None:
     """MemoryPlanError unless the loaded ``params`` plus a KV cache of ``batch`` x ``context``
     (in ``dtype``) fit each device, so a batch too large fails here, not in the backend."""
-    sizes = mesh_axis_sizes(mesh)
+    sizes = mesh_sizes(mesh)
     weights = params_bytes_per_device(params)
     kv = kv_cache_bytes(config, sizes, batch=batch, context=context, dtype=dtype)
     device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
@@ -221,10 +232,3 @@ def check_fits(plan: MemoryPlan, device_bytes: int | None, what: str) -> None:
         f"{device_bytes / GIB:.2f} GiB; use more model-parallel devices, quantize='fp8', or a "
         f"smaller batch/context.\n{plan.describe(device_bytes)}"
     )
-
-
-def mesh_axis_sizes(mesh: jax.sharding.Mesh | None) -> dict[str, int]:
-    """{axis: size} of ``mesh``; one device for None."""
-    if mesh is None:
-        return {DATA: 1, MODEL: 1}
-    return dict(zip(mesh.axis_names, np.shape(mesh.devices), strict=True))

@@ -8,7 +8,7 @@ Only the k chosen experts do work for a token:
   are skipped, so only chosen experts' weights are read;
 - many assignments (prefill): assignments are sorted by expert and cut into fixed-size
   blocks that each belong to one expert (groups padded to the block size); a scan runs one
-  [block, D] x [D, Fe] matmul per block, skipping empty blocks. Work is the active
+  [block, D] x [Fe, D] matmul per block, skipping empty blocks. Work is the active
   tokens-times-experts plus at most one partial block per expert.
 - many assignments on GPU and TPU: ``moe_ragged``, one grouped matmul
   (``jax.lax.ragged_dot``) per weight over the assignments sorted by expert, with no padding;
@@ -80,7 +80,7 @@ def _whole(w):
 
 
 def expert_weights(config: GrokConfig, dtype: jnp.dtype, quant: str | None):
-    """The stacked expert weights of every layer: w1/w3 [L, E, D, Fe], w2 [L, E, Fe, D].
+    """The stacked expert weights of every layer: w1/w3 [L, E, Fe, D], w2 [L, E, D, Fe].
 
     Created once, outside the layer scan, under ``grok/experts``; each is a plain array or a
     ``QuantWeight``. Initialised with standard deviation 1/sqrt(fan-in) of one expert.
@@ -90,9 +90,9 @@ def expert_weights(config: GrokConfig, dtype: jnp.dtype, quant: str | None):
     init_in = hk.initializers.TruncatedNormal(D**-0.5)
     init_hidden = hk.initializers.TruncatedNormal(Fe**-0.5)
     with hk.name_scope(EXPERTS_MODULE):
-        w1 = get_weight("w1", (L, E, D, Fe), dtype, init_in, quant=quant, in_dims=(2,))
-        w3 = get_weight("w3", (L, E, D, Fe), dtype, init_in, quant=quant, in_dims=(2,))
-        w2 = get_weight("w2", (L, E, Fe, D), dtype, init_hidden, quant=quant, in_dims=(2,))
+        w1 = get_weight("w1", (L, E, Fe, D), dtype, init_in, quant=quant, in_dims=(3,))
+        w3 = get_weight("w3", (L, E, Fe, D), dtype, init_in, quant=quant, in_dims=(3,))
+        w2 = get_weight("w2", (L, E, D, Fe), dtype, init_hidden, quant=quant, in_dims=(3,))
     return w1, w3, w2
 
 
@@ -107,14 +107,14 @@ def route(
     """Top-k routing in float32.
 
     Args:
-      x: [..., D] tokens; w_gate: [D, E] router weight.
+      x: [..., D] tokens; w_gate: [E, D] router weight.
     Returns:
       (weights [..., k] float32, experts [..., k] int32, probs [..., E] float32). The weights
       are the softmax probabilities at the chosen experts, not renormalised unless asked.
       Ties break toward the lower expert index.
     """
     logits = jnp.einsum(
-        "...D,DE->...E",
+        "...D,ED->...E",
         x.astype(jnp.float32),
         w_gate.astype(jnp.float32),
         precision=jax.lax.Precision.HIGHEST,
@@ -128,10 +128,11 @@ def route(
 
 
 def _gated_mlp(x, w1, w3, w2, act):
-    """``w2(act(x w1) * (x w3))`` for x [.., D], w1/w3 [D, F], w2 [F, D]."""
+    """``w2(act(x w1) * (x w3))`` for x [.., D], w1/w3 [F, D], w2 [D, F] ([out, in])."""
     dt = x.dtype
     w1, w3, w2 = dequant(w1, dt), dequant(w3, dt), dequant(w2, dt)
-    return jnp.dot(act(jnp.dot(x, w1)) * jnp.dot(x, w3), w2)
+    h = act(jnp.einsum("...D,FD->...F", x, w1)) * jnp.einsum("...D,FD->...F", x, w3)
+    return jnp.einsum("...F,DF->...D", h, w2)
 
 
 def moe_gather(
@@ -150,7 +151,7 @@ def moe_gather(
     (Gathering each assignment's weights, ``w1[experts]``, would read the same bytes, but on
     CPU XLA copies the gathered [M, k, D, Fe] blocks first: measured 3-25x slower.)
 
-    x [M, D], weights/experts [M, k], w1/w3 [E, D, Fe], w2 [E, Fe, D] -> [M, D].
+    x [M, D], weights/experts [M, k], w1/w3 [E, Fe, D], w2 [E, D, Fe] -> [M, D].
     """
     e = w1.shape[0]
     gate = jnp.sum(jax.nn.one_hot(experts, e) * weights[..., None], axis=1)  # [M, E]
@@ -189,7 +190,7 @@ def moe_blocks(
 ) -> jax.Array:
     """Expert outputs by sorting assignments into per-expert blocks (for large M).
 
-    x [M, D], weights/experts [M, k], w1/w3 [E, D, Fe], w2 [E, Fe, D] -> [M, D].
+    x [M, D], weights/experts [M, k], w1/w3 [E, Fe, D], w2 [E, D, Fe] -> [M, D].
     """
     m, d = x.shape
     k = experts.shape[1]
@@ -234,17 +235,17 @@ def moe_blocks(
     return out.astype(x.dtype)
 
 
-# The contracted (input) axis of one layer's expert matrix [E, ., .] as ``expert_weights``
-# lays it out: 1 for w1/w3 [E, D, Fe] and w2 [E, Fe, D]. ``moe_ragged`` reads the layout from
-# here (so do its tests and scripts/device_check.py): an [out, in] layout is 2.
-EXPERT_IN_AXIS = 1
+# The contracted (input) axis of one layer's expert matrix [E, ., .] as the weight table
+# lays it out (the release's [out, in]): 2 for w1/w3 [E, Fe, D] and w2 [E, D, Fe].
+# ``moe_ragged`` reads the layout from here (so do its tests and scripts/device_check.py).
+EXPERT_IN_AXIS = 2
 
 
 def _ragged_matmul(
     xs: jax.Array, w: jax.Array | QuantWeight, sizes: jax.Array, row_expert: jax.Array
 ) -> jax.Array:
     """Rows of ``xs`` [A, In] (sorted by expert, ``sizes`` [E] per expert) times their
-    expert's matrix ``w`` ([E, In, Out], or [E, Out, In] when ``EXPERT_IN_AXIS`` is 2)
+    expert's matrix ``w`` ([E, Out, In] as stored, or [E, In, Out] when ``EXPERT_IN_AXIS`` is 1)
     -> [A, Out], accumulated in float32.
 
     A quantised weight is multiplied as stored (cast to the activations' dtype) and its
@@ -283,7 +284,7 @@ def moe_ragged(
     Fe slice of w1, w3 and w2 and sums the [A, D] partial outputs once (one all-reduce); the
     weights are never gathered.
 
-    x [M, D], weights/experts [M, k], w1/w3 [E, D, Fe], w2 [E, Fe, D] (laid out as
+    x [M, D], weights/experts [M, k], w1/w3 [E, Fe, D], w2 [E, D, Fe] (laid out as
     ``EXPERT_IN_AXIS`` says; or ``LayerExperts`` views, or ``QuantWeight``s) -> [M, D].
     """
     m, d = x.shape
@@ -323,14 +324,14 @@ def moe_dense_reference(x, weights, experts, w1, w3, w2, act) -> jax.Array:
     """Every expert on every token, masked: E / k times the work. A test oracle only."""
     e = w1.shape[0]
     w1, w3, w2 = (dequant(_whole(w), x.dtype) for w in (w1, w3, w2))
-    h = act(jnp.einsum("MD,EDF->MEF", x, w1)) * jnp.einsum("MD,EDF->MEF", x, w3)
-    y = jnp.einsum("MEF,EFD->MED", h, w2).astype(jnp.float32)  # [M, E, D]
+    h = act(jnp.einsum("MD,EFD->MEF", x, w1)) * jnp.einsum("MD,EFD->MEF", x, w3)
+    y = jnp.einsum("MEF,EDF->MED", h, w2).astype(jnp.float32)  # [M, E, D]
     gate = jnp.sum(jax.nn.one_hot(experts, e) * weights[..., None], axis=1)  # [M, E]
     return jnp.einsum("MED,ME->MD", y, gate).astype(x.dtype)
 
 
 class MoE(hk.Module):
-    """Router and experts. Parameter: router [D, E] (float32).
+    """Router and experts. Parameter: router [E, D] (float32).
 
     The expert weights come in from ``expert_weights`` as ``LayerExperts`` views (or, for a
     standalone module, [E, ...] arrays).
@@ -350,8 +351,8 @@ class MoE(hk.Module):
         """
         cfg = self.config
         d, e = cfg.hidden_size, cfg.num_local_experts
-        init = hk.initializers.VarianceScaling(1.0, "fan_in", "truncated_normal")
-        w_gate = hk.get_parameter("router", (d, e), jnp.float32, init=init)  # [D, E]
+        init = hk.initializers.VarianceScaling(1.0, "fan_out", "truncated_normal")  # [out, in]
+        w_gate = hk.get_parameter("router", (e, d), jnp.float32, init=init)  # [E, D]
         w1, w3, w2 = experts
 
         b, t, _ = x.shape
@@ -378,7 +379,7 @@ class MoE(hk.Module):
 
 
 class DenseMLP(hk.Module):
-    """The residual (dense) MLP: ``down(act(x gate) * (x up))``. gate/up [D, F], down [F, D]."""
+    """The residual (dense) MLP: ``down(act(x gate) * (x up))``. gate/up [F, D], down [D, F]."""
 
     def __init__(self, config: GrokConfig, dtype: jnp.dtype, quant: str | None = None, name=None):
         super().__init__(name=name)
@@ -389,11 +390,11 @@ class DenseMLP(hk.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [B, T, D] -> [B, T, D]."""
         d, f = self.config.hidden_size, self.config.intermediate_size
-        init = hk.initializers.VarianceScaling(1.0, "fan_in", "truncated_normal")
+        init = hk.initializers.VarianceScaling(1.0, "fan_out", "truncated_normal")  # [out, in]
         dt, quant = self.dtype, self.quant
-        gate = get_weight("gate_proj", (d, f), dt, init, quant=quant, in_dims=(0,))  # [D, F]
-        up = get_weight("up_proj", (d, f), dt, init, quant=quant, in_dims=(0,))  # [D, F]
-        down = get_weight("down_proj", (f, d), dt, init, quant=quant, in_dims=(0,))  # [F, D]
+        gate = get_weight("gate_proj", (f, d), dt, init, quant=quant, in_dims=(1,))  # [F, D]
+        up = get_weight("up_proj", (f, d), dt, init, quant=quant, in_dims=(1,))  # [F, D]
+        down = get_weight("down_proj", (d, f), dt, init, quant=quant, in_dims=(1,))  # [D, F]
         return _gated_mlp(x.astype(self.dtype), gate, up, down, activation(self.config.hidden_act))
 
 

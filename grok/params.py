@@ -1,12 +1,16 @@
 """One description of every weight: its Haiku path, shape, logical axes and released name.
 
 This table drives loading (name mapping and shape checks), sharding (logical axes -> mesh
-axes) and the checkpoint writer, so the three cannot disagree. A test checks that it
-matches the tree ``hk.transform(...).init`` creates.
+axes), quantisation and the checkpoint writer, so they cannot disagree. A test checks that
+it matches the tree ``hk.transform(...).init`` creates.
 
-Released tensors are PyTorch ``[out, in]``; ours are ``[in, out...]``. A weight with
-``transpose=True`` is ``hf.T.reshape(per-layer shape)``: q_proj [N*H, D] -> [D, N, H],
-o_proj [D, N*H] -> [N, H, D], w1 [Fe, D] -> [D, Fe], and so on.
+Every matrix keeps the release's PyTorch ``[out, in]`` orientation, and the modules contract
+over the trailing (``in``) axes. A parameter's unit (one layer, one expert) is the released
+tensor reshaped, never transposed: q_proj [N*H, D] -> [N, H, D], o_proj [D, N*H] -> [D, N, H],
+w1 [Fe, D], w2 [D, Fe], router [E, D]. So loading copies file bytes straight into the device
+buffers (measured in ``scripts/bench_load.py``: a host transpose ran at 0.1-0.3 GB/s and an
+XLA CPU transpose after the transfer at 0.5-0.9 GB/s, against 8 GB/s for a plain read; on an
+accelerator the matmul units read either orientation of an operand at the same speed).
 
 Logical axes: layers (L), vocab (V), embed (D), heads (N), kv_heads (K), head_dim (H),
 mlp (F), experts (E), expert_mlp (Fe), router_out (E of the router).
@@ -31,13 +35,15 @@ class WeightSpec:
 
     Attributes:
       module, name: where it sits in the Haiku tree (``params[module][name]``).
-      shape: full shape, with the leading L axis for per-layer weights and E for experts.
+      shape: full shape, with the leading L axis for per-layer weights and E for experts;
+        a matrix's unit is ``[out..., in...]`` (the released ``[out, in]`` reshaped).
       axes: logical axis names, one per dim of ``shape``.
       hf_name: released tensor name, with ``{i}`` for the layer and ``{e}`` for the expert.
-      transpose: the released tensor is ``[out, in]`` and needs ``.T`` then a reshape.
+      matrix: a linear map, released 2-D ``[out, in]`` (every such weight but the router
+        may be stored quantised).
       float32: kept in float32 whatever the model dtype (the router).
       tp_dim: for expert tensors, the released dim that the TP files split (w1/w3: 0, w2: 1).
-      in_axes: how many leading unit axes make the released ``in`` dim (o_proj: N and H).
+      in_axes: how many trailing unit axes make the released ``in`` dim (o_proj: N and H).
     """
 
     module: str
@@ -45,7 +51,7 @@ class WeightSpec:
     shape: tuple[int, ...]
     axes: tuple[str, ...]
     hf_name: str
-    transpose: bool = False
+    matrix: bool = False
     float32: bool = False
     tp_dim: int | None = None
     in_axes: int = 1
@@ -59,20 +65,42 @@ class WeightSpec:
         return "{e}" in self.hf_name
 
     @property
+    def lead(self) -> int:
+        """How many leading axes index units: the layer axis and the expert axis."""
+        return int(self.per_layer) + int(self.per_expert)
+
+    @property
     def unit_shape(self) -> tuple[int, ...]:
         """Shape of one layer's (and one expert's) slice."""
-        return self.shape[int(self.per_layer) + int(self.per_expert) :]
+        return self.shape[self.lead :]
 
     @property
     def hf_shape(self) -> tuple[int, ...]:
         """Full shape of one released tensor (one layer, one expert, TP stitched)."""
         unit = self.unit_shape
-        if not self.transpose:
+        if not self.matrix:
             return unit
-        return (int(np.prod(unit[self.in_axes :])), int(np.prod(unit[: self.in_axes])))
+        k = len(unit) - self.in_axes
+        return (int(np.prod(unit[:k])), int(np.prod(unit[k:])))
+
+    @property
+    def quantized(self) -> bool:
+        """Whether ``quantize`` stores it quantised: every matrix but the router."""
+        return self.matrix and not self.float32
+
+    @property
+    def in_dims(self) -> tuple[int, ...]:
+        """The input (contracted) dims of ``shape``: the last ``in_axes``."""
+        n = len(self.shape)
+        return tuple(range(n - self.in_axes, n))
 
     def dtype(self, model_dtype: jnp.dtype) -> jnp.dtype:
         return jnp.dtype(jnp.float32) if self.float32 else jnp.dtype(model_dtype)
+
+    def unit_name(self, unit: tuple[int, ...]) -> str:
+        """Released name of unit (layer[, expert]) ``unit``."""
+        keys = ("i", "e") if self.per_layer else ("e",)
+        return self.hf_name.format(**dict(zip(keys, unit, strict=False)))
 
     def hf_names(self) -> Iterator[tuple[tuple[int, ...], str]]:
         """(unit index (layer[, expert]), released name) for every released tensor."""
@@ -102,34 +130,34 @@ def weight_specs(config: GrokConfig) -> list[WeightSpec]:
         WeightSpec(
             attn,
             "q_proj",
-            (L, D, N, H),
-            ("layers", "embed", "heads", "head_dim"),
+            (L, N, H, D),
+            ("layers", "heads", "head_dim", "embed"),
             p + "self_attn.q_proj.weight",
-            transpose=True,
+            matrix=True,
         ),
         WeightSpec(
             attn,
             "k_proj",
-            (L, D, K, H),
-            ("layers", "embed", "kv_heads", "head_dim"),
+            (L, K, H, D),
+            ("layers", "kv_heads", "head_dim", "embed"),
             p + "self_attn.k_proj.weight",
-            transpose=True,
+            matrix=True,
         ),
         WeightSpec(
             attn,
             "v_proj",
-            (L, D, K, H),
-            ("layers", "embed", "kv_heads", "head_dim"),
+            (L, K, H, D),
+            ("layers", "kv_heads", "head_dim", "embed"),
             p + "self_attn.v_proj.weight",
-            transpose=True,
+            matrix=True,
         ),
         WeightSpec(
             attn,
             "o_proj",
-            (L, N, H, D),
-            ("layers", "heads", "head_dim", "embed"),
+            (L, D, N, H),
+            ("layers", "embed", "heads", "head_dim"),
             p + "self_attn.o_proj.weight",
-            transpose=True,
+            matrix=True,
             in_axes=2,
         ),
     ]
@@ -145,26 +173,26 @@ def weight_specs(config: GrokConfig) -> list[WeightSpec]:
             WeightSpec(
                 mlp,
                 "gate_proj",
-                (L, D, F),
-                ("layers", "embed", "mlp"),
+                (L, F, D),
+                ("layers", "mlp", "embed"),
                 p + "mlp.gate_proj.weight",
-                transpose=True,
+                matrix=True,
             ),
             WeightSpec(
                 mlp,
                 "up_proj",
-                (L, D, F),
-                ("layers", "embed", "mlp"),
+                (L, F, D),
+                ("layers", "mlp", "embed"),
                 p + "mlp.up_proj.weight",
-                transpose=True,
+                matrix=True,
             ),
             WeightSpec(
                 mlp,
                 "down_proj",
-                (L, F, D),
-                ("layers", "mlp", "embed"),
+                (L, D, F),
+                ("layers", "embed", "mlp"),
                 p + "mlp.down_proj.weight",
-                transpose=True,
+                matrix=True,
             ),
         ]
     moe, experts, ex = f"{LAYERS}/moe", "grok/experts", p + "block_sparse_moe.experts.{e}."
@@ -172,37 +200,37 @@ def weight_specs(config: GrokConfig) -> list[WeightSpec]:
         WeightSpec(
             moe,
             "router",
-            (L, D, E),
-            ("layers", "embed", "router_out"),
+            (L, E, D),
+            ("layers", "router_out", "embed"),
             p + "block_sparse_moe.gate.weight",
-            transpose=True,
+            matrix=True,
             float32=True,
         ),
         WeightSpec(
             experts,
             "w1",
-            (L, E, D, Fe),
-            ("layers", "experts", "embed", "expert_mlp"),
+            (L, E, Fe, D),
+            ("layers", "experts", "expert_mlp", "embed"),
             ex + "w1.weight",
-            transpose=True,
+            matrix=True,
             tp_dim=0,
         ),
         WeightSpec(
             experts,
             "w3",
-            (L, E, D, Fe),
-            ("layers", "experts", "embed", "expert_mlp"),
+            (L, E, Fe, D),
+            ("layers", "experts", "expert_mlp", "embed"),
             ex + "w3.weight",
-            transpose=True,
+            matrix=True,
             tp_dim=0,
         ),
         WeightSpec(
             experts,
             "w2",
-            (L, E, Fe, D),
-            ("layers", "experts", "expert_mlp", "embed"),
+            (L, E, D, Fe),
+            ("layers", "experts", "embed", "expert_mlp"),
             ex + "w2.weight",
-            transpose=True,
+            matrix=True,
             tp_dim=1,
         ),
     ]
@@ -215,17 +243,31 @@ def count_parameters(config: GrokConfig) -> int:
 
 
 def hf_to_unit(spec: WeightSpec, hf: np.ndarray) -> np.ndarray:
-    """A released tensor (one layer/expert) in our layout: ``.T`` and reshape when needed."""
-    if not spec.transpose:
-        return hf
-    return hf.T.reshape(spec.unit_shape)
+    """A released tensor (one layer/expert) in our layout: a reshape, never a transpose."""
+    return np.reshape(hf, spec.unit_shape)
 
 
 def unit_to_hf(spec: WeightSpec, unit: np.ndarray) -> np.ndarray:
-    """Inverse of ``hf_to_unit``: our layout back to the released ``[out, in]``."""
-    if not spec.transpose:
-        return unit
-    return unit.reshape(int(np.prod(unit.shape[: spec.in_axes])), -1).T
+    """Inverse of ``hf_to_unit``: our unit back to the released (2-D for matrices) shape."""
+    return np.reshape(unit, spec.hf_shape)
+
+
+def hf_region(spec: WeightSpec, unit_index: tuple[slice, ...]) -> tuple[slice, slice, tuple]:
+    """The released rows and columns that a slice of one unit needs, and what to slice after.
+
+    A unit is ``[out_1, .., in_1, ..]`` and the released tensor ``[prod(out), prod(in)]``
+    (1-D tensors: rows only): a slice of ``out_1`` (``in_1``) with the inner axes whole is a
+    contiguous row (column) range. Slices of inner axes are returned (``post``) to apply to
+    the region reshaped to ``[n_out_1, out_2.., n_in_1, in_2..]``.
+    """
+    unit = spec.unit_shape
+    unit_index = tuple(unit_index) + (slice(None),) * (len(unit) - len(unit_index))
+    k = len(unit) - spec.in_axes if spec.matrix else len(unit)
+    rows, out_rest = _flat_range(unit_index[:k], unit[:k])
+    if k == len(unit):
+        return rows, slice(None), (slice(None), *out_rest)
+    cols, in_rest = _flat_range(unit_index[k:], unit[k:])
+    return rows, cols, (slice(None), *out_rest, slice(None), *in_rest)
 
 
 def _flat_range(slices: tuple[slice, ...], dims: tuple[int, ...]) -> tuple[slice, tuple]:
@@ -234,40 +276,6 @@ def _flat_range(slices: tuple[slice, ...], dims: tuple[int, ...]) -> tuple[slice
     The range spans the first axis's slice with the inner axes whole; slices of the inner
     axes are returned to apply after the reshape.
     """
-    slices = tuple(slices) + (slice(None),) * (len(dims) - len(slices))
     start, stop, _ = slices[0].indices(dims[0])
     inner = int(np.prod(dims[1:]))
-    return slice(start * inner, stop * inner), slices[1:]
-
-
-def hf_region(spec: WeightSpec, unit_index: tuple[slice, ...]) -> tuple[slice, slice | None]:
-    """The released rows and columns that a slice of one unit (our layout) needs.
-
-    For a transposed weight our axes are ``[in_1, .., out_1, ..]`` and the released tensor
-    is ``[prod(out), prod(in)]``: a slice of ``out_1`` (``in_1``) maps to a contiguous row
-    (column) range. Returns (row slice, column slice or None for 1-D tensors).
-    """
-    unit_index = tuple(unit_index) + (slice(None),) * (len(spec.unit_shape) - len(unit_index))
-    if not spec.transpose:
-        return unit_index[0], (unit_index[1] if len(unit_index) > 1 else None)
-    unit, k = spec.unit_shape, spec.in_axes
-    cols, _ = _flat_range(unit_index[:k], unit[:k])
-    rows, _ = _flat_range(unit_index[k:], unit[k:])
-    return rows, cols
-
-
-def region_to_unit(
-    spec: WeightSpec, hf_block: np.ndarray, unit_index: tuple[slice, ...]
-) -> np.ndarray:
-    """Turns the released block read by ``hf_region`` into the requested unit slice."""
-    unit_index = tuple(unit_index) + (slice(None),) * (len(spec.unit_shape) - len(unit_index))
-    if not spec.transpose:
-        return hf_block
-    unit, k = spec.unit_shape, spec.in_axes
-    _, in_rest = _flat_range(unit_index[:k], unit[:k])
-    _, out_rest = _flat_range(unit_index[k:], unit[k:])
-    n_in = len(range(*unit_index[0].indices(unit[0])))
-    n_out = len(range(*unit_index[k].indices(unit[k])))
-    block = hf_block.T.reshape(n_in, *unit[1:k], n_out, *unit[k + 1 :])
-    post = (slice(None), *in_rest, slice(None), *out_rest)
-    return block[post]
+    return slice(start * inner, stop * inner), tuple(slices[1:])

@@ -1,19 +1,23 @@
 """Placing the model on a device mesh: one table from logical axes to mesh axes.
 
-The mesh has two named axes: ``data`` (batch, B) and ``model`` (tensor parallel). Every
-parameter's logical axes come from the weight table (``grok.params``); ``ShardingRules`` maps
-each logical axis to a mesh axis or to nothing (replicated):
+The mesh has two named axes: ``data`` (batch, B) and ``model`` (tensor parallel). Everything
+placed on a mesh has logical axes: the parameters and their FP8/int8 scales (from the weight
+table, ``grok.params``), the KV cache (``KV_CACHE_AXES``) and the residual stream
+(``ACTIVATION_AXES``). ``ShardingRules`` maps each logical axis to a mesh axis or to nothing
+(replicated), for all of them through one function, ``ShardingRules.partition_spec``:
 
     heads (N), kv_heads (K), mlp (F), expert_mlp (Fe), vocab (V) -> "model"
     batch (B)                                                    -> "data"
-    everything else (layers, embed, head_dim, experts, router)   -> replicated
+    everything else (layers, embed, head_dim, experts, router, cache_seq, seq) -> replicated
 
-Splitting Fe over ``model`` is the release's own 8-way expert split. Two rules complete it:
-- K smaller than the model axis (Grok-2: K = 8, model = 16): the kv projections are
-  replicated over ``model``, as the serving engines do; each query head still reads its own
-  kv head, the compiler inserts no extra maths, so the logits are unchanged.
-- any other dimension the mesh axis does not divide is a ``ShardingError`` raised by
-  ``check_divisible`` before a byte of the checkpoint is read.
+Splitting Fe over ``model`` is the release's own 8-way expert split. Three rules complete it:
+- K smaller than the model axis (Grok-2: K = 8, model = 16): the K heads (the kv
+  projections and the KV cache alike) are replicated over ``model``, as the serving engines
+  do; each query head still reads its own kv head, so the logits are unchanged.
+- a dimension of size 1 (the input dims of a per-channel scale) is never split.
+- any other dimension the mesh axis does not divide: for a parameter, a ``ShardingError``
+  raised by ``check_divisible`` before a byte of the checkpoint is read; for the KV cache
+  and the residual stream (``strict=False``), replicated, so generation takes any batch.
 """
 
 from __future__ import annotations
@@ -23,15 +27,18 @@ from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from grok.config import GrokConfig
 from grok.errors import ShardingError
 from grok.params import WeightSpec, weight_specs
+from grok.quant import scale_shape
 
 DATA = "data"
 MODEL = "model"
 MESH_AXES = (DATA, MODEL)
+KV_CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")  # [L, B, S, K, H]
+ACTIVATION_AXES = ("batch", "seq", "embed")  # [B, T, D]
 
 DEFAULT_RULES: Mapping[str, str | None] = {
     "batch": DATA,
@@ -45,9 +52,11 @@ DEFAULT_RULES: Mapping[str, str | None] = {
     "head_dim": None,
     "experts": None,
     "router_out": None,
+    "cache_seq": None,
+    "seq": None,
 }
 
-# Axes that may be replicated instead of split when the mesh axis exceeds their size.
+# Axes replicated instead of split when the mesh axis is a multiple of their size.
 REPLICATE_WHEN_SMALLER = frozenset({"kv_heads"})
 
 
@@ -70,12 +79,16 @@ class ShardingRules:
         shape: Sequence[int],
         mesh_sizes: Mapping[str, int],
         what: str,
+        *,
+        strict: bool = True,
     ) -> PartitionSpec:
         """The PartitionSpec of an array with logical ``axes`` and ``shape`` on the mesh.
 
-        Raises ShardingError when two logical axes map to the same mesh axis, or when a
-        mesh axis does not divide the dimension it splits (except kv_heads, replicated when
-        the mesh axis is larger than K).
+        Raises ShardingError when two logical axes map to the same mesh axis, or (``strict``)
+        when a mesh axis does not divide the dimension it splits, except kv_heads,
+        replicated when the mesh axis is a multiple of K. Size-1 dims are never split.
+        Without ``strict`` an undivided dimension, or one whose mesh axis the mesh lacks,
+        is replicated.
         """
         used: dict[str, str] = {}
         out: list[str | None] = []
@@ -83,6 +96,9 @@ class ShardingRules:
             mesh_axis = self.mesh_axis(logical)
             if mesh_axis is None:
                 out.append(None)
+                continue
+            if mesh_axis not in mesh_sizes and not strict:
+                out.append(None)  # the cache or the activations on a mesh without that axis
                 continue
             if mesh_axis not in mesh_sizes:
                 raise ShardingError(
@@ -96,12 +112,14 @@ class ShardingRules:
                 )
             used[mesh_axis] = logical
             n = mesh_sizes[mesh_axis]
-            if n == 1:
+            if n == 1 or size == 1:
                 out.append(None)
             elif size % n == 0:
                 out.append(mesh_axis)
             elif logical in REPLICATE_WHEN_SMALLER and n > size and n % size == 0:
                 out.append(None)  # K < model: replicate the kv heads over the model axis
+            elif not strict:
+                out.append(None)
             else:
                 raise ShardingError(
                     f"{what}: dimension {logical!r} of size {size} cannot be split over mesh "
@@ -114,25 +132,42 @@ class ShardingRules:
 def make_mesh(data: int = 1, model: int | None = None, devices: Sequence | None = None) -> Mesh:
     """A ("data", "model") mesh over ``devices`` (default: all); ``model`` defaults to the rest.
 
-    On several hosts, ``jax.devices()`` lists every process's devices, so the same call
-    builds the same global mesh everywhere (after ``jax.distributed.initialize``).
+    Asked for fewer devices than there are, it takes the first ``data * model`` of them
+    (4-way TP on an 8-device machine: ``make_mesh(1, 4)``). On several hosts,
+    ``jax.devices()`` lists every process's devices, so the same call builds the same
+    global mesh everywhere (after ``jax.distributed.initialize``).
     """
     devices = list(jax.devices() if devices is None else devices)
+    if data < 1 or (model is not None and model < 1):
+        raise ShardingError(f"mesh ({data}, {model}) needs positive axis sizes")
     if model is None:
         if len(devices) % data:
             raise ShardingError(f"data={data} does not divide the {len(devices)} devices")
         model = len(devices) // data
-    if data * model != len(devices):
+    if data * model > len(devices):
         raise ShardingError(
             f"mesh ({data}, {model}) needs {data * model} devices, found {len(devices)}"
         )
-    grid = np.array(devices, dtype=object).reshape(data, model)
-    return Mesh(grid, MESH_AXES)
+    grid = np.array(devices[: data * model], dtype=object).reshape(data, model)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 2)
 
 
-def mesh_sizes(mesh: Mesh) -> dict[str, int]:
-    """{axis name: size} of a mesh."""
-    return dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))
+def auto_axes(mesh: Mesh) -> Mesh:
+    """``mesh`` with every axis of type Auto (the same devices and names).
+
+    ``jax.make_mesh`` gives Explicit axes by default in current JAX; the model's gathers and
+    sharding constraints are written for Auto axes, where the compiler propagates shardings.
+    """
+    if all(t == AxisType.Auto for t in mesh.axis_types):
+        return mesh
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * mesh.devices.ndim)
+
+
+def mesh_sizes(mesh: Mesh | None) -> dict[str, int]:
+    """{axis name: size} of a mesh; ``{"data": 1, "model": 1}`` for None (one device)."""
+    if mesh is None:
+        return {DATA: 1, MODEL: 1}
+    return dict(zip(mesh.axis_names, np.shape(mesh.devices), strict=True))
 
 
 def param_partition_spec(
@@ -141,6 +176,15 @@ def param_partition_spec(
     """The PartitionSpec of parameter ``spec`` on a mesh with axis ``sizes``."""
     rules = rules or ShardingRules()
     return rules.partition_spec(spec.axes, spec.shape, sizes, f"{spec.module}/{spec.name}")
+
+
+def scale_partition_spec(
+    spec: WeightSpec, sizes: Mapping[str, int], rules: ShardingRules | None = None
+) -> PartitionSpec:
+    """The spec of ``spec``'s per-output-channel scale: its axes, the (size-1) in dims whole."""
+    rules = rules or ShardingRules()
+    shape = scale_shape(spec.shape, spec.in_dims)
+    return rules.partition_spec(spec.axes, shape, sizes, f"{spec.module}/{spec.name}_scale")
 
 
 def param_partition_specs(
@@ -163,14 +207,8 @@ def check_divisible(
     param_partition_specs(config, sizes, rules)
 
 
-def scale_partition_spec(pspec: PartitionSpec, ndim: int, in_dims: Sequence[int]) -> PartitionSpec:
-    """The spec of a per-output-channel scale: the weight's, with the (size-1) in dims whole."""
-    parts = list(pspec) + [None] * (ndim - len(pspec))
-    return PartitionSpec(*(None if d in in_dims else p for d, p in enumerate(parts)))
-
-
 def sharding_fn(mesh: Mesh, rules: ShardingRules | None = None):
-    """``spec -> NamedSharding`` for ``ReleasedCheckpoint.load_params``."""
+    """``spec -> NamedSharding`` of a parameter on ``mesh``."""
     sizes = mesh_sizes(mesh)
 
     def sharding_for(spec: WeightSpec) -> NamedSharding:
@@ -179,32 +217,41 @@ def sharding_fn(mesh: Mesh, rules: ShardingRules | None = None):
     return sharding_for
 
 
-def activation_spec(rules: ShardingRules | None = None) -> PartitionSpec:
-    """PartitionSpec of a [B, T, D] activation between blocks: B over ``data``."""
+def kv_cache_spec(
+    config: GrokConfig,
+    sizes: Mapping[str, int],
+    batch_size: int,
+    context: int,
+    rules: ShardingRules | None = None,
+) -> PartitionSpec:
+    """PartitionSpec of the KV cache's k/v [L, B, S, K, H] (``KV_CACHE_AXES``).
+
+    B over ``data`` and K over ``model`` where they divide, else replicated (like the k/v
+    projections, by the same rule).
+    """
     rules = rules or ShardingRules()
-    return PartitionSpec(rules.mesh_axis("batch"), None, None)
+    shape = (
+        config.num_hidden_layers,
+        batch_size,
+        context,
+        config.num_key_value_heads,
+        config.head_dim,
+    )
+    return rules.partition_spec(KV_CACHE_AXES, shape, sizes, "KV cache", strict=False)
 
 
 def kv_cache_sharding(
     mesh: Mesh, config: GrokConfig, batch_size: int, rules: ShardingRules | None = None
 ) -> NamedSharding:
-    """Sharding of the KV cache's k/v [L, B, S, K, H]: B over ``data``, K over ``model``.
-
-    Like the k/v projections, the K heads are replicated when the model axis does not divide
-    them; a batch the data axis does not divide is replicated too (generation takes any B).
-    """
-    rules = rules or ShardingRules()
-    sizes = mesh_sizes(mesh)
-
-    def axis(logical: str, size: int) -> str | None:
-        name = rules.mesh_axis(logical)
-        n = sizes.get(name, 1) if name is not None else 1
-        return name if n > 1 and size % n == 0 else None
-
-    spec = PartitionSpec(
-        None, axis("batch", batch_size), None, axis("kv_heads", config.num_key_value_heads), None
-    )
+    """Sharding of the KV cache's k/v [L, B, S, K, H] on ``mesh``; see ``kv_cache_spec``."""
+    spec = kv_cache_spec(config, mesh_sizes(mesh), batch_size, 1, rules)
     return NamedSharding(mesh, spec)
+
+
+def activation_spec(rules: ShardingRules | None = None) -> PartitionSpec:
+    """PartitionSpec of the residual stream [B, T, D] (``ACTIVATION_AXES``): B over ``data``."""
+    rules = rules or ShardingRules()
+    return PartitionSpec(*(rules.mesh_axis(a) for a in ACTIVATION_AXES))
 
 
 def activation_sharding(mesh: Mesh, rules: ShardingRules | None = None) -> NamedSharding:
@@ -213,6 +260,5 @@ def activation_sharding(mesh: Mesh, rules: ShardingRules | None = None) -> Named
     A mesh without the data axis replicates the batch too.
     """
     spec = activation_spec(rules)
-    if spec[0] is not None and spec[0] not in mesh.axis_names:
-        spec = PartitionSpec(None, None, None)
+    spec = PartitionSpec(*(p if p is None or p in mesh.axis_names else None for p in spec))
     return NamedSharding(mesh, spec)

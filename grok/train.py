@@ -10,7 +10,7 @@ fraction of the k-of-E assignments that go to expert e (not differentiable), ``P
 router probability of expert e. Under ``hk.layer_stack`` the state comes out stacked [L].
 A perfectly balanced router gives 1 in every layer.
 
-Checkpoints are written in the released layout (``grok.testing.write_checkpoint``, float32 so
+Checkpoints are written in the released layout (``grok.checkpoint.write_checkpoint``, float32 so
 that a resumed run is exact) with ``optimizer.npz`` and ``train_state.json`` beside them.
 The batch of step n depends only on (seed, n), so a run resumed from step n continues with
 the same batches, parameters and optimizer state as the uninterrupted run.
@@ -35,14 +35,13 @@ import numpy as np
 import optax
 
 from grok import data
-from grok.checkpoint import ReleasedCheckpoint
+from grok.checkpoint import ReleasedCheckpoint, write_checkpoint
 from grok.config import GrokConfig
 from grok.errors import CheckpointError, ConfigError
 from grok.model import LanguageModel
 from grok.moe import MoE, route
 from grok.progress import progress_bar
 from grok.rope import rope_table
-from grok.testing import write_checkpoint
 
 OPTIMIZER_FILE = "optimizer.npz"
 STATE_FILE = "train_state.json"
@@ -127,7 +126,7 @@ def _balance_interceptor(config: GrokConfig) -> Callable:
         out = next_f(*args, **kwargs)
         if isinstance(context.module, MoE) and context.method_name == "__call__":
             x = args[0]  # [B, T, D]
-            w_gate = hk.get_parameter("router", (config.hidden_size, e), jnp.float32)
+            w_gate = hk.get_parameter("router", (e, config.hidden_size), jnp.float32)  # [E, D]
             _, experts, probs = route(
                 x,
                 w_gate,

@@ -85,14 +85,14 @@ def _moe_inputs(m, e, seed, skew=False):
     rng = np.random.default_rng(seed)
     d, fe = 24, 40
     x = jnp.asarray(rng.normal(size=(m, d)), jnp.float32)  # [M, D]
-    w1 = jnp.asarray(rng.normal(size=(e, d, fe)) * d**-0.5, jnp.float32)  # [E, D, Fe]
-    w3 = jnp.asarray(rng.normal(size=(e, d, fe)) * d**-0.5, jnp.float32)
-    w2 = jnp.asarray(rng.normal(size=(e, fe, d)) * fe**-0.5, jnp.float32)  # [E, Fe, D]
-    w_gate = rng.normal(size=(d, e))
+    w1 = jnp.asarray(rng.normal(size=(e, fe, d)) * d**-0.5, jnp.float32)  # [E, Fe, D]
+    w3 = jnp.asarray(rng.normal(size=(e, fe, d)) * d**-0.5, jnp.float32)
+    w2 = jnp.asarray(rng.normal(size=(e, d, fe)) * fe**-0.5, jnp.float32)  # [E, D, Fe]
+    w_gate = rng.normal(size=(e, d))
     if skew:  # expert 3 wins every token by a wide margin; expert 5 is always second
         w_gate = w_gate * 0.01
         x = x.at[:, 0].set(jnp.abs(x[:, 0]) + 1.0)
-        w_gate[0, 3], w_gate[0, 5] = 50.0, 25.0
+        w_gate[3, 0], w_gate[5, 0] = 50.0, 25.0
     weights, experts, _ = route(x, jnp.asarray(w_gate, jnp.float32), cap=None, k=2)
     return x, weights, experts, w1, w3, w2
 

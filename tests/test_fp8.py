@@ -3,21 +3,14 @@ and quantising bf16 weights to float8 at load time (``quantize="fp8"``)."""
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
 
 from grok.api import load_pretrained
-from grok.checkpoint import hf_to_params, is_quantized, quant_in_dims
+from grok.checkpoint import hf_to_params, save_file
 from grok.config import TINY_GROK2
 from grok.params import weight_specs
-from grok.safetensors_io import (
-    E4M3_MAX,
-    dequantize_fp8,
-    quantize_fp8_blockwise,
-    quantize_fp8_per_channel,
-    save_file,
-)
+from grok.quant import E4M3_MAX, dequantize, dequantize_blocks, quantize, quantize_blocks
 from grok.sharding import make_mesh
 from grok.testing import write_checkpoint
 
@@ -39,16 +32,19 @@ TOKENS = np.array([[3, 17, 255, 0, 42, 9, 77, 128], [7, 7, 100, 200, 1, 64, 5, 6
 def _quantize(w: np.ndarray, convention: str, which: int):
     """(q, scale tensor name suffix, scale) for one [out, in] tensor."""
     if convention == "block":
-        q, s = quantize_fp8_blockwise(w)
+        q, s = quantize_blocks(w)
         return q, "_scale_inv", s
-    q, s = quantize_fp8_per_channel(w)
-    if which % 3 == 1:
-        s = s[:, None]  # [out, 1]
-    elif which % 3 == 2:  # per tensor []
-        amax = np.float32(np.max(np.abs(w)) / E4M3_MAX)
-        q = np.clip(w / amax, -E4M3_MAX, E4M3_MAX).astype(ml_dtypes.float8_e4m3fn)
-        s = np.asarray(amax, np.float32)
-    return q, "_scale", s
+    if which % 3 == 2:  # per tensor []
+        q, s = quantize(w, "fp8")
+        return q, "_scale", s
+    q, s = quantize(w, "fp8", in_dims=(1,))  # [out, 1]
+    return q, "_scale", s if which % 3 == 1 else s[:, 0]  # or [out]
+
+
+def _dequantize(q, suffix, s):
+    if suffix == "_scale_inv":
+        return dequantize_blocks(q, s)
+    return dequantize(q, s.reshape(-1, 1) if s.ndim else s)
 
 
 def write_fp8_checkpoint(path, config, hf, convention):
@@ -57,19 +53,19 @@ def write_fp8_checkpoint(path, config, hf, convention):
     common, ranks, expected = {}, [{} for _ in range(TP)], {}
     for which, (name, w) in enumerate(sorted(hf.items())):
         spec = specs[name]
-        if not is_quantized(spec):
+        if not spec.quantized:
             common[name] = w
             expected[name] = w
         elif spec.tp_dim is None:
             q, suffix, s = _quantize(w, convention, which)
             common[name], common[name + suffix] = q, s
-            expected[name] = dequantize_fp8(q, s, kind=suffix[1:])
+            expected[name] = _dequantize(q, suffix, s)
         else:
             parts = []
             for r, piece in enumerate(np.split(w, TP, axis=spec.tp_dim)):
                 q, suffix, s = _quantize(np.ascontiguousarray(piece), convention, which)
                 ranks[r][name], ranks[r][name + suffix] = q, s  # each rank its own scales
-                parts.append(dequantize_fp8(q, s, kind=suffix[1:]))
+                parts.append(_dequantize(q, suffix, s))
             expected[name] = np.concatenate(parts, axis=spec.tp_dim)
     save_file(path / "pytorch_model-00001-TP-common.safetensors", common)
     for r, part in enumerate(ranks):
@@ -102,21 +98,21 @@ def test_quantize_keeps_float8_on_device_with_full_input_scales(bf16_ckpt, hf_te
     ref = hf_to_params(SMALL, hf, jnp.float32)
     for spec in weight_specs(SMALL):
         module = model.params[spec.module]
-        if not is_quantized(spec):
+        if not spec.quantized:
             want = jnp.float32 if spec.float32 else jnp.bfloat16
             assert module[spec.name].dtype == want, spec.name
             continue
         q, scale = module[spec.name], module[spec.name + "_scale"]
         assert q.dtype == jnp.float8_e4m3fn and scale.dtype == jnp.float32, spec.name
         w = ref[spec.module][spec.name]
-        amax = np.max(np.abs(w), axis=quant_in_dims(spec), keepdims=True)
+        amax = np.max(np.abs(w), axis=spec.in_dims, keepdims=True)
         np.testing.assert_allclose(np.asarray(scale), amax / E4M3_MAX, rtol=1e-6)
         deq = np.asarray(q).astype(np.float32) * np.asarray(scale)
         # e4m3 keeps 3 mantissa bits: each element within half an ulp, 2^-4 relative.
         assert np.all(np.abs(deq - w) <= 2.0**-4 * np.abs(w) + np.asarray(scale) * 2.0**-9)
     # o_proj's and w2's input dims are split over "model", yet their scales are whole-row.
-    assert model.params["grok/experts"]["w2"].sharding.spec[2] == "model"
-    assert model.params["grok/experts"]["w2_scale"].sharding.spec[2] is None
+    assert model.params["grok/experts"]["w2"].sharding.spec[3] == "model"  # [L, E, D, Fe]
+    assert model.params["grok/experts"]["w2_scale"].sharding.spec[3] is None
     fp8_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(model.params))
     plain = load_pretrained(bf16_ckpt, dtype=jnp.bfloat16, quiet=True)
     assert fp8_bytes < 0.75 * sum(x.nbytes for x in jax.tree_util.tree_leaves(plain.params))
@@ -142,5 +138,5 @@ def test_quantize_refuses_non_finite_weights(tmp_path, hf_tensors):
     name = "model.layers.1.mlp.down_proj.weight"
     hf[name][5, 7] = np.inf
     path = write_checkpoint(tmp_path, SMALL, hf, tp=TP)
-    with pytest.raises(CheckpointError, match="down_proj.*non-finite"):
+    with pytest.raises(CheckpointError, match=rf"{name}' holds a non-finite"):
         load_pretrained(path, dtype=jnp.float32, quantize="fp8", quiet=True)

@@ -24,7 +24,7 @@ from reference import expected_tensor_shapes, random_tensors, reference_logits
 
 import grok
 from grok.api import Model
-from grok.checkpoint import hf_to_params
+from grok.checkpoint import CheckpointFiles, hf_to_params
 from grok.config import GROK1, GROK2, TINY_GROK1, TINY_GROK2
 from grok.convert import convert_grok1_checkpoint
 from grok.errors import CheckpointError, ConfigError, UnsafePickleError
@@ -36,7 +36,6 @@ from grok.grok1_checkpoint import (
     release_file_name,
 )
 from grok.params import hf_to_unit, unit_to_hf, weight_specs
-from grok.safetensors_io import CheckpointIndex
 
 CONFIG = TINY_GROK1  # D 64, N 4, K 2, H 16, E 8, Fe 48, L 2, V 256
 MAX_REL_ERR = 1e-4  # float32 model vs float64 reference on the same weights
@@ -187,8 +186,7 @@ def test_converted_safetensors_give_the_pickles_logits(release, pickle_logits, t
     config = json.loads((out / "config.json").read_text())
     assert config["tie_word_embeddings"] is True and config["hidden_act"] == "gelu_tanh"
     assert config["router_logit_softcapping"] == 0 and config["attn_temperature_len"] == 0
-    with CheckpointIndex(out) as index:
-        assert set(index.names) == set(expected_tensor_shapes(CONFIG))  # no lm_head
+    assert set(CheckpointFiles(out).names) == set(expected_tensor_shapes(CONFIG))  # no lm_head
     model = grok.load_pretrained(out, dtype=jnp.float32)
     assert model.config == CONFIG
     tokens, pickles = pickle_logits
@@ -202,13 +200,13 @@ def test_bfloat16_conversion_rounds_the_exact_dequantised_values(release, tmp_pa
     )
     files = sorted(p.name for p in out.iterdir() if p.suffix == ".safetensors")
     assert len(files) > 2 and files[0] == "pytorch_model-00001-TP-common.safetensors"
-    with CheckpointIndex(out) as index:
-        for name in ("model.layers.1.block_sparse_moe.experts.5.w2.weight", "model.norm.weight"):
-            got = index.get(name)
-            value = stored[name]
-            want = dequantize(value, ml_dtypes.bfloat16) if name.endswith("w2.weight") else value
-            assert got.dtype == ml_dtypes.bfloat16
-            np.testing.assert_array_equal(got, np.asarray(want).astype(ml_dtypes.bfloat16))
+    index = CheckpointFiles(out)
+    for name in ("model.layers.1.block_sparse_moe.experts.5.w2.weight", "model.norm.weight"):
+        got = index.view(index.entry(name, None))
+        value = stored[name]
+        want = dequantize(value, ml_dtypes.bfloat16) if name.endswith("w2.weight") else value
+        assert got.dtype == ml_dtypes.bfloat16
+        np.testing.assert_array_equal(got, np.asarray(want).astype(ml_dtypes.bfloat16))
 
 
 def test_converter_error_mid_write_leaves_no_output_and_keeps_an_old_one(release, tmp_path):

@@ -167,15 +167,15 @@ def test_attention_temperature():
 
 def test_router_deterministic_and_ties_to_lower_index():
     x = jnp.ones((3, 4))
-    w = jnp.zeros((4, 8))  # every expert ties
+    w = jnp.zeros((8, 4))  # [E, D]: every expert ties
     weights, experts, probs = route(x, w, cap=30.0, k=2)
     np.testing.assert_array_equal(np.asarray(experts), [[0, 1]] * 3)
     np.testing.assert_allclose(np.asarray(weights), 1 / 8)
-    w = w.at[:, 5].set(1.0).at[:, 6].set(1.0)  # experts 5 and 6 tie above the rest
+    w = w.at[5].set(1.0).at[6].set(1.0)  # experts 5 and 6 tie above the rest
     _, experts, _ = route(x, w, cap=30.0, k=2)
     np.testing.assert_array_equal(np.asarray(experts), [[5, 6]] * 3)
     key = jax.random.PRNGKey(0)
-    xr, wr = jax.random.normal(key, (16, 4)), jax.random.normal(jax.random.PRNGKey(1), (4, 8))
+    xr, wr = jax.random.normal(key, (16, 4)), jax.random.normal(jax.random.PRNGKey(1), (8, 4))
     a, b = route(xr, wr, cap=1.0, k=2), route(xr, wr, cap=1.0, k=2)
     for u, v in zip(a, b, strict=True):
         np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
@@ -183,7 +183,7 @@ def test_router_deterministic_and_ties_to_lower_index():
 
 def test_router_weights_not_renormalised():
     x = jax.random.normal(jax.random.PRNGKey(0), (5, 4))
-    w = jax.random.normal(jax.random.PRNGKey(1), (4, 8))
+    w = jax.random.normal(jax.random.PRNGKey(1), (8, 4))
     weights, experts, probs = route(x, w, cap=None, k=2)
     np.testing.assert_allclose(
         np.asarray(weights), np.take_along_axis(np.asarray(probs), np.asarray(experts), 1)
@@ -198,10 +198,10 @@ def test_moe_paths_equal_dense_oracle(m):
     key = jax.random.split(jax.random.PRNGKey(m), 5)
     e, d, f = 8, 16, 24
     x = jax.random.normal(key[0], (m, d))
-    w1 = jax.random.normal(key[1], (e, d, f)) / 4
-    w3 = jax.random.normal(key[2], (e, d, f)) / 4
-    w2 = jax.random.normal(key[3], (e, f, d)) / 5
-    weights, experts, _ = route(x, jax.random.normal(key[4], (d, e)), cap=None, k=2)
+    w1 = jax.random.normal(key[1], (e, f, d)) / 4  # [E, F, D]: [out, in]
+    w3 = jax.random.normal(key[2], (e, f, d)) / 4
+    w2 = jax.random.normal(key[3], (e, d, f)) / 5
+    weights, experts, _ = route(x, jax.random.normal(key[4], (e, d)), cap=None, k=2)
     act = jax.nn.gelu
     want = moe_dense_reference(x, weights, experts, w1, w3, w2, act)
     for fn in (moe_gather, moe_blocks):

@@ -78,10 +78,8 @@ def count_reads() -> tuple[list[int], Callable[[], None]]:
     """Counts the bytes of tensor data this process copies out of the checkpoint files.
 
     The counter wraps the one method through which the checkpoint reader takes a tensor
-    region out of a file: ``ReleasedCheckpoint._copy(entry, rows, cols, dst)`` in the
-    ``grok/checkpoint/`` package (called from a thread pool, hence the lock), or
-    ``ReleasedCheckpoint._read_entry(entry, rows, cols) -> region`` in the single-module
-    reader before it. Returns (the running total in a list, a function that unwraps).
+    region out of a file: ``ReleasedCheckpoint._copy(entry, rows, cols, dst)`` (called from a
+    thread pool, hence the lock). Returns (the running total in a list, a function that unwraps).
     """
     total, lock = [0], threading.Lock()
 
@@ -89,20 +87,14 @@ def count_reads() -> tuple[list[int], Callable[[], None]]:
         with lock:
             total[0] += nbytes
 
-    name = "_copy" if hasattr(ReleasedCheckpoint, "_copy") else "_read_entry"
-    original = getattr(ReleasedCheckpoint, name)
+    original = ReleasedCheckpoint._copy
 
     def copy(self, entry, rows, cols, dst):
         original(self, entry, rows, cols, dst)
         add(dst.size * entry.dtype.itemsize)
 
-    def read_entry(self, entry, rows, cols):
-        region = original(self, entry, rows, cols)
-        add(region.nbytes)
-        return region
-
-    setattr(ReleasedCheckpoint, name, copy if name == "_copy" else read_entry)
-    return total, lambda: setattr(ReleasedCheckpoint, name, original)
+    ReleasedCheckpoint._copy = copy
+    return total, lambda: setattr(ReleasedCheckpoint, "_copy", original)
 
 
 def local_shard_bytes(params) -> int:

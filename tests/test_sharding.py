@@ -8,14 +8,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import AxisType, Mesh
 from jax.sharding import PartitionSpec as P
 
 from grok.api import load_pretrained
+from grok.checkpoint import ReleasedCheckpoint
 from grok.config import GROK2, TINY_GROK2
 from grok.errors import MemoryPlanError, ShardingError
 from grok.memory_plan import plan_memory
 from grok.params import weight_specs
-from grok.sharding import ShardingRules, make_mesh, mesh_sizes, param_partition_specs
+from grok.sharding import (
+    ShardingRules,
+    kv_cache_sharding,
+    kv_cache_spec,
+    make_mesh,
+    mesh_sizes,
+    param_partition_specs,
+)
 from grok.testing import write_checkpoint
 
 CONFIG = TINY_GROK2.replace(num_attention_heads=8, head_dim=8, num_key_value_heads=2)
@@ -55,15 +64,15 @@ def test_sharded_logits_equal_single_device(ckpt, single_logits, shape):
 def test_rules_on_the_8_device_mesh():
     specs = param_partition_specs(CONFIG, {"data": 2, "model": 4})
     attn = specs["grok/layers/layer/attn"]
-    assert attn["q_proj"] == P(None, None, "model", None)
-    assert attn["o_proj"] == P(None, "model", None, None)
+    assert attn["q_proj"] == P(None, "model", None, None)  # [L, N, H, D]
+    assert attn["o_proj"] == P(None, None, "model", None)  # [L, D, N, H]
     assert attn["k_proj"] == P(None, None, None, None)  # K = 2 < 4: replicated
     moe = specs["grok/experts"]
-    assert moe["w1"] == P(None, None, None, "model")
-    assert moe["w2"] == P(None, None, "model", None)
+    assert moe["w1"] == P(None, None, "model", None)  # [L, E, Fe, D]
+    assert moe["w2"] == P(None, None, None, "model")  # [L, E, D, Fe]
     assert specs["grok/layers/layer/moe"]["router"] == P(None, None, None)
     assert specs["grok"]["embed_tokens"] == P("model", None)
-    assert specs["grok/layers/layer/mlp"]["down_proj"] == P(None, "model", None)
+    assert specs["grok/layers/layer/mlp"]["down_proj"] == P(None, None, "model")
 
 
 @pytest.mark.parametrize("model_axis", [1, 2, 4, 8, 16])
@@ -72,11 +81,15 @@ def test_grok2_rules_for_every_model_axis(model_axis):
     specs = param_partition_specs(GROK2, {"data": 1, "model": model_axis})
     attn = specs["grok/layers/layer/attn"]
     split = "model" if model_axis > 1 else None
-    assert attn["q_proj"] == P(None, None, split, None)
+    assert attn["q_proj"] == P(None, split, None, None)
     kv = split if model_axis <= 8 else None
-    assert attn["k_proj"] == P(None, None, kv, None)
-    assert attn["v_proj"] == P(None, None, kv, None)
-    assert specs["grok/experts"]["w1"] == P(None, None, None, split)
+    assert attn["k_proj"] == P(None, kv, None, None)
+    assert attn["v_proj"] == P(None, kv, None, None)
+    assert specs["grok/experts"]["w1"] == P(None, None, split, None)
+    # The KV cache [L, B, S, K, H] follows the k/v projections by the same rule.
+    assert kv_cache_spec(GROK2, {"data": 1, "model": model_axis}, 1, 8) == P(
+        None, None, None, kv, None
+    )
 
 
 def test_kv_replication_gives_the_same_attention():
@@ -134,27 +147,50 @@ def test_grok2_plan_on_8_by_80gb():
     assert fp8.weights < 0.52 * plan.weights
 
 
-def test_each_distinct_shard_is_read_once():
+def test_each_distinct_shard_is_read_once(ckpt, monkeypatch):
     """Replicas over "data" share one read; only addressable devices are asked for."""
-    from grok.checkpoint import build_array
-
-    mesh = make_mesh(4, 2)
-    sharding = jax.sharding.NamedSharding(mesh, P(None, "model"))
     reads = []
+    real = ReleasedCheckpoint.shard_units
 
-    def read(index):
-        reads.append(index)
-        return np.arange(16, dtype=np.float32).reshape(2, 8)[index]
+    def recording(self, spec, index, buffer):
+        reads.append(spec.name)
+        return real(self, spec, index, buffer)
 
-    array = build_array((2, 8), sharding, read)
-    assert len(reads) == 2
-    np.testing.assert_array_equal(np.asarray(array), np.arange(16).reshape(2, 8))
-    assert array.sharding == sharding
+    monkeypatch.setattr(ReleasedCheckpoint, "shard_units", recording)
+    load_pretrained(ckpt, dtype=jnp.float32, mesh=make_mesh(4, 2), quiet=True)
+    assert reads.count("w1") == 2  # Fe over model = 2: two distinct shards, each read once
+    assert reads.count("k_proj") == 2  # K = 2 over model = 2
+    assert reads.count("router") == 1  # replicated everywhere: read once
+
+
+def test_make_mesh_takes_the_first_devices():
+    mesh = make_mesh(1, 4)
+    assert mesh.devices.shape == (1, 4)
+    assert list(mesh.devices.flat) == jax.devices()[:4]
+    with pytest.raises(ShardingError, match="needs 16 devices, found 8"):
+        make_mesh(2, 8)
+
+
+@pytest.mark.parametrize("kind", ["jax-explicit", "jax-auto", "mesh-subset", "grok-1x4"])
+def test_any_mesh_works(ckpt, single_logits, kind):
+    """jax.make_mesh (Explicit axes by default), Mesh(...) over a device subset, make_mesh."""
+    if kind == "jax-explicit":
+        mesh = jax.make_mesh((2, 4), ("data", "model"))
+        assert AxisType.Explicit in mesh.axis_types
+    elif kind == "jax-auto":
+        mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    elif kind == "mesh-subset":
+        mesh = Mesh(np.array(jax.devices()[4:8]).reshape(2, 2), ("data", "model"))
+    else:
+        mesh = make_mesh(1, 4)
+    model = load_pretrained(ckpt, dtype=jnp.float32, mesh=mesh, quiet=True)
+    leaf = model.params["grok/experts"]["w1"]
+    assert set(leaf.sharding.device_set) == set(mesh.devices.flat)
+    got = np.asarray(model.logits(TOKENS))
+    np.testing.assert_allclose(got, single_logits, rtol=1e-5, atol=1e-5 * np.abs(got).max())
 
 
 def test_kv_cache_sharding_follows_the_kv_heads():
-    from grok.sharding import kv_cache_sharding
-
     # K = 2: split over a model axis of 2, replicated over 4 (as the k/v projections are).
     spec = P(None, "data", None, "model", None)
     assert kv_cache_sharding(make_mesh(4, 2), CONFIG, 8).spec == spec
