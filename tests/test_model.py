@@ -196,18 +196,23 @@ def test_router_weights_not_renormalised():
 
 @pytest.mark.parametrize("m", [1, 3, 40])
 def test_moe_paths_equal_dense_oracle(m):
-    key = jax.random.split(jax.random.PRNGKey(m), 5)
+    rng = np.random.default_rng(m)
     e, d, f = 8, 16, 24
-    x = jax.random.normal(key[0], (m, d))
-    w1 = jax.random.normal(key[1], (e, d, f)) / 4
-    w3 = jax.random.normal(key[2], (e, d, f)) / 4
-    w2 = jax.random.normal(key[3], (e, f, d)) / 5
-    weights, experts, _ = route(x, jax.random.normal(key[4], (d, e)), cap=None, k=2)
-    act = jax.nn.gelu
-    want = moe_dense_reference(x, weights, experts, w1, w3, w2, act)
-    for fn in (moe_gather, moe_blocks):
-        got = jax.jit(lambda *a, fn=fn: fn(*a, act))(x, weights, experts, w1, w3, w2)
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    x = rng.standard_normal((m, d), np.float32)
+    w1 = rng.standard_normal((e, d, f), np.float32) / 4
+    w3 = rng.standard_normal((e, d, f), np.float32) / 4
+    w2 = rng.standard_normal((e, f, d), np.float32) / 5
+    w_gate = rng.standard_normal((d, e), np.float32)
+
+    @jax.jit  # one program for the routing, the oracle and both paths
+    def paths(x, w_gate, w1, w3, w2):
+        weights, experts, _ = route(x, w_gate, cap=None, k=2)
+        args = (x, weights, experts, w1, w3, w2, jax.nn.gelu)
+        return moe_dense_reference(*args), [fn(*args) for fn in (moe_gather, moe_blocks)]
+
+    want, got = paths(x, w_gate, w1, w3, w2)
+    for out in got:
+        np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=1e-5)
 
 
 # Rotary embedding.
