@@ -60,6 +60,7 @@ def uninterrupted():
     return trainer, _run(trainer)
 
 
+@pytest.mark.slow  # a Trainer compiles its init (and, to train, its step)
 def test_same_seed_same_run_and_loss_falls(uninterrupted):
     trainer, result = uninterrupted
     again = _run(train.Trainer(CONFIG, TRAIN, MOE))
@@ -70,6 +71,7 @@ def test_same_seed_same_run_and_loss_falls(uninterrupted):
     assert other.losses != result.losses[:2]
 
 
+@pytest.mark.slow  # a Trainer compiles its init (and, to train, its step)
 def test_heldout_loss_reported_at_eval_steps_and_end(uninterrupted):
     trainer, result = uninterrupted
     steps = [s for s, _ in result.heldout]
@@ -81,6 +83,7 @@ def test_heldout_loss_reported_at_eval_steps_and_end(uninterrupted):
     assert trainer.evaluate(windows) == pytest.approx(last, rel=1e-6)
 
 
+@pytest.mark.slow  # a Trainer compiles its init (and, to train, its step)
 def test_resumed_run_continues_with_the_same_losses(uninterrupted, tmp_path):
     _, full = uninterrupted
     first = train.Trainer(CONFIG, TRAIN, MOE)
@@ -97,6 +100,7 @@ def test_resumed_run_continues_with_the_same_losses(uninterrupted, tmp_path):
     assert rest.heldout[-1][1] == pytest.approx(full.heldout[-1][1], rel=1e-5)
 
 
+@pytest.mark.slow  # a Trainer compiles its init (and, to train, its step)
 def test_checkpoint_is_the_released_layout_and_loads(uninterrupted, tmp_path):
     trainer, _ = uninterrupted
     out = trainer.save(tmp_path)
@@ -115,11 +119,13 @@ def _rope(t):
     return rope_table(CONFIG, t)
 
 
+@pytest.mark.slow  # a Trainer compiles its init (and, to train, its step)
 def test_restore_refuses_a_directory_without_optimizer_state(tmp_path):
     with pytest.raises(CheckpointError, match="optimizer.npz"):
         train.Trainer(CONFIG, TRAIN, MOE).restore(tmp_path)
 
 
+@pytest.mark.slow  # a Trainer compiles its init (and, to train, its step)
 def test_balance_loss_is_one_for_a_uniform_router():
     trainer = train.Trainer(CONFIG, TRAIN, MOE)
     params = jax.tree_util.tree_map(lambda x: x, trainer.params)
