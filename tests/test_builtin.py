@@ -111,6 +111,7 @@ def test_logits_predict_corpus_text_better_than_chance(model, tokenizer):
     assert nll < 0.5 * np.log(BUILTIN_CONFIG.vocab_size)
 
 
+@pytest.mark.slow  # a fresh interpreter: imports jax, loads and compiles the model
 def test_sample_script_with_no_arguments_prints_corpus_words(corpus_words):
     """A new user's first command: ``python scripts/sample.py``, nothing else."""
     import subprocess

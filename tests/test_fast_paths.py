@@ -7,11 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import random_params
 
 import grok.attention as attention
 from grok.config import TINY_GROK2
 from grok.kv_cache import KVCache
-from grok.model import forward_fns, init_params
+from grok.model import forward_fns
 from grok.moe import block_size_for, moe_blocks, moe_dense_reference, moe_gather, route
 from grok.rope import rope_table
 
@@ -62,7 +63,7 @@ def _logits(cfg, params, blocked: bool, monkeypatch, steps):
 
 @pytest.fixture(scope="module")
 def tiny_params():
-    return init_params(TINY_GROK2, seed=3)
+    return random_params(TINY_GROK2, seed=3)
 
 
 @pytest.mark.parametrize("use_cache", [False, True])

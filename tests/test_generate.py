@@ -9,13 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import random_params
 
 from grok.api import Model
 from grok.config import TINY_GROK2
 from grok.errors import GenerationError, TokenizerError
 from grok.generate import MIN_BUCKET, bucket_length
-from grok.model import forward_fns
-from grok.rope import rope_table
 from grok.sampling import Sampler
 
 CONFIG = TINY_GROK2  # attn_temperature_len 4, context 128
@@ -25,28 +24,6 @@ PROMPTS = [
     [100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 110, 111],
 ]
 MAX_NEW = 122  # 3 + 122 < 128, so only the 7- and 12-token prompts fill the context
-
-
-def random_params(config, seed):
-    """Random float32 parameters shaped like the model's (numpy, no compiled init)."""
-    fns = forward_fns(config, jnp.dtype(jnp.float32))
-    one = jnp.zeros((1, 1), jnp.int32)
-    shapes = jax.eval_shape(
-        fns.init, jax.random.key(0), one, one, rope_table(config, 1), None, jnp.ones(1, jnp.int32)
-    )
-    rng = np.random.default_rng(seed)
-    params = {}
-    for module, tensors in shapes.items():
-        params[module] = {}
-        for name, s in tensors.items():
-            if "norm" in module:
-                value = 1.0 + 0.1 * rng.standard_normal(s.shape)
-            elif name == "embed_tokens":
-                value = rng.standard_normal(s.shape)
-            else:
-                value = 0.2 * rng.standard_normal(s.shape)
-            params[module][name] = jnp.asarray(value, jnp.float32)
-    return params
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +53,16 @@ def test_prefill_then_decode_equals_full_forward(model, greedy_batch):
     # max_new_tokens first.
     assert result.finish_reasons == ["length", "context", "context"]
     assert [len(t) for t in result.tokens] == [MAX_NEW, 128 - 7, 128 - 12]
-    for prompt, new, logits in zip(PROMPTS, result.tokens, result.logits, strict=True):
+    # One full forward pass over the three sequences, right-padded to the context: attention
+    # is causal, so the padding changes no logits before it.
+    rows = [prompt + new for prompt, new in zip(PROMPTS, result.tokens, strict=True)]
+    padded = np.array([r + [0] * (CONFIG.max_position_embeddings - len(r)) for r in rows])
+    everything = np.asarray(model.logits(padded))  # [3, P, V]
+    for b, (prompt, new, logits) in enumerate(
+        zip(PROMPTS, result.tokens, result.logits, strict=True)
+    ):
         n = len(prompt)
-        full = np.asarray(model.logits(np.array([prompt + new])))[0]  # [n + len(new), V]
+        full = everything[b, : n + len(new)]  # [n + len(new), V]
         # The logits of new token i are those of position n - 1 + i (12 > 4 = the
         # attn_temperature_len, so decode positions all run with tau != 1).
         want = full[n - 1 : n - 1 + len(new)]

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import random_params
 from reference import random_tensors, reference_logits
 
 import grok
@@ -91,8 +92,8 @@ def test_bfloat16_close_to_float32(tmp_path):
     assert np.mean(np.abs(got - f32) < 0.1 * TINY_GROK2.final_logit_softcapping) > 0.9
 
 
-def test_bad_tokens_are_refused(tmp_path):
-    path = write_checkpoint(tmp_path / "c", TINY_GROK2, 0)
+def test_bad_tokens_are_refused(tmp_path, hf_tensors):
+    path = write_checkpoint(tmp_path / "c", TINY_GROK2, hf_tensors(TINY_GROK2))
     model = grok.load_pretrained(path, dtype=jnp.float32)
     with pytest.raises(grok.TokenizerError, match="256"):
         model.logits(np.array([[1, 256]]))
@@ -105,7 +106,7 @@ def test_bad_tokens_are_refused(tmp_path):
 
 @pytest.mark.parametrize("config", [TINY_GROK2, TINY_GROK1])
 def test_weight_table_matches_init_tree(config):
-    params = init_params(config)
+    params = jax.eval_shape(lambda: init_params(config))  # the tree and shapes, no values
     flat = {(m, n): a for m, sub in params.items() for n, a in sub.items()}
     specs = {(s.module, s.name): s for s in weight_specs(config)}
     assert flat.keys() == specs.keys()
@@ -140,13 +141,13 @@ def test_full_size_parameter_counts():
 
 def test_gqa_shapes_and_cache_holds_kv_heads_only():
     cfg = TINY_GROK2
-    params = init_params(cfg)
+    params = random_params(cfg)
     fns = forward_fns(cfg, jnp.dtype(jnp.float32))
     cache = KVCache.create(cfg, batch_size=2, max_len=16, dtype=jnp.float32)
     assert cache.k.shape == (cfg.num_hidden_layers, 2, 16, cfg.num_key_value_heads, cfg.head_dim)
     tokens = jnp.ones((2, 5), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(5, dtype=jnp.int32), (2, 5))
-    logits, new = fns.apply(
+    logits, new = jax.jit(fns.apply)(
         params, tokens, positions, rope_table(cfg), cache, jnp.array([5, 5], jnp.int32)
     )
     assert logits.shape == (2, 5, cfg.vocab_size)
@@ -195,19 +196,23 @@ def test_router_weights_not_renormalised():
 
 @pytest.mark.parametrize("m", [1, 3, 40])
 def test_moe_paths_equal_dense_oracle(m):
-    key = jax.random.split(jax.random.PRNGKey(m), 5)
+    rng = np.random.default_rng(m)
     e, d, f = 8, 16, 24
-    x = jax.random.normal(key[0], (m, d))
-    w1 = jax.random.normal(key[1], (e, f, d)) / 4  # [E, F, D]: [out, in]
-    w3 = jax.random.normal(key[2], (e, f, d)) / 4
-    w2 = jax.random.normal(key[3], (e, d, f)) / 5
-    weights, experts, _ = route(x, jax.random.normal(key[4], (e, d)), cap=None, k=2)
-    act = jax.nn.gelu
-    want = moe_dense_reference(x, weights, experts, w1, w3, w2, act)
-    for fn in (moe_gather, moe_blocks):
-        np.testing.assert_allclose(
-            np.asarray(fn(x, weights, experts, w1, w3, w2, act)), np.asarray(want), atol=1e-5
-        )
+    x = rng.standard_normal((m, d), np.float32)
+    w1 = rng.standard_normal((e, f, d), np.float32) / 4  # [E, F, D]: [out, in]
+    w3 = rng.standard_normal((e, f, d), np.float32) / 4
+    w2 = rng.standard_normal((e, d, f), np.float32) / 5
+    w_gate = rng.standard_normal((e, d), np.float32)
+
+    @jax.jit  # one program for the routing, the oracle and both paths
+    def paths(x, w_gate, w1, w3, w2):
+        weights, experts, _ = route(x, w_gate, cap=None, k=2)
+        args = (x, weights, experts, w1, w3, w2, jax.nn.gelu)
+        return moe_dense_reference(*args), [fn(*args) for fn in (moe_gather, moe_blocks)]
+
+    want, got = paths(x, w_gate, w1, w3, w2)
+    for out in got:
+        np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=1e-5)
 
 
 # Rotary embedding.
@@ -260,8 +265,8 @@ def test_yarn_equals_original_on_high_frequency_dims():
     np.testing.assert_allclose(y_cos[:, fast] / mscale, o_cos[:, fast], atol=1e-12)
 
 
-def test_logits_at_one_position_equal_the_full_logits_there(tmp_path):
-    path = write_checkpoint(tmp_path / "c", TINY_GROK2, 0)
+def test_logits_at_one_position_equal_the_full_logits_there(tmp_path, hf_tensors):
+    path = write_checkpoint(tmp_path / "c", TINY_GROK2, hf_tensors(TINY_GROK2))
     model = grok.load_pretrained(path, dtype=jnp.float32)
     tokens = jnp.asarray(np.arange(20).reshape(2, 10) + 3, jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(10, dtype=jnp.int32), (2, 10))

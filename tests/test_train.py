@@ -38,6 +38,8 @@ def _stream(n: int, seed: int) -> np.ndarray:
 MOE = "dense"
 TRAIN_STREAM = _stream(2000, 0)
 HELDOUT_STREAM = _stream(400, 1)
+# The training forward pass, jitted once for the tests that call it on [1, 16] tokens.
+FORWARD = jax.jit(train.training_forward(CONFIG, MOE).apply)
 
 
 def _run(trainer, until=None, checkpoint_dir=None):
@@ -58,6 +60,7 @@ def uninterrupted():
     return trainer, _run(trainer)
 
 
+@pytest.mark.slow  # a Trainer compiles its init (and, to train, its step)
 def test_same_seed_same_run_and_loss_falls(uninterrupted):
     trainer, result = uninterrupted
     again = _run(train.Trainer(CONFIG, TRAIN, MOE))
@@ -68,6 +71,7 @@ def test_same_seed_same_run_and_loss_falls(uninterrupted):
     assert other.losses != result.losses[:2]
 
 
+@pytest.mark.slow  # a Trainer compiles its init (and, to train, its step)
 def test_heldout_loss_reported_at_eval_steps_and_end(uninterrupted):
     trainer, result = uninterrupted
     steps = [s for s, _ in result.heldout]
@@ -79,6 +83,7 @@ def test_heldout_loss_reported_at_eval_steps_and_end(uninterrupted):
     assert trainer.evaluate(windows) == pytest.approx(last, rel=1e-6)
 
 
+@pytest.mark.slow  # a Trainer compiles its init (and, to train, its step)
 def test_resumed_run_continues_with_the_same_losses(uninterrupted, tmp_path):
     _, full = uninterrupted
     first = train.Trainer(CONFIG, TRAIN, MOE)
@@ -95,6 +100,7 @@ def test_resumed_run_continues_with_the_same_losses(uninterrupted, tmp_path):
     assert rest.heldout[-1][1] == pytest.approx(full.heldout[-1][1], rel=1e-5)
 
 
+@pytest.mark.slow  # a Trainer compiles its init (and, to train, its step)
 def test_checkpoint_is_the_released_layout_and_loads(uninterrupted, tmp_path):
     trainer, _ = uninterrupted
     out = trainer.save(tmp_path)
@@ -102,9 +108,8 @@ def test_checkpoint_is_the_released_layout_and_loads(uninterrupted, tmp_path):
     assert any(n.endswith("-TP-common.safetensors") for n in names)
     assert any(n.endswith("-TP-001.safetensors") for n in names)  # experts split over 2 ranks
     model = load_pretrained(out, dtype=jnp.float32, quiet=True)
-    tokens = HELDOUT_STREAM[None, :12]
-    apply = jax.jit(train.training_forward(CONFIG, MOE).apply)
-    expected, _ = apply(trainer.params, trainer._net_state, None, jnp.asarray(tokens), _rope(12))
+    tokens = HELDOUT_STREAM[None, :16]
+    expected, _ = FORWARD(trainer.params, trainer._net_state, None, jnp.asarray(tokens), _rope(16))
     np.testing.assert_allclose(model.logits(tokens), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -114,19 +119,20 @@ def _rope(t):
     return rope_table(CONFIG, t)
 
 
+@pytest.mark.slow  # a Trainer compiles its init (and, to train, its step)
 def test_restore_refuses_a_directory_without_optimizer_state(tmp_path):
     with pytest.raises(CheckpointError, match="optimizer.npz"):
         train.Trainer(CONFIG, TRAIN, MOE).restore(tmp_path)
 
 
+@pytest.mark.slow  # a Trainer compiles its init (and, to train, its step)
 def test_balance_loss_is_one_for_a_uniform_router():
     trainer = train.Trainer(CONFIG, TRAIN, MOE)
     params = jax.tree_util.tree_map(lambda x: x, trainer.params)
     moe = next(m for m in params if m.endswith("/moe"))
     params[moe] = dict(params[moe], router=jnp.zeros_like(params[moe]["router"]))
-    forward = jax.jit(train.training_forward(CONFIG, MOE).apply)
     tokens = jnp.asarray(TRAIN_STREAM[None, :16])
-    _, state = forward(params, trainer._net_state, None, tokens, _rope(16))
+    _, state = FORWARD(params, trainer._net_state, None, tokens, _rope(16))
     balance = state[moe][train.BALANCE_STATE]  # [L]
     assert balance.shape == (CONFIG.num_hidden_layers,)
     np.testing.assert_allclose(balance, 1.0, rtol=1e-6)
