@@ -52,7 +52,7 @@ def _tokens(m: int, seed: int, skew: bool):
     leaving five experts empty (groups of size 0 in the grouped matmul)."""
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.standard_normal((m, D)), jnp.float32)
-    gate = jnp.asarray(rng.standard_normal((D, E)), jnp.float32)
+    gate = jnp.asarray(rng.standard_normal((E, D)), jnp.float32)  # [E, D]: [out, in]
     weights, experts, _ = route(x, gate, cap=None, k=K)
     if skew:
         experts = jnp.stack([jnp.zeros(m, jnp.int32), jnp.where(experts[:, 0] % 2, 1, 5)], 1)

@@ -52,9 +52,15 @@ from grok.tokenizer import load_tokenizer, write_tok_json
 ROOT = Path(__file__).resolve().parent.parent
 PROCESSES = 2
 DEVICES_PER_PROCESS = 4
-# 3 special tokens, then the 256 bytes: every text encodes (one token per byte).
+# 3 special tokens, then the 256 bytes: every text encodes (one token per byte); reserved
+# specials fill the rest of the vocab, so every id the model can emit decodes.
 CONFIG = TINY_GROK2.replace(vocab_size=264)
-SPECIALS = {"<|pad|>": 0, "<|separator|>": 1, "<|eos|>": 2}
+SPECIALS = {
+    "<|pad|>": 0,
+    "<|separator|>": 1,
+    "<|eos|>": 2,
+    **{f"<|reserved_{i}|>": 259 + i for i in range(264 - 259)},
+}
 STORED_ITEMSIZE = 4  # the checkpoint is written in float32
 LOGIT_TOKENS = np.array([[5, 17, 200, 31, 9, 44], [100, 3, 3, 7, 250, 1]], np.int32)  # [B, T]
 TEXTS = ["Hello there", "Good day"]  # at most 12 tokens: one 16-token bucket with 4 new ones

@@ -270,7 +270,8 @@ PROGRAMS = ["sample", "plan", "convert", "train", "train_tokenizer"]
 
 def test_console_scripts_and_wrappers_name_the_same_programs():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert {f"grok-{p.replace('_', '-')}": f"grok.cli.{p}:main" for p in PROGRAMS} == scripts
+    want = {f"grok-{p.replace('_', '-')}": f"grok.cli.{p}:main" for p in PROGRAMS}
+    assert {**want, "grok-serve": "grok.serve.cli:main"} == scripts  # the server's own package
     for target in scripts.values():
         module, name = target.split(":")
         assert callable(getattr(importlib.import_module(module), name))

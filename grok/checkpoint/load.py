@@ -8,12 +8,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from grok import memory_plan
 from grok.builtin import builtin_dir
 from grok.checkpoint.grok1 import is_grok1_checkpoint, load_grok1_params
 from grok.checkpoint.reader import ReleasedCheckpoint, shard_read_bytes
 from grok.config import GrokConfig, load_config
 from grok.errors import ConfigError
-from grok.memory_plan import check_fits, device_bytes_limit, plan_memory
+from grok.memory_plan import check_fits, plan_memory
 from grok.progress import progress_bar
 from grok.sharding import (
     ShardingRules,
@@ -81,7 +82,7 @@ def load(
     )
     devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
     local = [d for d in devices if d.process_index == jax.process_index()] or devices
-    limit = device_memory_bytes or device_bytes_limit(local[0])
+    limit = device_memory_bytes or memory_plan.device_bytes_limit(local[0])
     check_fits(plan, limit, str(path))
     single = jax.sharding.SingleDeviceSharding(devices[0])
     if mesh is not None:
