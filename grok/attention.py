@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from grok.config import GrokConfig
 from grok.kv_cache import write_layer
-from grok.layers import dequant, get_weight, soft_cap
+from grok.layers import dequant, get_weight, project, soft_cap
 from grok.rope import apply_rope
 
 NEG_INF = -1e30  # large negative for masked logits (finite: avoids NaN on empty rows)
@@ -201,9 +201,9 @@ class Attention(hk.Module):
         wq, wk, wv, wo = (dequant(w, dt) for w in (wq, wk, wv, wo))
 
         x = x.astype(self.dtype)
-        q = jnp.einsum("BTD,DNH->BTNH", x, wq)  # [B, T, N, H]
-        k = jnp.einsum("BTD,DKH->BTKH", x, wk)  # [B, T, K, H]
-        v = jnp.einsum("BTD,DKH->BTKH", x, wv)  # [B, T, K, H]
+        q = project("BTD,DNH->BTNH", x, wq)  # [B, T, N, H]
+        k = project("BTD,DKH->BTKH", x, wk)  # [B, T, K, H]
+        v = project("BTD,DKH->BTKH", x, wv)  # [B, T, K, H]
         q = apply_rope(q, rope_cos, rope_sin)
         k = apply_rope(k, rope_cos, rope_sin)
 
@@ -226,4 +226,4 @@ class Attention(hk.Module):
             probs = attention_weights(q, keys, positions, kv_lengths, cfg)  # [B, K, G, T, S]
             out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(values.dtype), values)
         out = out.reshape(b, t, n, h)  # [B, T, N, H]
-        return jnp.einsum("BTNH,NHD->BTD", out, wo), new_cache  # [B, T, D]
+        return project("BTNH,NHD->BTD", out, wo), new_cache  # [B, T, D]

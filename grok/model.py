@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from grok.attention import Attention
 from grok.config import GrokConfig
 from grok.kv_cache import KVCache
-from grok.layers import RMSNorm, soft_cap
+from grok.layers import RMSNorm, project, soft_cap
 from grok.moe import DenseMLP, LayerExperts, MoE, expert_weights, residual_moe
 from grok.rope import RopeTable, rope_table
 
@@ -146,7 +146,7 @@ class LanguageModel(hk.Module):
             head = hk.get_parameter(
                 "lm_head", (v, d), dt, init=hk.initializers.VarianceScaling(1.0, "fan_in")
             )  # [V, D]
-        logits = jnp.einsum("BTD,VD->BTV", out, head, preferred_element_type=jnp.float32)
+        logits = project("BTD,VD->BTV", out, head, jnp.float32)
         logits = logits * cfg.output_multiplier_scale
         return soft_cap(logits, cfg.final_logit_softcapping), new_cache  # [B, T, V] float32
 

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from grok.config import GrokConfig
-from grok.layers import QuantWeight, activation, dequant, get_weight, soft_cap
+from grok.layers import QuantWeight, activation, dequant, get_weight, project, soft_cap
 
 SQRT2 = math.sqrt(2.0)  # the residual MoE divides (dense + MoE) by this
 EXPERTS_MODULE = "experts"  # Haiku name scope of the stacked expert weights (under "grok")
@@ -109,10 +109,12 @@ def route(
 
 
 def _gated_mlp(x, w1, w3, w2, act):
-    """``w2(act(x w1) * (x w3))`` for x [.., D], w1/w3 [D, F], w2 [F, D]."""
+    """``w2(act(x w1) * (x w3))`` for x [..., D], w1/w3 [D, F], w2 [F, D]."""
     dt = x.dtype
     w1, w3, w2 = dequant(w1, dt), dequant(w3, dt), dequant(w2, dt)
-    return jnp.dot(act(jnp.dot(x, w1)) * jnp.dot(x, w3), w2)
+    xm = x.reshape(-1, x.shape[-1])  # [M, D]
+    h = act(project("MD,DF->MF", xm, w1)) * project("MD,DF->MF", xm, w3)  # [M, F]
+    return project("MF,FD->MD", h, w2).reshape(x.shape)
 
 
 def moe_gather(
