@@ -5,10 +5,15 @@ single-device tests are unaffected (they use the first device).
 """
 
 import os
+import tempfile
 
 _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+
+# The command line keeps compiled programs in $XDG_CACHE_HOME/grok/jax (grok.compile_cache);
+# the tests' runs write to a temporary directory, never the user's cache.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="grok-tests-cache-")
 
 import numpy as np  # noqa: E402  (after the flag: numpy does not start XLA, but keep order)
 import pytest  # noqa: E402
