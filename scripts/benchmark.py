@@ -1,6 +1,6 @@
 """Benchmark: grok against Hugging Face ``MixtralForCausalLM`` of the same shape, fairly.
 
-    python scripts/benchmark.py                         # the full comparison (about 8 minutes)
+    python scripts/benchmark.py                         # the full comparison (8-10 minutes)
     python scripts/benchmark.py --dtype float32 --repeats 1 --no-full-width   # a quick look
     python scripts/benchmark.py --compile-ratio --long-prompt 32768 --no-mixtral
 
@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-mixtral", action="store_true")
     p.add_argument("--no-full-width", action="store_true")
     p.add_argument("--full-width-experts", type=int, default=8)
-    p.add_argument("--full-width-tokens", type=int, default=16)
+    p.add_argument("--full-width-tokens", type=int, default=8)
     p.add_argument("--compile-ratio", action="store_true", help="compile time, 64 vs 2 layers")
     p.add_argument("--long-prompt", type=int, default=0, help="peak memory of this prefill")
     p.add_argument("--json", default="benchmark.json")
