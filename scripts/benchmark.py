@@ -161,8 +161,15 @@ def mixtral_child(args: argparse.Namespace) -> dict:
     from transformers import MixtralConfig, MixtralForCausalLM
     from transformers.generation.streamers import BaseStreamer
 
+    from grok.errors import ConfigError
+
     torch.set_num_threads(args.threads)
     c = resolve(args.shape)
+    if c.has_dense_mlp:
+        raise ConfigError(
+            f"{args.shape} has a dense MLP beside the experts, which Mixtral cannot express: "
+            "compare on bench-grok1, or pass --no-mixtral"
+        )
     hf = MixtralConfig(
         vocab_size=c.vocab_size,
         hidden_size=c.hidden_size,
