@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from grok.config import GrokConfig
 from grok.kv_cache import write_layer
-from grok.layers import dequant, get_weight, project, soft_cap
+from grok.layers import as_bits, dequant, from_bits, get_weight, project, soft_cap
 from grok.rope import apply_rope
 
 NEG_INF = -1e30  # large negative for masked logits (finite: avoids NaN on empty rows)
@@ -212,8 +212,16 @@ class Attention(hk.Module):
         else:
             cache_k, cache_v = layer_cache  # [B, S, K, H]
             start = positions[:, 0]  # [B]
-            keys = write_layer(cache_k, k, start)
-            values = write_layer(cache_v, v, start)
+            # Written through uint16 views (layers.as_bits): a bf16 update made XLA:CPU
+            # convert the layer's whole cache to float32 and back at every step.
+            keys = from_bits(
+                write_layer(as_bits(cache_k), as_bits(k.astype(cache_k.dtype)), start),
+                cache_k.dtype,
+            )
+            values = from_bits(
+                write_layer(as_bits(cache_v), as_bits(v.astype(cache_v.dtype)), start),
+                cache_v.dtype,
+            )
             new_cache = (keys, values)
 
         b, t = x.shape[:2]

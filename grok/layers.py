@@ -68,6 +68,28 @@ def project(
     return y.astype(out_dtype or x.dtype)
 
 
+# XLA:CPU's float normalisation treats a bf16 (or f16) slice, update or gather as unsupported:
+# it converts the whole array to float32 around it, and hoists that conversion out of loops.
+# The same bits seen as uint16 stay 16-bit. ``as_bits``/``from_bits`` make those views (on
+# the CPU; elsewhere they return the array as is); a bitcast moves no data.
+_BIT_VIEWS = {jnp.dtype(jnp.bfloat16): jnp.uint16, jnp.dtype(jnp.float16): jnp.uint16}
+
+
+def as_bits(x: jax.Array) -> jax.Array:
+    """A 16-bit float array as its uint16 view on the CPU; anything else unchanged."""
+    bits = _BIT_VIEWS.get(jnp.dtype(x.dtype))
+    if bits is None or jax.default_backend() != "cpu":
+        return x
+    return jax.lax.bitcast_convert_type(x, bits)
+
+
+def from_bits(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """Undoes ``as_bits``: a uint16 view back to the 16-bit float ``dtype``."""
+    if x.dtype == jnp.uint16 and jnp.dtype(dtype) in _BIT_VIEWS:
+        return jax.lax.bitcast_convert_type(x, dtype)
+    return x
+
+
 def activation(name: str):
     """The MLP activation: ``"gelu"`` is exact (erf) GELU, ``"gelu_tanh"`` the tanh form."""
     if name == "gelu":
