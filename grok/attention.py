@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from grok.config import GrokConfig
 from grok.kv_cache import write_layer
-from grok.layers import dequant, get_weight, soft_cap
+from grok.layers import as_bits, dequant, from_bits, get_weight, project, soft_cap
 from grok.rope import apply_rope
 
 NEG_INF = -1e30  # large negative for masked logits (finite: avoids NaN on empty rows)
@@ -202,9 +202,9 @@ class Attention(hk.Module):
         wq, wk, wv, wo = (dequant(w, dt) for w in (wq, wk, wv, wo))
 
         x = x.astype(self.dtype)
-        q = jnp.einsum("BTD,NHD->BTNH", x, wq)  # [B, T, N, H]
-        k = jnp.einsum("BTD,KHD->BTKH", x, wk)  # [B, T, K, H]
-        v = jnp.einsum("BTD,KHD->BTKH", x, wv)  # [B, T, K, H]
+        q = project("BTD,NHD->BTNH", x, wq)  # [B, T, N, H]
+        k = project("BTD,KHD->BTKH", x, wk)  # [B, T, K, H]
+        v = project("BTD,KHD->BTKH", x, wv)  # [B, T, K, H]
         q = apply_rope(q, rope_cos, rope_sin)
         k = apply_rope(k, rope_cos, rope_sin)
 
@@ -213,8 +213,16 @@ class Attention(hk.Module):
         else:
             cache_k, cache_v = layer_cache  # [B, S, K, H]
             start = positions[:, 0]  # [B]
-            keys = write_layer(cache_k, k, start)
-            values = write_layer(cache_v, v, start)
+            # Written through uint16 views (layers.as_bits): a bf16 update made XLA:CPU
+            # convert the layer's whole cache to float32 and back at every step.
+            keys = from_bits(
+                write_layer(as_bits(cache_k), as_bits(k.astype(cache_k.dtype)), start),
+                cache_k.dtype,
+            )
+            values = from_bits(
+                write_layer(as_bits(cache_v), as_bits(v.astype(cache_v.dtype)), start),
+                cache_v.dtype,
+            )
             new_cache = (keys, values)
 
         b, t = x.shape[:2]
@@ -227,4 +235,4 @@ class Attention(hk.Module):
             probs = attention_weights(q, keys, positions, kv_lengths, cfg)  # [B, K, G, T, S]
             out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(values.dtype), values)
         out = out.reshape(b, t, n, h)  # [B, T, N, H]
-        return jnp.einsum("BTNH,DNH->BTD", out, wo), new_cache  # [B, T, D]
+        return project("BTNH,DNH->BTD", out, wo), new_cache  # [B, T, D]

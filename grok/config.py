@@ -415,7 +415,7 @@ def _type_name(hint: Any) -> str:
 # not at the top, because ``grok.presets`` is built from this module's ``GrokConfig``: an
 # import at the top would be a circle.
 _MOVED_TO_PRESETS = frozenset(
-    {"GROK2", "GROK1", "TINY_GROK2", "TINY_GROK1", "BENCH", "BENCH_GROK1", "PRESETS", "get_preset"}
+    {"GROK2", "GROK1", "TINY_GROK2", "TINY_GROK1", "PRESETS", "get_preset"}
 )
 
 

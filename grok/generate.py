@@ -125,6 +125,9 @@ class GenerationResult:
         the first token of each sequence, which prefill samples, not).
       logits: when asked for, per sequence the float32 logits [n_i, V] that each sampled token
         (stop token included) was drawn from; else None.
+      prefill_compile_s, decode_compile_s: the parts of ``time_to_first_token_s`` and
+        ``decode_time_s`` spent tracing and compiling (or loading compiled executables from
+        the persistent cache, see ``grok.compile_cache``); 0 once these shapes are compiled.
     """
 
     tokens: list[list[int]]
@@ -135,6 +138,8 @@ class GenerationResult:
     decode_time_s: float
     num_decode_tokens: int
     logits: list[np.ndarray] | None = None
+    prefill_compile_s: float = 0.0
+    decode_compile_s: float = 0.0
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -142,6 +147,11 @@ class GenerationResult:
         if self.num_decode_tokens == 0 or self.decode_time_s <= 0:
             return 0.0
         return self.num_decode_tokens / self.decode_time_s
+
+    @property
+    def compile_s(self) -> float:
+        """Seconds of this call spent compiling (prefill and decode)."""
+        return self.prefill_compile_s + self.decode_compile_s
 
 
 @jax.tree_util.register_dataclass
@@ -159,6 +169,8 @@ class DecodeState:
       logits: [B, S, V] float32 logits of each sampled token, or None when not recorded.
       keys: [B] PRNG keys, one per row.
       step: [] int32, decode steps run so far.
+      nonfinite: [B] bool, rows whose logits held a NaN or an infinity (such a row stops;
+        ``generate`` then raises GenerationError instead of returning what argmax made of it).
     """
 
     cache: KVCache
@@ -170,6 +182,7 @@ class DecodeState:
     logits: jax.Array | None
     keys: jax.Array
     step: jax.Array
+    nonfinite: jax.Array
 
 
 def _sample_rows(
@@ -193,6 +206,7 @@ def _record(
     """Appends ``token`` [B] (drawn from ``logits`` [B, V]) to every row not done; decides
     which rows are done now."""
     active = ~state.done  # [B]
+    nonfinite = state.nonfinite | (active & ~jnp.all(jnp.isfinite(logits), axis=-1))  # [B]
     rows = jnp.arange(token.shape[0])
     slot = jnp.where(active, state.num_new, state.out.shape[1])  # out of range -> dropped
     out = state.out.at[rows, slot].set(token, mode="drop")
@@ -208,6 +222,7 @@ def _record(
         | stop_mask[token]
         | (num_new >= max_new)
         | (position >= context - 1)  # the new token takes the last position of the context
+        | nonfinite
     )
     return dataclasses.replace(
         state,
@@ -216,6 +231,7 @@ def _record(
         done=done,
         out=out,
         logits=recorded,
+        nonfinite=nonfinite,
     )
 
 
@@ -305,6 +321,7 @@ def _prefill(
         logits=recorded,
         keys=keys,
         step=jnp.zeros((), jnp.int32),
+        nonfinite=jnp.zeros((b,), jnp.bool_),
     )
     state = _record(state, first, last, stop_mask, max_new, p)
     return _pin_state(state, cache_sharding, host_sharding)
@@ -467,7 +484,7 @@ def generate(
     stop_mask_j = put(stop_mask)
 
     start = time.perf_counter()
-    state = _prefill(
+    prefill_args = (
         model.params,
         model.rope,
         put(tokens),
@@ -475,6 +492,10 @@ def generate(
         keys,
         max_new,
         stop_mask_j,
+    )
+    prefill_fn, prefill_compile_s = _compiled(
+        _prefill,
+        prefill_args,
         apply_fn=model.apply_fn,
         config=config,
         dtype=model.dtype,
@@ -484,11 +505,15 @@ def generate(
         cache_sharding=cache_sharding,
         host_sharding=replicated,
     )
+    state = prefill_fn(*prefill_args)
     emitted = np.zeros((batch,), np.int32)  # tokens already handed to on_token, per row
 
     def stream() -> bool:
         """Hands new tokens to on_token; returns whether every row is done."""
-        num_new, token, done = (to_host(x) for x in (state.num_new, state.token, state.done))
+        num_new, token, done, nonfinite = (
+            to_host(x) for x in (state.num_new, state.token, state.done, state.nonfinite)
+        )
+        _check_finite(nonfinite, num_new)
         for b in range(batch):
             if num_new[b] > emitted[b]:  # at most one new token per step
                 emitted[b] = num_new[b]
@@ -496,8 +521,15 @@ def generate(
                     on_token(b, int(token[b]))
         return bool(done.all())
 
-    decode_fn = functools.partial(
+    if on_token is not None:
+        finished = stream()
+    else:
+        jax.block_until_ready(state.token)
+    first_at = time.perf_counter()
+    limit = put(np.int32(1 if on_token is not None else cache_len))  # steps per decode call
+    decode_fn, decode_compile_s = _compiled(
         _decode,
+        (model.params, model.rope, state, limit, max_new, stop_mask_j),
         apply_fn=model.apply_fn,
         context=context,
         sampler=sampler,
@@ -505,8 +537,6 @@ def generate(
         host_sharding=replicated,
     )
     if on_token is not None:
-        finished = stream()
-        first_at = time.perf_counter()
         step = 0
         while not finished:
             step += 1
@@ -515,12 +545,9 @@ def generate(
             )
             finished = stream()
     else:
-        jax.block_until_ready(state.token)
-        first_at = time.perf_counter()
-        state = decode_fn(
-            model.params, model.rope, state, put(np.int32(cache_len)), max_new, stop_mask_j
-        )
-    num_new, out = to_host(state.num_new), to_host(state.out)
+        state = decode_fn(model.params, model.rope, state, limit, max_new, stop_mask_j)
+    num_new, out, nonfinite = (to_host(x) for x in (state.num_new, state.out, state.nonfinite))
+    _check_finite(nonfinite, num_new)
     recorded = None if state.logits is None else to_host(state.logits)
     end = time.perf_counter()
 
@@ -549,7 +576,32 @@ def generate(
         decode_time_s=end - first_at,
         num_decode_tokens=int(np.maximum(num_new - 1, 0).sum()),
         logits=logits_out if recorded is not None else None,
+        prefill_compile_s=prefill_compile_s,
+        decode_compile_s=decode_compile_s,
     )
+
+
+def _compiled(fn: Any, args: tuple, **static: Any) -> tuple[Callable, float]:
+    """``fn`` (a jitted function) compiled for ``args`` and the static keyword arguments, and
+    the seconds that took: tracing, lowering and XLA's compile, or loading the executable from
+    the persistent cache (``grok.compile_cache``). JAX's own caches make a repeated call cost
+    microseconds, so this is 0.0 for shapes already compiled in this process."""
+    begin = time.perf_counter()
+    executable = fn.lower(*args, **static).compile()
+    return executable, time.perf_counter() - begin
+
+
+def _check_finite(nonfinite: np.ndarray, num_new: np.ndarray) -> None:
+    """GenerationError when some row's logits held a NaN or an infinity (checked on the host
+    from the flag the decode loop carries, so a broken model never yields tokens silently)."""
+    rows = np.flatnonzero(nonfinite)
+    if rows.size:
+        b = int(rows[0])
+        raise GenerationError(
+            f"the model produced non-finite logits (NaN or inf) for sequence {b} at its new "
+            f"token {int(num_new[b])} ({rows.size} of {nonfinite.size} sequences affected): the "
+            "weights or their dtype are broken (check the checkpoint, its scales and --dtype)"
+        )
 
 
 __all__ = [

@@ -110,38 +110,19 @@ TINY_GROK1 = GROK1.replace(
     max_position_embeddings=128,
 )
 
-# The benchmark shape (issue 6), small enough for a CPU; both variants share it.
-_BENCH_SHAPE = dict(
-    vocab_size=32000,
-    hidden_size=512,
-    num_hidden_layers=8,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    head_dim=64,
-    moe_intermediate_size=1024,
-    num_local_experts=8,
-    num_experts_per_tok=2,
-    embedding_multiplier_scale=512**0.5,  # sqrt(D), as Grok-2's is sqrt(8192)
-)
-
-# Grok-2's rope, caps and temperature, with a dense MLP as wide as an expert.
-BENCH = GROK2.replace(**_BENCH_SHAPE, intermediate_size=1024)
-
-# The same shape with Grok-1's knobs and no dense MLP: the shape Mixtral can run.
-BENCH_GROK1 = GROK1.replace(**_BENCH_SHAPE, attn_output_multiplier=64**-0.5)  # H**-0.5
-
 PRESETS: dict[str, GrokConfig] = {
     "grok2": GROK2,
     "grok1": GROK1,
     "tiny-grok2": TINY_GROK2,
     "tiny-grok1": TINY_GROK1,
-    "bench": BENCH,
-    "bench-grok1": BENCH_GROK1,
 }
 
 
 def get_preset(name: str) -> GrokConfig:
-    """A preset by name: ``grok2``, ``grok1``, ``tiny-grok2``, ``tiny-grok1`` (and ``bench``...)."""
+    """A preset by name: ``grok2``, ``grok1``, ``tiny-grok2``, ``tiny-grok1``.
+
+    The benchmarks' shapes live with them, in ``scripts/bench_shapes.py``.
+    """
     try:
         return PRESETS[name]
     except KeyError:

@@ -1,18 +1,42 @@
-"""Benchmark: prefill, time to first token, decode rate, memory and compile time, against the
-machine's own rooflines and (when ``torch`` and ``transformers`` are installed) against Hugging
-Face ``MixtralForCausalLM`` of the same shape.
+"""Benchmark: grok against Hugging Face ``MixtralForCausalLM`` of the same shape, fairly.
 
-    python scripts/benchmark.py --config bench-grok1 --dtype float32 --json out.json
-    python scripts/benchmark.py --config bench --long-prompt 32768 --compile-ratio
+    python scripts/benchmark.py                         # the full comparison (8-10 minutes)
+    python scripts/benchmark.py --dtype float32 --repeats 1 --no-full-width   # a quick look
+    python scripts/benchmark.py --compile-ratio --long-prompt 32768 --no-mixtral
 
-Glossary: B batch, T prompt tokens, N new tokens, D model width, V vocab, L layers,
-E experts, k experts per token, Fe expert width, M = B * T tokens, A = M * k assignments.
+Glossary: B batch, T prompt tokens, N new tokens, D model width, L layers.
 
-Figures are medians over ``--repeats`` runs after a warm-up. Decode tokens per second count
-every sequence of the batch; the decode roofline is the measured memory-read bandwidth divided
-by the bytes of the parameters one token reads (embedding row, attention, norms, router, dense
-MLP, k experts, head); the prefill roofline is the prefill's matmul FLOPs divided by the
-measured matmul rate.
+How it is fair:
+
+- Every measurement runs in its own fresh subprocess (``--child ENGINE``): JAX and torch never
+  share a process, and nothing one engine leaves behind (threads, caches, memory) slows the
+  other. The parent imports neither.
+- Both engines get the same shape (``--shape``, default ``bench-grok1``: see
+  ``bench_shapes.py``), dtype, random prompts (T tokens, seed 0), N new tokens, greedy
+  decoding, random weights, and the same CPUs: each child pins itself to ``--threads`` CPUs
+  (``sched_setaffinity``) and sets torch's and OpenMP's thread counts to the same number.
+- The engines alternate over ``--repeats`` (grok, Mixtral, Mixtral, grok, ...); each child
+  compiles / warms up first, then measures. The report gives the median over repeats and the
+  spread (min, max).
+- A ratio is printed only when the run is sane: batch 8 decodes at least as many tokens per
+  second in total as batch 1, the time to first token is shorter than the whole generation,
+  and the machine's 1-minute load (``os.getloadavg``) stayed at or below its core count for
+  every child. Otherwise the ratio is replaced by the reason.
+
+Figures per engine, dtype and batch: prefill of the T-token prompt into a KV cache (head at the
+last position only), time to first token, decode tokens per
+second over the batch (N - 1 steps after the first token; both from one ``generate`` call:
+grok's ``GenerationResult``, and for Mixtral a streamer that notes the time of each token), and
+for grok the compile time (first call minus a compiled one).
+
+``--full-width`` (on by default) adds one Grok-2 decoder layer at full width
+(``full-width-layer``), bf16 decode at batch 1, as a fraction of the memory-bandwidth roofline:
+the bytes of the weights one token reads (attention, dense MLP, k experts, norms, router, head)
+over the machine's read bandwidth (a jitted sum over a 1 GiB array, which is past any cache).
+Its weights take 8.4 GB at E = 8; ``--full-width-experts 2`` keeps the bytes one token reads and
+needs 3.5 GB.
+
+Everything is written to ``--json`` (the README's table is made from it).
 """
 
 from __future__ import annotations
@@ -20,240 +44,136 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from grok.api import Model  # noqa: E402
-from grok.config import GrokConfig, get_preset, load_config  # noqa: E402
-from grok.errors import ConfigError  # noqa: E402
-from grok.generate import generate  # noqa: E402
-from grok.layers import activation  # noqa: E402
-from grok.model import forward_fns, init_params  # noqa: E402
-from grok.moe import moe_blocks, route  # noqa: E402
-from grok.rope import rope_table  # noqa: E402
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-BANDWIDTH_BYTES = 256 * 2**20  # read-bandwidth probe: well past any CPU cache
-MATMUL_SIZE = 1024  # matmul-rate probe: [1024, 1024] x [1024, 1024]
+ENGINES = ("grok", "mixtral")
+DTYPES = ("float32", "bfloat16")
+BANDWIDTH_BYTES = 2**30  # read-bandwidth probe: far past the CPU's caches
+# The children themselves keep --threads threads busy back to back, so the 1-minute load sits
+# near the thread count on an otherwise idle machine (2.0-2.2 measured for 2 threads on 2
+# cores); a load above the cores plus half a thread means someone else was running.
+LOAD_SLACK = 0.5
 
 
-def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    """Median wall seconds of ``fn()`` (its result blocked on) over ``repeats`` runs."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
+def _pin_threads(threads: int) -> None:
+    """Restricts this process to ``threads`` CPUs and tells OpenMP/MKL the same number."""
+    cpus = sorted(os.sched_getaffinity(0))[:threads]
+    os.sched_setaffinity(0, cpus)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(threads)
+
+
+def _median_s(fn, repeats: int) -> float:
+    """Median wall seconds of ``fn()`` over ``repeats`` calls (after one warm-up call)."""
+    fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(fn())
+        fn()
         times.append(time.perf_counter() - start)
     return float(np.median(times))
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory so far (Linux reports kibibytes)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# Children: each runs in a fresh process and prints one JSON line.
 
 
-def load_any_config(name_or_path: str) -> GrokConfig:
-    """A preset name, a checkpoint directory or a config.json path."""
-    if os.path.isdir(name_or_path):
-        return load_config(name_or_path)
-    if os.path.isfile(name_or_path):
-        return load_config(os.path.dirname(os.path.abspath(name_or_path)))
-    return get_preset(name_or_path)
+def random_params(config, dtype, seed: int = 0):
+    """Random weights of the model's shapes, made on the device by one cheap elementwise hash
+    per leaf (no RNG state, no float32 temporaries: a full-width layer is 8.4 GB in bf16).
+
+    Matrices get values of standard deviation 0.02 (Hugging Face's ``initializer_range``, as
+    Mixtral's own init), norms 1, the router standard deviation 1 / sqrt(D).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from grok.model import init_params
+
+    shapes = jax.eval_shape(lambda: init_params(config, seed, dtype))
+
+    def fill(shape, dtype, salt, std):
+        i = jax.lax.iota(jnp.uint32, int(np.prod(shape))).reshape(shape)
+        h = i * jnp.uint32(2654435761) + jnp.uint32(salt)  # Knuth's multiplicative hash
+        h = (h ^ (h >> 15)) * jnp.uint32(2246822519)
+        h = h ^ (h >> 13)
+        u = (h >> 8).astype(jnp.float32) * (2.0**-24) - 0.5  # uniform in [-0.5, 0.5)
+        return (u * (std * 12**0.5)).astype(dtype)  # a uniform of standard deviation std
+
+    fill_j = jax.jit(fill, static_argnums=(0, 1, 3))
+    out = {}
+    for n, (module, leaves) in enumerate(sorted(shapes.items())):
+        out[module] = {}
+        for m, (name, s) in enumerate(sorted(leaves.items())):
+            if "norm" in module:
+                out[module][name] = jnp.ones(s.shape, s.dtype)
+                continue
+            std = config.hidden_size**-0.5 if "router" in name else 0.02
+            out[module][name] = fill_j(s.shape, s.dtype, 7919 * (n * 64 + m) + seed, std)
+    return out
 
 
-# Machine rooflines.
+def grok_child(args: argparse.Namespace) -> dict:
+    """grok: prefill, time to first token, decode and compile time at each batch size."""
+    import jax
+    import jax.numpy as jnp
+    from bench_shapes import resolve
 
+    from grok.api import Model
+    from grok.generate import generate
+    from grok.kv_cache import KVCache
 
-def memory_bandwidth(repeats: int) -> float:
-    """Bytes per second of a jitted sum over a 256 MiB float32 array (a pure streaming read)."""
-    x = jnp.ones((BANDWIDTH_BYTES // 4,), jnp.float32)
-    total = jax.jit(jnp.sum)
-    return BANDWIDTH_BYTES / median_time(lambda: total(x), repeats)
-
-
-def matmul_rate(dtype: jnp.dtype, repeats: int) -> float:
-    """FLOP per second of a jitted [n, n] x [n, n] matmul in ``dtype``."""
-    n = MATMUL_SIZE
-    a = jnp.ones((n, n), dtype)
-    b = jnp.ones((n, n), dtype)
-    mm = jax.jit(jnp.dot)
-    return 2 * n**3 / median_time(lambda: mm(a, b), repeats)
-
-
-# Parameter and FLOP counts.
-
-
-def active_param_bytes(config: GrokConfig, dtype: jnp.dtype) -> int:
-    """Bytes of the parameters one decoded token reads (router float32, the rest ``dtype``)."""
-    c = config
-    d, h = c.hidden_size, c.head_dim
-    item = jnp.dtype(dtype).itemsize
-    attn = d * h * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
-    dense = 3 * d * c.intermediate_size if c.has_dense_mlp else 0
-    experts = c.num_experts_per_tok * 3 * d * c.moe_intermediate_size
-    norms = 4 * d
-    per_layer = (attn + dense + experts + norms) * item + d * c.num_local_experts * 4
-    head = c.vocab_size * d + d  # the head (tied or not) and the final norm
-    return c.num_hidden_layers * per_layer + (head + d) * item  # + one embedding row
-
-
-def matmul_flops_per_token(config: GrokConfig) -> int:
-    """Matmul FLOPs per token, attention scores excluded: 2 x active matmul parameters."""
-    c = config
-    d, h = c.hidden_size, c.head_dim
-    attn = d * h * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
-    dense = 3 * d * c.intermediate_size if c.has_dense_mlp else 0
-    experts = c.num_experts_per_tok * 3 * d * c.moe_intermediate_size
-    router = d * c.num_local_experts
-    return 2 * (c.num_hidden_layers * (attn + dense + experts + router) + c.vocab_size * d)
-
-
-def prefill_flops(config: GrokConfig, batch: int, prompt: int) -> int:
-    """Matmul FLOPs of a causal prefill: projections, experts, head and the causal half of
-    the score and value matmuls."""
-    c = config
-    scores = 2 * 2 * c.num_attention_heads * c.head_dim * prompt * (prompt + 1) // 2
-    return batch * (prompt * matmul_flops_per_token(c) + c.num_hidden_layers * scores)
-
-
-# The library.
-
-
-def bench_grok(
-    config: GrokConfig, dtype: jnp.dtype, args: argparse.Namespace
-) -> tuple[dict, np.ndarray]:
-    """Prefill, TTFT, decode at each batch size, compile time; returns (figures, greedy tokens
-    of row 0 at batch 1)."""
-    model = Model(config, init_params(config, seed=0, dtype=dtype), dtype=dtype)
-    rng = np.random.default_rng(0)
-    out: dict = {}
-    prompts = rng.integers(0, config.vocab_size, (max(args.batch), args.prompt_len))
-
-    tokens = jnp.asarray(prompts[:1], jnp.int32)  # [1, T]
-    start = time.perf_counter()
-    jax.block_until_ready(model.logits(tokens))
-    out["prefill_compile_s"] = time.perf_counter() - start
-    out["prefill_s"] = median_time(lambda: model.logits(tokens), args.repeats, warmup=0)
-
-    greedy = None
+    config = resolve(args.shape)
+    dtype = jnp.dtype(args.dtype)
+    model = Model(config, random_params(config, dtype), dtype=dtype)
+    prompts = np.random.default_rng(0).integers(0, config.vocab_size, (max(args.batch), args.T))
+    out: dict = {"jax": jax.__version__, "device": jax.devices()[0].device_kind}
     for b in args.batch:
         rows = prompts[:b].tolist()
+        tokens = jnp.asarray(prompts[:b], jnp.int32)  # [B, T]
+        positions = jnp.broadcast_to(jnp.arange(args.T, dtype=jnp.int32), (b, args.T))
+        lengths = jnp.full((b,), args.T, jnp.int32)
+        cache = KVCache.create(config, b, args.T, dtype)
+
+        def prefill(tokens=tokens, positions=positions, lengths=lengths, cache=cache):
+            logits, new_cache = model.apply(tokens, positions, cache, lengths, lengths - 1)
+            jax.block_until_ready((logits, new_cache))
+
         start = time.perf_counter()
-        first = generate(model, rows, max_new_tokens=args.new_tokens)
-        out[f"generate_first_call_s_b{b}"] = time.perf_counter() - start
-        ttft, rate = [], []
-        for _ in range(args.repeats):
-            res = generate(model, rows, max_new_tokens=args.new_tokens)
-            ttft.append(res.time_to_first_token_s)
-            rate.append(res.decode_tokens_per_s)
-        out[f"ttft_s_b{b}"] = float(np.median(ttft))
-        out[f"decode_tok_s_b{b}"] = float(np.median(rate))
-        out[f"decode_tok_s_b{b}_min_max"] = [float(min(rate)), float(max(rate))]
-        if b == 1:
-            greedy = np.asarray(first.tokens[0])
-            out["compile_s"] = out["generate_first_call_s_b1"] - (
-                out["ttft_s_b1"] + args.new_tokens / out["decode_tok_s_b1"]
-            )
-    out["peak_rss_bytes"] = peak_rss_bytes()
-    return out, greedy
+        generate(model, rows, max_new_tokens=args.N)  # compiles prefill and decode
+        first_call = time.perf_counter() - start
+        res = generate(model, rows, max_new_tokens=args.N)
+        total = res.time_to_first_token_s + res.decode_time_s
+        out[f"b{b}"] = {
+            "prefill_s": _median_s(prefill, 3),
+            "ttft_s": res.time_to_first_token_s,
+            "decode_tok_s": res.decode_tokens_per_s,
+            "generate_s": total,
+            "compile_s": first_call - total,
+        }
+    return out
 
 
-def compile_seconds(config: GrokConfig, dtype: jnp.dtype, prompt: int) -> float:
-    """Seconds to lower and compile the prefill forward, from shapes only (no parameters)."""
-    fns = forward_fns(config, jnp.dtype(dtype))
-    rope = rope_table(config, 2 * prompt)
-    tokens = jax.ShapeDtypeStruct((1, prompt), jnp.int32)
-    lengths = jax.ShapeDtypeStruct((1,), jnp.int32)
-    params = jax.eval_shape(lambda: init_params(config, seed=0, dtype=dtype))
-    start = time.perf_counter()
-    jax.jit(fns.apply).lower(params, tokens, tokens, rope, None, lengths).compile()
-    return time.perf_counter() - start
+def mixtral_child(args: argparse.Namespace) -> dict:
+    """Hugging Face ``MixtralForCausalLM`` of the same shape, greedy ``generate``."""
+    import torch
+    import transformers
+    from bench_shapes import resolve
+    from transformers import MixtralConfig, MixtralForCausalLM
+    from transformers.generation.streamers import BaseStreamer
 
+    from grok.errors import ConfigError
 
-def bench_moe_layer(config: GrokConfig, dtype: jnp.dtype, prompt: int, repeats: int) -> dict:
-    """One MoE layer on a T-token prefill: the block path vs the same matmuls on only the
-    active tokens-times-experts (each expert's tokens gathered beforehand, exact sizes)."""
-    c = config
-    d, fe, e, k = c.hidden_size, c.moe_intermediate_size, c.num_local_experts, c.num_experts_per_tok
-    rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.normal(size=(prompt, d)), dtype)  # [M, D]
-    w1 = jnp.asarray(rng.normal(size=(e, d, fe)) * d**-0.5, dtype)  # [E, D, Fe]
-    w3 = jnp.asarray(rng.normal(size=(e, d, fe)) * d**-0.5, dtype)
-    w2 = jnp.asarray(rng.normal(size=(e, fe, d)) * fe**-0.5, dtype)  # [E, Fe, D]
-    w_gate = jnp.asarray(rng.normal(size=(d, e)), jnp.float32)  # [D, E]
-    act = activation(c.hidden_act)
-
-    def layer(x, w_gate, w1, w3, w2):
-        weights, experts, _ = route(x, w_gate, cap=c.router_logit_softcapping, k=k)
-        return moe_blocks(x, weights, experts, w1, w3, w2, act)
-
-    layer_j = jax.jit(layer)
-    t_layer = median_time(lambda: layer_j(x, w_gate, w1, w3, w2), repeats)
-
-    _, experts, _ = route(x, w_gate, cap=c.router_logit_softcapping, k=k)
-    sizes = np.bincount(np.asarray(experts).reshape(-1), minlength=e)  # [E]
-    xs = [jnp.asarray(rng.normal(size=(int(n), d)), dtype) for n in sizes]  # [n_e, D] each
-
-    def active_only(xs, w1, w3, w2):
-        return [
-            jnp.dot(act(jnp.dot(xe, w1[i])) * jnp.dot(xe, w3[i]), w2[i])
-            for i, xe in enumerate(xs)
-            if xe.shape[0]
-        ]
-
-    base_j = jax.jit(active_only)
-    t_base = median_time(lambda: base_j(xs, w1, w3, w2), repeats)
-    return {
-        "moe_layer_prefill_s": t_layer,
-        "moe_active_matmuls_s": t_base,
-        "moe_ratio": t_layer / t_base,
-        "moe_group_sizes": sizes.tolist(),
-        "moe_active_flops": int(2 * 3 * d * fe * prompt * k),
-    }
-
-
-def long_prompt_child(config_name: str, dtype_name: str, prompt: int) -> None:
-    """Runs in a fresh process: one prefill of ``prompt`` tokens, prints peak memory as JSON."""
-    config = load_any_config(config_name)
-    dtype = DTYPES[dtype_name]
-    model = Model(config, init_params(config, seed=0, dtype=dtype), dtype=dtype)
-    rows = np.random.default_rng(0).integers(0, config.vocab_size, (1, prompt)).tolist()
-    start = time.perf_counter()
-    res = generate(model, rows, max_new_tokens=1)
-    print(
-        json.dumps(
-            {
-                "long_prompt_tokens": prompt,
-                "long_prompt_peak_rss_bytes": peak_rss_bytes(),
-                "long_prompt_ttft_s": res.time_to_first_token_s,
-                "long_prompt_wall_s": time.perf_counter() - start,
-            }
+    torch.set_num_threads(args.threads)
+    c = resolve(args.shape)
+    if c.has_dense_mlp:
+        raise ConfigError(
+            f"{args.shape} has a dense MLP beside the experts, which Mixtral cannot express: "
+            "compare on bench-grok1, or pass --no-mixtral"
         )
-    )
-
-
-# Hugging Face Mixtral.
-
-
-def bench_mixtral(config: GrokConfig, dtype_name: str, args: argparse.Namespace) -> dict | None:
-    """``MixtralForCausalLM`` of the same shape, random weights, greedy ``generate``."""
-    try:
-        import torch
-        from transformers import MixtralConfig, MixtralForCausalLM
-    except ImportError:
-        return None
-    c = config
     hf = MixtralConfig(
         vocab_size=c.vocab_size,
         hidden_size=c.hidden_size,
@@ -264,195 +184,429 @@ def bench_mixtral(config: GrokConfig, dtype_name: str, args: argparse.Namespace)
         head_dim=c.head_dim,
         num_local_experts=c.num_local_experts,
         num_experts_per_tok=c.num_experts_per_tok,
-        max_position_embeddings=max(4096, args.prompt_len + args.new_tokens),
+        max_position_embeddings=max(4096, args.T + args.N),
         tie_word_embeddings=c.tie_word_embeddings,
         rope_theta=c.rope_theta,
     )
     torch.manual_seed(0)
-    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
+    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     model = MixtralForCausalLM(hf).to(tdtype).eval()
-    rng = np.random.default_rng(0)
-    prompts = torch.as_tensor(rng.integers(0, c.vocab_size, (max(args.batch), args.prompt_len)))
-    out: dict = {"torch_threads": torch.get_num_threads()}
+    prompts = np.random.default_rng(0).integers(0, c.vocab_size, (max(args.batch), args.T))
+    out: dict = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
 
-    def gen(ids, n):
-        return model.generate(
+    class Clock(BaseStreamer):
+        """Times each step of ``generate``: put() gets the prompt, then each new token."""
+
+        def __init__(self):
+            self.times = [time.perf_counter()]
+
+        def put(self, value):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    def gen(ids, n) -> list[float]:
+        clock = Clock()
+        model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=n,
             min_new_tokens=n,
             do_sample=False,
             pad_token_id=0,
+            streamer=clock,
         )
+        return clock.times  # [call, prompt seen, token 1, ..., token n]
 
     with torch.inference_mode():
-        ids = prompts[:1]
-        out["prefill_s"] = median_time(lambda: model(ids, use_cache=True).logits, args.repeats)
         for b in args.batch:
-            ids = prompts[:b]
-            ttft = median_time(lambda ids=ids: gen(ids, 1), args.repeats)
-            full = []
-            gen(ids, args.new_tokens)
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                gen(ids, args.new_tokens)
-                full.append(time.perf_counter() - start)
-            decode = float(np.median(full)) - ttft
-            out[f"ttft_s_b{b}"] = ttft
-            out[f"decode_tok_s_b{b}"] = b * (args.new_tokens - 1) / decode
-        out["greedy"] = gen(prompts[:1], args.new_tokens)[0, args.prompt_len :].tolist()
+            ids = torch.as_tensor(prompts[:b])
+            gen(ids, args.N)  # warm-up
+            times = gen(ids, args.N)
+            ttft = times[2] - times[0]
+            out[f"b{b}"] = {
+                "prefill_s": _median_s(
+                    lambda ids=ids: model(ids, use_cache=True, logits_to_keep=1).logits, 3
+                ),
+                "ttft_s": ttft,
+                "decode_tok_s": b * (args.N - 1) / (times[-1] - times[2]),
+                "generate_s": times[-1] - times[0],
+            }
     return out
 
 
-# Report.
+def bandwidth_child(args: argparse.Namespace) -> dict:
+    """One full-width Grok-2 layer: bf16 decode at batch 1 against the bandwidth roofline."""
+    import jax.numpy as jnp
+    from bench_shapes import resolve
+
+    from grok.api import Model
+    from grok.generate import generate
+
+    config = resolve("full-width-layer").replace(num_local_experts=args.full_width_experts)
+    dtype = jnp.dtype("bfloat16")
+    bandwidth = read_bandwidth()
+    model = Model(config, random_params(config, dtype), dtype=dtype)
+    rows = np.random.default_rng(0).integers(0, config.vocab_size, (1, 16)).tolist()
+    generate(model, rows, max_new_tokens=args.full_width_tokens)  # compiles
+    rates = [
+        generate(model, rows, max_new_tokens=args.full_width_tokens).decode_tokens_per_s
+        for _ in range(3)
+    ]
+    rate = float(np.median(rates))
+    per_token = active_param_bytes(config, 2)
+    return {
+        "experts_in_memory": args.full_width_experts,
+        "read_bandwidth_B_s": bandwidth,
+        "bytes_per_token": per_token,
+        "roofline_tok_s": bandwidth / per_token,
+        "decode_tok_s": rate,
+        "decode_tok_s_all": rates,
+        "fraction_of_roofline": rate * per_token / bandwidth,
+    }
+
+
+def read_bandwidth() -> float:
+    """Bytes per second of a jitted sum over a 1 GiB float32 array (a pure streaming read)."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((BANDWIDTH_BYTES // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    return BANDWIDTH_BYTES / _median_s(lambda: jax.block_until_ready(total(x)), 5)
+
+
+def active_param_bytes(config, itemsize: int) -> int:
+    """Bytes of the weights one decoded token reads: attention, dense MLP, k experts and
+    norms in ``itemsize`` bytes, the router in float32, one embedding row, the head."""
+    c = config
+    d, h = c.hidden_size, c.head_dim
+    attn = d * h * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
+    dense = 3 * d * c.intermediate_size if c.has_dense_mlp else 0
+    experts = c.num_experts_per_tok * 3 * d * c.moe_intermediate_size
+    per_layer = (attn + dense + experts + 4 * d) * itemsize + d * c.num_local_experts * 4
+    head = (c.vocab_size * d + d) * itemsize  # the head (tied or not) and the final norm
+    return c.num_hidden_layers * per_layer + head + d * itemsize
+
+
+def compile_child(args: argparse.Namespace) -> dict:
+    """Seconds to compile the prefill forward at 2 and 64 layers (from shapes only)."""
+    import jax
+    import jax.numpy as jnp
+    from bench_shapes import resolve
+
+    from grok.model import forward_fns, init_params
+    from grok.rope import rope_table
+
+    config = resolve(args.shape)
+    dtype = jnp.dtype(args.dtype)
+    out = {}
+    for layers in (2, 64):
+        c = config.replace(num_hidden_layers=layers)
+        fns = forward_fns(c, dtype)
+        tokens = jax.ShapeDtypeStruct((1, args.T), jnp.int32)
+        lengths = jax.ShapeDtypeStruct((1,), jnp.int32)
+        params = jax.eval_shape(lambda c=c: init_params(c, 0, dtype))
+        start = time.perf_counter()
+        jax.jit(fns.apply).lower(
+            params, tokens, tokens, rope_table(c, args.T), None, lengths
+        ).compile()
+        out[f"compile_s_{layers}_layers"] = time.perf_counter() - start
+    out["ratio_64_over_2"] = out["compile_s_64_layers"] / out["compile_s_2_layers"]
+    return out
+
+
+def long_child(args: argparse.Namespace) -> dict:
+    """One prefill of ``--long-prompt`` tokens; the process's peak resident memory."""
+    import resource
+
+    import jax.numpy as jnp
+    from bench_shapes import resolve
+
+    from grok.api import Model
+    from grok.generate import generate
+
+    config = resolve(args.shape)
+    config = config.replace(
+        max_position_embeddings=max(config.max_position_embeddings, args.long_prompt + 1)
+    )
+    dtype = jnp.dtype(args.dtype)
+    model = Model(config, random_params(config, dtype), dtype=dtype)
+    rows = np.random.default_rng(0).integers(0, config.vocab_size, (1, args.long_prompt))
+    res = generate(model, rows.tolist(), max_new_tokens=1)
+    return {
+        "tokens": args.long_prompt,
+        "ttft_s": res.time_to_first_token_s,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+CHILDREN = {
+    "grok": grok_child,
+    "mixtral": mixtral_child,
+    "bandwidth": bandwidth_child,
+    "compile": compile_child,
+    "long": long_child,
+}
+
+
+# The parent: runs the children, checks, reports.
+
+
+def run_child(kind: str, dtype: str, args: argparse.Namespace) -> dict:
+    """Runs one child in a fresh process; its figures plus the load around it (or an error)."""
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        kind,
+        "--dtype",
+        dtype,
+        "--shape",
+        args.shape,
+        "--threads",
+        str(args.threads),
+        "--prompt-len",
+        str(args.T),
+        "--new-tokens",
+        str(args.N),
+        "--batch",
+        *map(str, args.batch),
+        "--full-width-experts",
+        str(args.full_width_experts),
+        "--full-width-tokens",
+        str(args.full_width_tokens),
+        "--long-prompt",
+        str(args.long_prompt),
+    ]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
+    )
+    load_before = os.getloadavg()[0]
+    start = time.perf_counter()
+    child = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    wall = time.perf_counter() - start
+    load_after = os.getloadavg()[0]
+    if child.returncode != 0:
+        figures = {"error": child.stderr.strip()[-2000:]}
+    else:
+        figures = json.loads(child.stdout.strip().splitlines()[-1])
+    figures.update(load_before=load_before, load_after=load_after, wall_s=wall)
+    print(
+        f"  {kind:<9} {dtype:<8} {wall:6.1f} s  load {load_before:.1f} -> {load_after:.1f}"
+        + ("  FAILED" if "error" in figures else ""),
+        flush=True,
+    )
+    return figures
+
+
+def summarise(runs: list[dict], batch: list[int]) -> dict:
+    """Median and (min, max) of each figure over the repeats."""
+    out: dict = {}
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return {"error": runs[0].get("error", "no run")}
+    for b in batch:
+        key = f"b{b}"
+        out[key] = {}
+        for name in ok[0][key]:
+            values = [r[key][name] for r in ok]
+            out[key][name] = {
+                "median": float(np.median(values)),
+                "min": float(min(values)),
+                "max": float(max(values)),
+            }
+    return out
+
+
+def sanity(summary: dict, runs: list[dict], batch: list[int], cores: int) -> list[str]:
+    """Reasons the figures of one engine cannot be trusted (empty when they can)."""
+    problems = []
+    if "error" in summary:
+        return [f"a run failed: {summary['error'][-300:]}"]
+    med = {b: {k: v["median"] for k, v in summary[f"b{b}"].items()} for b in batch}
+    lo, hi = min(batch), max(batch)
+    if hi > lo and med[hi]["decode_tok_s"] < med[lo]["decode_tok_s"]:
+        problems.append(
+            f"batch {hi} decodes fewer tokens/s in total ({med[hi]['decode_tok_s']:.1f}) than "
+            f"batch {lo} ({med[lo]['decode_tok_s']:.1f})"
+        )
+    for b in batch:
+        if med[b]["ttft_s"] >= med[b]["generate_s"]:
+            problems.append(
+                f"batch {b}: time to first token {med[b]['ttft_s']:.3f} s is not shorter than "
+                f"the whole generation {med[b]['generate_s']:.3f} s"
+            )
+    loads = [max(r["load_before"], r["load_after"]) for r in runs]
+    if max(loads) > cores + LOAD_SLACK:
+        problems.append(
+            f"machine load reached {max(loads):.1f} on {cores} cores (more than "
+            f"{cores} + {LOAD_SLACK})"
+        )
+    return problems
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="bench-grok1", help="preset name or config path")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--shape", default="bench-grok1", help="bench shape, preset or config path")
+    p.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=DTYPES)
+    p.add_argument("--prompt-len", dest="T", type=int, default=128)
+    p.add_argument("--new-tokens", dest="N", type=int, default=128)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--compile-ratio", action="store_true", help="64-layer vs 2-layer compile")
-    p.add_argument("--long-prompt", type=int, default=0, help="prefill peak memory check")
+    p.add_argument("--repeats", type=int, default=3, help="fresh processes per engine")
+    p.add_argument("--threads", type=int, default=2, help="CPUs (and threads) per engine")
     p.add_argument("--no-mixtral", action="store_true")
+    p.add_argument("--no-full-width", action="store_true")
+    p.add_argument("--full-width-experts", type=int, default=8)
+    p.add_argument("--full-width-tokens", type=int, default=8)
+    p.add_argument("--compile-ratio", action="store_true", help="compile time, 64 vs 2 layers")
+    p.add_argument("--long-prompt", type=int, default=0, help="peak memory of this prefill")
     p.add_argument("--json", default="benchmark.json")
-    p.add_argument("--long-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--report", help="re-check and print a saved --json file instead of running")
+    p.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.long_child:
-        long_prompt_child(args.config, args.dtype, args.long_prompt)
+    if args.child:
+        _pin_threads(args.threads)
+        args.dtype = args.dtype[0]
+        print(json.dumps(CHILDREN[args.child](args)))
         return
-    if 1 not in args.batch:
-        raise ConfigError(f"--batch must include 1 (the roofline figures use it), got {args.batch}")
 
-    config = load_any_config(args.config)
-    dtype = DTYPES[args.dtype]
+    if args.report:
+        with open(args.report) as f:
+            res = json.load(f)
+        args.dtype = [d for d in DTYPES if any(k.endswith(d) for k in res["summary"])]
+        args.batch = res["batch"]
+        evaluate(res, args)
+        print_report(res, args)
+        return
+    cores = os.cpu_count() or 1
+    engines = ["grok"] if args.no_mixtral else list(ENGINES)
     res: dict = {
-        "config": args.config,
-        "dtype": args.dtype,
-        "prompt_len": args.prompt_len,
-        "new_tokens": args.new_tokens,
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "shape": args.shape,
+        "prompt_len": args.T,
+        "new_tokens": args.N,
+        "batch": args.batch,
         "repeats": args.repeats,
-        "cpu_count": os.cpu_count(),
-        "load_avg_start": os.getloadavg()[0],
+        "threads": args.threads,
+        "cores": cores,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "load_start": os.getloadavg(),
     }
-    res["bandwidth_B_s"] = memory_bandwidth(args.repeats)
-    res["matmul_flop_s"] = matmul_rate(dtype, args.repeats)
-    grok, greedy = bench_grok(config, dtype, args)
-    res["grok"] = grok
-    res["active_param_bytes_per_token"] = active_param_bytes(config, dtype)
-    roofline = res["bandwidth_B_s"] / res["active_param_bytes_per_token"]
-    res["decode_roofline_tok_s"] = roofline
-    res["decode_fraction_of_roofline"] = grok["decode_tok_s_b1"] / roofline
-    flops = prefill_flops(config, 1, args.prompt_len)
-    res["prefill_flops"] = flops
-    res["prefill_fraction_of_roofline"] = flops / res["matmul_flop_s"] / grok["prefill_s"]
-    res["batch8_over_batch1"] = grok.get("decode_tok_s_b8", 0.0) / grok["decode_tok_s_b1"]
-    res.update(bench_moe_layer(config, dtype, args.prompt_len, args.repeats))
-    res["moe_active_flop_bound_s"] = res["moe_active_flops"] / res["matmul_flop_s"]
+    start = time.perf_counter()
+    runs: dict = {e: {d: [] for d in args.dtype} for e in engines}
+    for rep in range(args.repeats):
+        order = engines if rep % 2 == 0 else engines[::-1]  # alternate who goes first
+        print(f"repeat {rep + 1}/{args.repeats}", flush=True)
+        for dtype in args.dtype:
+            for engine in order:
+                runs[engine][dtype].append(run_child(engine, dtype, args))
+    res["runs"] = runs
+    evaluate(res, args)
+    if not args.no_full_width:
+        res["full_width_layer"] = run_child("bandwidth", "bfloat16", args)
     if args.compile_ratio:
-        c64 = compile_seconds(config.replace(num_hidden_layers=64), dtype, args.prompt_len)
-        c2 = compile_seconds(config.replace(num_hidden_layers=2), dtype, args.prompt_len)
-        res["compile_s_64_layers"], res["compile_s_2_layers"] = c64, c2
-        res["compile_ratio_64_over_2"] = c64 / c2
+        res["compile"] = run_child("compile", args.dtype[0], args)
     if args.long_prompt:
-        cmd = [
-            sys.executable,
-            os.path.abspath(__file__),
-            "--long-child",
-            "--config",
-            args.config,
-            "--dtype",
-            args.dtype,
-            "--long-prompt",
-            str(args.long_prompt),
-        ]
-        child = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if child.returncode == 0:
-            res.update(json.loads(child.stdout.strip().splitlines()[-1]))
-        else:
-            res["long_prompt_error"] = child.stderr[-2000:]
-    if not args.no_mixtral and config.has_dense_mlp:
-        res["mixtral"] = "skipped: Mixtral has no dense MLP; compare with bench-grok1"
-    elif not args.no_mixtral:
-        mix = bench_mixtral(config, args.dtype, args)
-        if mix is None:
-            res["mixtral"] = "skipped: torch/transformers not installed (pip install .[bench])"
-        else:
-            mix_greedy = mix.pop("greedy")
-            res["mixtral"] = mix
-            res["ratios_vs_mixtral"] = {
-                key: (
-                    mix[key] / grok[key]
-                    if key.startswith(("prefill", "ttft"))
-                    else grok[key] / mix[key]
-                )
-                for key in (
-                    "prefill_s",
-                    *(f"ttft_s_b{b}" for b in args.batch),
-                    *(f"decode_tok_s_b{b}" for b in args.batch),
-                )
-            }
-            res["mixtral_greedy_len"] = len(mix_greedy)
-            res["grok_greedy_len"] = int(len(greedy))
-    res["load_avg_end"] = os.getloadavg()[0]
+        res["long_prompt"] = run_child("long", args.dtype[0], args)
+    res["wall_s"] = time.perf_counter() - start
+    res["load_end"] = os.getloadavg()
     with open(args.json, "w") as f:
         json.dump(res, f, indent=2)
-    print_table(res)
+    print_report(res, args)
 
 
-def print_table(res: dict) -> None:
-    """The headline figures as a two-column table."""
-    g = res["grok"]
-    rows = [
-        ("machine read bandwidth", f"{res['bandwidth_B_s'] / 1e9:.2f} GB/s"),
-        ("machine matmul rate", f"{res['matmul_flop_s'] / 1e9:.1f} GFLOP/s"),
-        ("prefill (B=1)", f"{g['prefill_s'] * 1e3:.1f} ms"),
-        ("prefill / matmul roofline", f"{res['prefill_fraction_of_roofline']:.1%}"),
-    ]
-    for key in sorted(g):
-        if key.startswith(("ttft", "decode_tok_s")) and not key.endswith("min_max"):
-            unit = " s" if key.startswith("ttft") else " tok/s"
-            rows.append((key, f"{g[key]:.4g}{unit}"))
-    rows += [
-        ("decode roofline (B=1)", f"{res['decode_roofline_tok_s']:.1f} tok/s"),
-        ("decode / bandwidth roofline", f"{res['decode_fraction_of_roofline']:.1%}"),
-        ("batch 8 / batch 1 decode", f"{res['batch8_over_batch1']:.2f}x"),
-        ("compile (generate, B=1)", f"{g['compile_s']:.2f} s"),
-        ("peak host memory", f"{g['peak_rss_bytes'] / 2**30:.2f} GiB"),
-        ("MoE layer prefill", f"{res['moe_layer_prefill_s'] * 1e3:.2f} ms"),
-        ("MoE same matmuls, active only", f"{res['moe_active_matmuls_s'] * 1e3:.2f} ms"),
-        ("MoE active FLOPs / matmul rate", f"{res['moe_active_flop_bound_s'] * 1e3:.2f} ms"),
-    ]
-    if "compile_ratio_64_over_2" in res:
-        rows.append(
-            (
-                "compile 64 / 2 layers",
-                f"{res['compile_ratio_64_over_2']:.2f}x "
-                f"({res['compile_s_64_layers']:.1f} / {res['compile_s_2_layers']:.1f} s)",
-            )
-        )
-    if "long_prompt_peak_rss_bytes" in res:
-        rows.append(
-            (
-                f"{res['long_prompt_tokens']}-token prefill peak memory",
-                f"{res['long_prompt_peak_rss_bytes'] / 2**30:.2f} GiB",
-            )
-        )
-    for key, value in res.get("ratios_vs_mixtral", {}).items():
-        rows.append((f"vs Mixtral: {key}", f"{value:.2f}x (>1 = grok better)"))
-    if isinstance(res.get("mixtral"), str):
-        rows.append(("Mixtral", res["mixtral"]))
-    width = max(len(r[0]) for r in rows)
-    print(
-        f"{res['config']} {res['dtype']}  T={res['prompt_len']} N={res['new_tokens']}  "
-        f"medians of {res['repeats']}; load {res['load_avg_start']:.1f} -> "
-        f"{res['load_avg_end']:.1f} on {res['cpu_count']} cores"
+def evaluate(res: dict, args: argparse.Namespace) -> None:
+    """Fills res's summary (medians, spread), problems (sanity checks) and ratios."""
+    res["summary"], res["problems"], res["ratios"] = {}, {}, {}
+    for dtype in args.dtype:
+        engines = [e for e in ENGINES if e in res["runs"]]
+        for engine in engines:
+            runs = res["runs"][engine][dtype]
+            s = summarise(runs, args.batch)
+            res["summary"][f"{engine} {dtype}"] = s
+            res["problems"][f"{engine} {dtype}"] = sanity(s, runs, args.batch, res["cores"])
+        if "mixtral" in engines:
+            res["ratios"][dtype] = ratios(res, dtype, args.batch)
+
+
+def ratios(res: dict, dtype: str, batch: list[int]) -> dict:
+    """grok over Mixtral (> 1: grok is better) per figure, or the reasons there is none."""
+    problems = res["problems"][f"grok {dtype}"] + res["problems"][f"mixtral {dtype}"]
+    if problems:
+        return {"refused": problems}
+    g, m = res["summary"][f"grok {dtype}"], res["summary"][f"mixtral {dtype}"]
+    out = {}
+    for b in batch:
+        gb, mb = g[f"b{b}"], m[f"b{b}"]
+        out[f"decode b{b}"] = gb["decode_tok_s"]["median"] / mb["decode_tok_s"]["median"]
+        out[f"prefill b{b}"] = mb["prefill_s"]["median"] / gb["prefill_s"]["median"]
+        out[f"ttft b{b}"] = mb["ttft_s"]["median"] / gb["ttft_s"]["median"]
+    return out
+
+
+def _fig(stat: dict, scale: float = 1.0, fmt: str = ".1f") -> str:
+    return (
+        f"{stat['median'] * scale:{fmt}} ({stat['min'] * scale:{fmt}}-{stat['max'] * scale:{fmt}})"
     )
-    for name, value in rows:
-        print(f"  {name:<{width}}  {value}")
+
+
+def print_report(res: dict, args: argparse.Namespace) -> None:
+    """A table per dtype: each engine's medians (min-max) and the ratio."""
+    load = res["load_start"]
+    print(
+        f"\n{res['shape']}, T={res['prompt_len']}, N={res['new_tokens']}, {res['threads']} "
+        f"threads, medians (min-max) of {res['repeats']} fresh processes per engine; load "
+        f"{load[0]:.1f} at start, {res['load_end'][0]:.1f} at end, {res['cores']} cores; "
+        f"{res['wall_s'] / 60:.1f} min"
+    )
+    for dtype in args.dtype:
+        print(f"\n{dtype}")
+        rows = []
+        for b in args.batch:
+            for what, key, scale, unit, ratio_key in (
+                ("decode", "decode_tok_s", 1.0, "tok/s", "decode"),
+                ("prefill", "prefill_s", 1e3, "ms", "prefill"),
+                ("first token", "ttft_s", 1e3, "ms", "ttft"),
+            ):
+                cells = []
+                for engine in res["summary"]:
+                    if not engine.endswith(dtype):
+                        continue
+                    s = res["summary"][engine]
+                    cells.append("failed" if "error" in s else _fig(s[f"b{b}"][key], scale))
+                r = res["ratios"].get(dtype, {})
+                ratio = "" if "refused" in r or not r else f"{r[f'{ratio_key} b{b}']:.2f}x"
+                rows.append((f"{what} B={b} ({unit})", *cells, ratio))
+            g = res["summary"].get(f"grok {dtype}", {})
+            if "error" not in g:
+                rows.append((f"grok compile B={b} (s)", _fig(g[f"b{b}"]["compile_s"]), "", ""))
+        header = ("figure", *[e.split()[0] for e in res["summary"] if e.endswith(dtype)], "ratio")
+        width = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+        for r in [header, *rows]:
+            print("  " + "  ".join(f"{str(c):<{w}}" for c, w in zip(r, width, strict=False)))
+        for engine in ("grok", "mixtral"):
+            for problem in res["problems"].get(f"{engine} {dtype}", []):
+                print(f"  no ratio: {engine}: {problem}")
+    fw = res.get("full_width_layer")
+    if fw and "error" not in fw:
+        print(
+            f"\nfull-width Grok-2 layer, bf16, B=1 ({fw['experts_in_memory']} experts in memory): "
+            f"{fw['decode_tok_s']:.2f} tok/s; {fw['bytes_per_token'] / 1e9:.2f} GB per token at "
+            f"{fw['read_bandwidth_B_s'] / 1e9:.1f} GB/s read bandwidth = roofline "
+            f"{fw['roofline_tok_s']:.2f} tok/s; {fw['fraction_of_roofline']:.0%} of it"
+        )
+    elif fw:
+        print(f"\nfull-width layer failed: {fw['error'][-500:]}")
+    for key in ("compile", "long_prompt"):
+        if key in res:
+            print(f"\n{key}: " + json.dumps({k: v for k, v in res[key].items()}))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import grok.attention as attention
 from grok.config import TINY_GROK2
 from grok.kv_cache import KVCache
 from grok.model import forward_fns
-from grok.moe import block_size_for, moe_blocks, moe_dense_reference, moe_gather, route
+from grok.moe import MAX_BLOCK, block_size_for, moe_blocks, moe_dense_reference, moe_gather, route
 from grok.rope import rope_table
 
 ACT = jax.nn.gelu
@@ -123,5 +123,5 @@ def test_moe_blocks_equals_dense(m, block, skew):
 def test_block_size_for_bounds():
     assert block_size_for(2, 8) == 8  # never below 8 rows
     assert block_size_for(256, 8) == 32  # about one block per expert
-    assert block_size_for(65536, 8) == 32  # capped
+    assert block_size_for(65536, 8) == MAX_BLOCK == 128  # capped
     assert all(b & (b - 1) == 0 for b in (block_size_for(a, 8) for a in range(1, 3000, 97)))

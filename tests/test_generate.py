@@ -180,3 +180,32 @@ def test_sharded_params_give_the_same_tokens(model):
     sampler = Sampler(temperature=1.0)
     kwargs = {"max_new_tokens": 20, "sampler": sampler, "seed": [11, 12, 13]}
     assert sharded.generate(PROMPTS, **kwargs).tokens == model.generate(PROMPTS, **kwargs).tokens
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_non_finite_logits_raise(model, stream):
+    """A broken weight (NaN) makes every logit NaN: generate raises instead of returning the
+    argmax of NaNs (token 0) forever, and a stream sees no token at all."""
+    params = {m: dict(t) for m, t in model.params.items()}
+    params["grok/final_norm"]["weight"] = jnp.full_like(
+        params["grok/final_norm"]["weight"], jnp.nan
+    )
+    broken = Model(CONFIG, params, dtype=jnp.float32)
+    seen = []
+    on_token = (lambda b, t: seen.append(t)) if stream else None
+    with pytest.raises(GenerationError, match="non-finite logits .* sequence 0"):
+        broken.generate(PROMPTS[:1], max_new_tokens=MAX_NEW, on_token=on_token)
+    assert seen == []
+
+
+def test_compile_time_is_reported_apart(model):
+    """The first call of new shapes reports its compile time; a repeat compiles nothing."""
+    first = model.generate(
+        [[1, 2]], max_new_tokens=3, sampler=Sampler(temperature=0.5, min_p=0.125)
+    )
+    again = model.generate(
+        [[1, 2]], max_new_tokens=3, sampler=Sampler(temperature=0.5, min_p=0.125)
+    )
+    assert first.prefill_compile_s > 0 and first.decode_compile_s > 0
+    assert first.compile_s > again.compile_s
+    assert again.time_to_first_token_s > again.prefill_compile_s
