@@ -161,9 +161,9 @@ def _matrix(w: jax.Array, in_ndim: int) -> jax.Array:
     XLA's dot canonicalisation wants the weight as [contracted, kept]; for a 2-D [out, in]
     matrix the CPU backend reads it transposed in place, but a 3-D weight was first copied to
     [D, N, H] (or [N, H, D] for o_proj). Inside the decode loop that is a copy of every
-    layer's attention weights per token: on the bench-grok1 shape, one thread pair, decode at
-    batch 1 ran 94 tok/s in float32 and 117-138 in bfloat16 with the copies, 157-174 and
-    203-219 without them.
+    layer's attention weights per token: scripts/benchmark.py on bench-grok1 (2 cores) ran
+    decode at batch 1 at 85 tok/s in float32 and 142 in bfloat16 with the copies, 165 and
+    208 without them.
     """
     n_out = w.ndim - in_ndim
     return w.reshape(math.prod(w.shape[:n_out]), math.prod(w.shape[n_out:]))
