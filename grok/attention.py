@@ -1,7 +1,8 @@
 """Grouped-query attention with soft-capped logits and a per-position temperature.
 
 Glossary: B batch, T query positions, S key positions, D model width, N query heads,
-K kv heads, G = N / K query heads per kv head, H head dim.
+K kv heads, G = N / K query heads per kv head, H head dim; O (N*H or K*H) and I (N*H) the
+flattened heads of a projection's output and input.
 
 Query head n reads kv head n // G (contiguous groups): q is viewed as [B, T, K, G, H] and
 the einsums never repeat K/V to N heads.
@@ -153,6 +154,21 @@ def blocked_attention(
     return out[:, :t]  # [B, T, K, G, H]
 
 
+def _matrix(w: jax.Array, in_ndim: int) -> jax.Array:
+    """An [out..., in...] weight as the 2-D matrix [out, in] (its last ``in_ndim`` axes
+    flattened into ``in``): q/k/v_proj [N, H, D] -> [N*H, D], o_proj [D, N, H] -> [D, N*H].
+
+    XLA's dot canonicalisation wants the weight as [contracted, kept]; for a 2-D [out, in]
+    matrix the CPU backend reads it transposed in place, but a 3-D weight was first copied to
+    [D, N, H] (or [N, H, D] for o_proj). Inside the decode loop that is a copy of every
+    layer's attention weights per token: scripts/benchmark.py on bench-grok1 (2 cores) ran
+    decode at batch 1 at 85 tok/s in float32 and 142 in bfloat16 with the copies, 165 and
+    208 without them.
+    """
+    n_out = w.ndim - in_ndim
+    return w.reshape(math.prod(w.shape[:n_out]), math.prod(w.shape[n_out:]))
+
+
 class Attention(hk.Module):
     """GQA self-attention. Parameters (no biases):
 
@@ -202,9 +218,13 @@ class Attention(hk.Module):
         wq, wk, wv, wo = (dequant(w, dt) for w in (wq, wk, wv, wo))
 
         x = x.astype(self.dtype)
-        q = project("BTD,NHD->BTNH", x, wq)  # [B, T, N, H]
-        k = project("BTD,KHD->BTKH", x, wk)  # [B, T, K, H]
-        v = project("BTD,KHD->BTKH", x, wv)  # [B, T, K, H]
+        b, t = x.shape[:2]
+        # Each weight is multiplied as a 2-D [out, in] matrix (a free reshape of its
+        # row-major bytes): contracting D of a 3-D [N, H, D] weight, XLA:CPU first copied it
+        # transposed to [D, N, H], every layer at every decode step (see ``_matrix``).
+        q = project("BTD,OD->BTO", x, _matrix(wq, 1)).reshape(b, t, n, h)  # [B, T, N, H]
+        k = project("BTD,OD->BTO", x, _matrix(wk, 1)).reshape(b, t, kh, h)  # [B, T, K, H]
+        v = project("BTD,OD->BTO", x, _matrix(wv, 1)).reshape(b, t, kh, h)  # [B, T, K, H]
         q = apply_rope(q, rope_cos, rope_sin)
         k = apply_rope(k, rope_cos, rope_sin)
 
@@ -225,7 +245,6 @@ class Attention(hk.Module):
             )
             new_cache = (keys, values)
 
-        b, t = x.shape[:2]
         q = q.reshape(b, t, kh, cfg.q_per_kv, h)  # [B, T, K, G, H]
         if t > QUERY_BLOCK:  # static: long prompts in blocks, linear memory
             out = blocked_attention(
@@ -234,5 +253,5 @@ class Attention(hk.Module):
         else:
             probs = attention_weights(q, keys, positions, kv_lengths, cfg)  # [B, K, G, T, S]
             out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(values.dtype), values)
-        out = out.reshape(b, t, n, h)  # [B, T, N, H]
-        return project("BTNH,DNH->BTD", out, wo), new_cache  # [B, T, D]
+        out = out.reshape(b, t, n * h)  # [B, T, N*H]
+        return project("BTI,DI->BTD", out, _matrix(wo, 2)), new_cache  # [B, T, D]
