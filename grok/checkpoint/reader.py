@@ -314,7 +314,7 @@ class ReleasedCheckpoint:
         (``_build_fp8``) where the scales allow it; otherwise on the host, unit by unit.
         """
         plan = self._fp8_plan(spec)
-        if plan is not None:
+        if plan is not None and _fp8_on_device(spec, sharding, dtype, layer):
             return self._build_fp8(spec, sharding, dtype, pool, on_bytes, layer, plan)
         return self._build_host(spec, sharding, np.dtype(spec.dtype(dtype)), pool, on_bytes, layer)
 
@@ -392,8 +392,11 @@ class ReleasedCheckpoint:
         """FP8 ``spec`` as ``dtype``: the codes' bytes copied into shard buffers as they are,
         placed with ``sharding``, dequantised there (``grok.quant.dequantize``).
 
-        One layer at a time (host and device memory: one layer of codes in flight besides the
-        result); one compile per (shape, sharding, dtype), shared by all layers.
+        The whole parameter at once where its codes (1 byte an element, all shards this host
+        holds) take no more memory than its largest device shard of the result (one device, or
+        replicated): one compile per (shape, sharding, dtype). Else one layer at a time into a
+        preallocated result (host memory: one layer of codes besides the result); one compile
+        per (layer shape, sharding, dtype), shared by all layers.
         """
         codes_dtype, grid, rows, cols = plan
         if self._check_finite and not np.all(np.isfinite(grid)):
@@ -403,10 +406,11 @@ class ReleasedCheckpoint:
             self._raise_non_finite()
         out_dtype = jnp.dtype(spec.dtype(dtype))
         counted = None if on_bytes is None else (lambda n: on_bytes(n * out_dtype.itemsize))
-        if layer is not None or not spec.per_layer:
+        if layer is not None or not spec.per_layer or _fp8_whole(spec, sharding, dtype):
             codes = self._build_host(spec, sharding, codes_dtype, pool, counted, layer)
             g = grid if layer is None else grid[layer : layer + 1]
             w = _dequantize_fn(spec.lead, out_dtype, sharding)(codes, g, rows, cols)
+            w.block_until_ready()  # the codes freed before the next parameter's are read
             codes.delete()
             return w
         out = _zeros(spec.shape, out_dtype, sharding)
@@ -566,6 +570,28 @@ def _finite(x: np.ndarray) -> bool:
     return not np.any(np.bitwise_and(bits, mask) == mask)
 
 
+def _fp8_whole(spec: WeightSpec, sharding: jax.sharding.Sharding, dtype: jnp.dtype) -> bool:
+    """Whether ``spec``'s codes (all shards this host holds, 1 byte an element) take no more
+    memory than its largest device shard of the result: then it is dequantised at once."""
+    largest = math.prod(sharding.shard_shape(spec.shape)) * jnp.dtype(spec.dtype(dtype)).itemsize
+    return shard_read_bytes(spec.shape, sharding, 1) <= largest
+
+
+def _fp8_on_device(spec, sharding, dtype, layer) -> bool:
+    """Whether FP8 ``spec`` is dequantised on the device rather than on the host.
+
+    Always on an accelerator. On the CPU backend, where "device" work takes the same cores
+    as the host's, only where the whole parameter goes at once: one layer at a time (a
+    sharded parameter, each shard smaller than all its codes) loaded at 0.50-0.54 GB/s on
+    the (1, 8) mesh against 0.80-0.83 GB/s on the host (scripts/bench_load.py, this
+    2-core machine), the zeroed result and one extra compile per shape costing more than
+    they save.
+    """
+    if sharding.device_set and next(iter(sharding.device_set)).platform != "cpu":
+        return True
+    return layer is not None or not spec.per_layer or _fp8_whole(spec, sharding, dtype)
+
+
 def _scales_of(codes: jax.Array, grid: jax.Array, rows: jax.Array, cols: jax.Array, lead: int):
     """Per-element scales [*codes.shape]: ``grid[unit][rows[o], cols[i]]`` (``_fp8_plan``)."""
     nd = codes.ndim
@@ -604,7 +630,13 @@ def _dequantize_into_fn(lead: int, dtype: jnp.dtype, sharding: jax.sharding.Shar
 
 
 def _zeros(shape, dtype, sharding) -> jax.Array:
-    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+    return _zeros_fn(tuple(shape), jnp.dtype(dtype), sharding)()
+
+
+@functools.cache
+def _zeros_fn(shape, dtype, sharding):
+    """One compile per (shape, dtype, sharding), shared by the parameters alike."""
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
 
 
 def _quantize_into_fn(in_dims, sharding, scale_sharding):
