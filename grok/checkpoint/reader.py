@@ -12,7 +12,10 @@ so filling it is a copy of file bytes, split into (file, row range) units that a
 pool runs in parallel (copies out of a memory map release the GIL). The finished buffer is
 placed on its device(s) before the next shard is read, so the host holds about one device
 shard at a time; on the CPU backend ``device_put`` of a page-aligned buffer takes it
-without a copy. FP8 weights are dequantised unit by unit on the way into the buffer.
+without a copy. FP8 weights travel as their 1-byte codes, copied like any bytes, and are
+dequantised on the device after placement (``_build_fp8``, ``grok.quant.dequantize``); on the
+CPU backend, sharded ones needing a layer at a time are dequantised unit by unit on the way
+into the buffer instead (``_fp8_on_device`` says why).
 """
 
 from __future__ import annotations
