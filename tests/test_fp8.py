@@ -1,6 +1,8 @@
 """FP8: reading float8 checkpoints (both scale conventions, TP ranks with their own scales)
 and quantising bf16 weights to float8 at load time (``quantize="fp8"``)."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -140,3 +142,66 @@ def test_quantize_refuses_non_finite_weights(tmp_path, hf_tensors):
     path = write_checkpoint(tmp_path, SMALL, hf, tp=TP)
     with pytest.raises(CheckpointError, match=rf"{name}' holds a non-finite"):
         load_pretrained(path, dtype=jnp.float32, quantize="fp8", quiet=True)
+
+
+@pytest.mark.parametrize("convention", ["channel", "block"])
+def test_device_dequantising_matches_the_host_path_bit_for_bit(
+    tmp_path, hf_tensors, convention, monkeypatch
+):
+    """FP8 codes dequantised on the device (whole, or a layer at a time where sharded) give
+    the host path's bfloat16 bits exactly, on one device and on a (1, 8) mesh, plain and with
+    ``quantize="fp8"`` on top."""
+    from grok.checkpoint import reader
+
+    config = BIG.replace(num_hidden_layers=2)
+    write_fp8_checkpoint(tmp_path, config, hf_tensors(config, 4), convention)
+    ckpt = reader.ReleasedCheckpoint(tmp_path, config)
+    assert all(ckpt._fp8_plan(s) is not None for s in weight_specs(config) if s.quantized)
+
+    def loads():
+        return [
+            jax.tree_util.tree_map(np.asarray, load_pretrained(tmp_path, **kw, quiet=True).params)
+            for kw in (
+                {"dtype": jnp.bfloat16},
+                {"dtype": jnp.bfloat16, "mesh": make_mesh(1, 8)},
+                {"dtype": jnp.bfloat16, "quantize": "fp8"},
+            )
+        ]
+
+    monkeypatch.setattr(reader, "_fp8_on_device", lambda *args: True)  # as on accelerators
+    device = loads()
+    monkeypatch.setattr(reader.ReleasedCheckpoint, "_fp8_plan", lambda self, spec: None)
+    host = loads()
+    for got, want in zip(device, host, strict=True):
+        for path, x in jax.tree_util.tree_leaves_with_path(want):
+            y = got
+            for key in path:
+                y = y[key.key]
+            assert x.dtype == y.dtype, path
+            np.testing.assert_array_equal(
+                x.view(f"u{x.dtype.itemsize}"), y.view(f"u{y.dtype.itemsize}"), err_msg=str(path)
+            )
+
+
+@pytest.mark.parametrize("where", ["code", "scale"])
+def test_fp8_nan_code_or_non_finite_scale_is_refused(tmp_path, hf_tensors, where):
+    from grok.errors import CheckpointError
+
+    write_fp8_checkpoint(tmp_path, BIG, hf_tensors(BIG, 5), "block")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    f = tmp_path / "pytorch_model-00001-TP-common.safetensors"
+    data = bytearray(f.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    if where == "code":  # e4m3fn's NaN at [3, 130]
+        info = header[name]
+        at, value = 3 * info["shape"][1] + 130, b"\xff"
+    else:  # an infinite scale for tile [1, 0]
+        info = header[name + "_scale_inv"]
+        assert info["dtype"] == "F32"
+        at, value = 4 * info["shape"][1], np.float32(np.inf).tobytes()
+    at += 8 + n + info["data_offsets"][0]
+    data[at : at + len(value)] = value
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"{name}' holds a non-finite"):
+        load_pretrained(tmp_path, dtype=jnp.bfloat16, quiet=True)

@@ -12,7 +12,10 @@ so filling it is a copy of file bytes, split into (file, row range) units that a
 pool runs in parallel (copies out of a memory map release the GIL). The finished buffer is
 placed on its device(s) before the next shard is read, so the host holds about one device
 shard at a time; on the CPU backend ``device_put`` of a page-aligned buffer takes it
-without a copy. FP8 weights are dequantised unit by unit on the way into the buffer.
+without a copy. FP8 weights travel as their 1-byte codes, copied like any bytes, and are
+dequantised on the device after placement (``_build_fp8``, ``grok.quant.dequantize``); on the
+CPU backend, sharded ones needing a layer at a time are dequantised unit by unit on the way
+into the buffer instead (``_fp8_on_device`` says why).
 """
 
 from __future__ import annotations
@@ -34,7 +37,14 @@ from grok.checkpoint.files import CheckpointFiles, TensorInfo, tp_file_pattern
 from grok.config import GrokConfig
 from grok.errors import CheckpointError
 from grok.params import WeightSpec, hf_region, weight_specs
-from grok.quant import FP8_BLOCK, QUANT_DTYPES, block_scales, quantize, scale_shape
+from grok.quant import (
+    FP8_BLOCK,
+    QUANT_DTYPES,
+    block_scales,
+    dequantize,
+    quantize,
+    scale_shape,
+)
 
 FLOAT_DTYPES = {
     np.dtype(jnp.bfloat16),
@@ -47,6 +57,8 @@ SCALE_SUFFIXES = ("_scale", "_scale_inv")
 # float32 value of every FP8 code: a lookup is 5.5x faster than ml_dtypes' cast (0.44 vs
 # 0.08 G elements/s on this machine) and gives the same values.
 _FP8_VALUES = {dt: np.arange(256, dtype=np.uint8).view(dt).astype(np.float32) for dt in FP8_DTYPES}
+# Codes whose masked bits equal the mask are not finite (e4m3fn: NaN only; e5m2: Inf, NaN).
+_FP8_NAN_MASK = {np.dtype(jnp.float8_e4m3fn): 0x7F, np.dtype(jnp.float8_e5m2): 0x7C}
 UNIT_BYTES = 8 << 20  # rows per copy unit: about this many bytes, so big tensors split
 
 
@@ -204,7 +216,8 @@ class ReleasedCheckpoint:
         """``dst[...] = tensor[rows, cols]`` (dequantised if FP8), as ``dst``'s dtype."""
         src = self.files.view(entry)
         src = src.reshape(-1)[rows] if cols is None else src[rows, cols]  # flat: not a matrix
-        if entry.dtype in FP8_DTYPES:  # the 256 codes' float32 values by lookup, then scaled
+        if entry.dtype in FP8_DTYPES and dst.dtype != entry.dtype:  # host dequantising: the
+            # 256 codes' float32 values by lookup, then scaled
             src = _FP8_VALUES[entry.dtype].take(src.view(np.uint8))
             self._scale(entry, rows, cols, src)
         if src.dtype == dst.dtype:  # raw bits: a plain memory copy, whatever the float type
@@ -298,7 +311,132 @@ class ReleasedCheckpoint:
         on_bytes: Callable[[int], None] | None = None,
         layer: int | None = None,
     ) -> jax.Array:
-        """Parameter ``spec`` as ``dtype`` on ``sharding``; ``layer``: only that layer, [1, ...]."""
+        """Parameter ``spec`` as ``dtype`` on ``sharding``; ``layer``: only that layer, [1, ...].
+
+        FP8 weights travel as their 1-byte codes and are dequantised on the device
+        (``_build_fp8``) where the scales allow it; otherwise on the host, unit by unit.
+        """
+        plan = self._fp8_plan(spec)
+        if plan is not None and _fp8_on_device(spec, sharding, dtype, layer):
+            return self._build_fp8(spec, sharding, dtype, pool, on_bytes, layer, plan)
+        return self._build_host(spec, sharding, np.dtype(spec.dtype(dtype)), pool, on_bytes, layer)
+
+    def _fp8_plan(self, spec: WeightSpec):
+        """How ``_build_fp8`` dequantises ``spec`` on the device, or None (host path).
+
+        (codes dtype, grid float32 [*lead, R, C], rows int32 [out...], cols int32 [in...]):
+        the scale of unit ``u``'s element (out index o, in index i) is
+        ``grid[u][rows[o], cols[i]]``, every kind (per tensor, per channel, 128x128 blocks,
+        per TP slice) put as one small grid and two index maps. None where the weight is not
+        FP8 in every unit, or its units or TP slices lay out their scales differently.
+        """
+        if not spec.matrix:
+            return None
+        lead_shape = spec.shape[: spec.lead]
+        names = [spec.unit_name(u) for u in itertools.product(*map(range, lead_shape))]
+        if not all(n in self._scales for n in names):
+            return None
+        dtypes = {e.dtype for n in names for e in self.files.entries(n)}
+        if len(dtypes) != 1:
+            return None
+        grids, first = [], None
+        for name in names:
+            unit = self._scale_grid(name, spec)
+            if unit is None:
+                return None
+            if first is None:
+                first = unit
+            elif unit[0].shape != first[0].shape or not (
+                np.array_equal(unit[1], first[1]) and np.array_equal(unit[2], first[2])
+            ):
+                return None
+            grids.append(unit[0])
+        k = len(spec.unit_shape) - spec.in_axes
+        grid = np.stack(grids).reshape(*lead_shape, *first[0].shape)
+        rows = first[1].astype(np.int32).reshape(spec.unit_shape[:k])
+        cols = first[2].astype(np.int32).reshape(spec.unit_shape[k:])
+        return dtypes.pop(), grid, rows, cols
+
+    def _scale_grid(self, name: str, spec: WeightSpec):
+        """(grid [R, C], row map [rows], col map [cols]) of ``name``'s stitched scales.
+
+        Each TP slice's scales as a grid with maps from its rows and columns, joined along
+        ``spec.tp_dim``; None where the slices' maps along the other dim differ.
+        """
+        scale_name = self._scales[name]
+        parts = []
+        for e in self.files.entries(name):
+            s = np.asarray(self.files.view(self.files.entry(scale_name, e.rank)), np.float32)
+            n_r, n_c = e.shape
+            if scale_name.endswith("_scale_inv"):
+                r, c = np.arange(n_r) // FP8_BLOCK, np.arange(n_c) // FP8_BLOCK
+                parts.append((s.reshape(-(-n_r // FP8_BLOCK), -1), r, c))
+            elif s.size == 1:
+                parts.append((s.reshape(1, 1), np.zeros(n_r, np.int64), np.zeros(n_c, np.int64)))
+            else:
+                parts.append((s.reshape(n_r, 1), np.arange(n_r), np.zeros(n_c, np.int64)))
+        if len(parts) == 1:
+            return parts[0]
+        d = spec.tp_dim  # the grids join along it; the maps along the other dim must agree
+        other = 1 - d
+        if any(
+            p[0].shape[other] != parts[0][0].shape[other]
+            or not np.array_equal(p[1 + other], parts[0][1 + other])
+            for p in parts
+        ):
+            return None
+        offsets = np.cumsum([0] + [p[0].shape[d] for p in parts[:-1]])
+        joined = np.concatenate([p[1 + d] + o for p, o in zip(parts, offsets, strict=True)])
+        grid = np.concatenate([p[0] for p in parts], axis=d)
+        maps = [joined, parts[0][2]] if d == 0 else [parts[0][1], joined]
+        return grid, maps[0], maps[1]
+
+    def _build_fp8(self, spec, sharding, dtype, pool, on_bytes, layer, plan) -> jax.Array:
+        """FP8 ``spec`` as ``dtype``: the codes' bytes copied into shard buffers as they are,
+        placed with ``sharding``, dequantised there (``grok.quant.dequantize``).
+
+        The whole parameter at once where its codes (1 byte an element, all shards this host
+        holds) take no more memory than its largest device shard of the result (one device, or
+        replicated): one compile per (shape, sharding, dtype). Else one layer at a time into a
+        preallocated result (host memory: one layer of codes besides the result); one compile
+        per (layer shape, sharding, dtype), shared by all layers.
+        """
+        codes_dtype, grid, rows, cols = plan
+        if self._check_finite and not np.all(np.isfinite(grid)):
+            bad = np.nonzero(~np.isfinite(grid.reshape(math.prod(grid.shape[: spec.lead]), -1)))
+            unit = np.unravel_index(bad[0][0], grid.shape[: spec.lead])
+            self._non_finite.append(spec.unit_name(tuple(int(i) for i in unit)))
+            self._raise_non_finite()
+        out_dtype = jnp.dtype(spec.dtype(dtype))
+        counted = None if on_bytes is None else (lambda n: on_bytes(n * out_dtype.itemsize))
+        if layer is not None or not spec.per_layer or _fp8_whole(spec, sharding, dtype):
+            codes = self._build_host(spec, sharding, codes_dtype, pool, counted, layer)
+            g = grid if layer is None else grid[layer : layer + 1]
+            w = _dequantize_fn(spec.lead, out_dtype, sharding)(codes, g, rows, cols)
+            w.block_until_ready()  # the codes freed before the next parameter's are read
+            codes.delete()
+            return w
+        out = _zeros(spec.shape, out_dtype, sharding)
+        update = _dequantize_into_fn(spec.lead, out_dtype, sharding)
+        try:
+            for i in range(spec.shape[0]):
+                codes = self._build_host(spec, sharding, codes_dtype, pool, counted, i)
+                out = update(out, codes, grid[i : i + 1], rows, cols, i)
+                codes.delete()
+        except BaseException:
+            out.delete()
+            raise
+        return out
+
+    def _raise_non_finite(self) -> None:
+        raise CheckpointError(
+            f"{self.directory}: tensor {min(self._non_finite)!r} holds a non-finite "
+            "value (NaN or Inf); the weights are damaged (check_finite=False loads "
+            "them anyway, quantize refuses them)"
+        )
+
+    def _build_host(self, spec, sharding, buffer_dtype, pool, on_bytes, layer) -> jax.Array:
+        """``spec`` (``layer``'s [1, ...] only if given) as ``buffer_dtype``, shard by shard."""
         shape = spec.shape if layer is None else (1, *spec.shape[1:])
         groups: dict[tuple, tuple[tuple[slice, ...], list]] = {}
         for device, index in sharding.addressable_devices_indices_map(shape).items():
@@ -309,17 +447,11 @@ class ReleasedCheckpoint:
             index = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape, strict=True))
             if layer is not None:
                 index = (slice(layer, layer + 1), *index[1:])
-            buffer = aligned_empty(
-                tuple(s.stop - s.start for s in index), np.dtype(spec.dtype(dtype))
-            )
+            buffer = aligned_empty(tuple(s.stop - s.start for s in index), buffer_dtype)
             for future in [pool.submit(job) for job in self.shard_units(spec, index, buffer)]:
                 future.result()
             if self._non_finite:
-                raise CheckpointError(
-                    f"{self.directory}: tensor {min(self._non_finite)!r} holds a non-finite "
-                    "value (NaN or Inf); the weights are damaged (check_finite=False loads "
-                    "them anyway, quantize refuses them)"
-                )
+                self._raise_non_finite()
             if on_bytes is not None:
                 on_bytes(buffer.nbytes)
             placed = [jax.device_put(buffer, d) for d in devices]
@@ -430,6 +562,9 @@ def _finite(x: np.ndarray) -> bool:
     there, a compiled check per parameter shape cost 4.5-6.5 s of compiling on the 2 GB
     benchmark (this machine, under load) against about 1 s for the whole copy.
     """
+    if x.dtype in _FP8_NAN_MASK:  # FP8 codes: e4m3fn's NaNs are 0x7f/0xff, e5m2's 0x7c..
+        mask = _FP8_NAN_MASK[x.dtype]
+        return not np.any(np.bitwise_and(x.view(np.uint8), mask) == mask)
     if x.dtype not in (np.dtype(jnp.bfloat16), np.float16, np.float32, np.float64):
         return bool(np.all(np.isfinite(x)))
     info = jnp.finfo(x.dtype)
@@ -438,8 +573,73 @@ def _finite(x: np.ndarray) -> bool:
     return not np.any(np.bitwise_and(bits, mask) == mask)
 
 
+def _fp8_whole(spec: WeightSpec, sharding: jax.sharding.Sharding, dtype: jnp.dtype) -> bool:
+    """Whether ``spec``'s codes (all shards this host holds, 1 byte an element) take no more
+    memory than its largest device shard of the result: then it is dequantised at once."""
+    largest = math.prod(sharding.shard_shape(spec.shape)) * jnp.dtype(spec.dtype(dtype)).itemsize
+    return shard_read_bytes(spec.shape, sharding, 1) <= largest
+
+
+def _fp8_on_device(spec, sharding, dtype, layer) -> bool:
+    """Whether FP8 ``spec`` is dequantised on the device rather than on the host.
+
+    Always on an accelerator. On the CPU backend, where "device" work takes the same cores
+    as the host's, only where the whole parameter goes at once: one layer at a time (a
+    sharded parameter, each shard smaller than all its codes) loaded at 0.50-0.54 GB/s on
+    the (1, 8) mesh against 0.80-0.83 GB/s on the host (scripts/bench_load.py, this
+    2-core machine), the zeroed result and one extra compile per shape costing more than
+    they save.
+    """
+    if sharding.device_set and next(iter(sharding.device_set)).platform != "cpu":
+        return True
+    return layer is not None or not spec.per_layer or _fp8_whole(spec, sharding, dtype)
+
+
+def _scales_of(codes: jax.Array, grid: jax.Array, rows: jax.Array, cols: jax.Array, lead: int):
+    """Per-element scales [*codes.shape]: ``grid[unit][rows[o], cols[i]]`` (``_fp8_plan``)."""
+    nd = codes.ndim
+    index = [
+        jnp.arange(codes.shape[j]).reshape([codes.shape[j] if a == j else 1 for a in range(nd)])
+        for j in range(lead)
+    ]
+    index.append(rows.reshape((1,) * lead + rows.shape + (1,) * cols.ndim))
+    index.append(cols.reshape((1,) * (lead + rows.ndim) + cols.shape))
+    return grid[tuple(index)]
+
+
+@functools.cache
+def _dequantize_fn(lead: int, dtype: jnp.dtype, sharding: jax.sharding.Sharding):
+    """A jitted ``(codes, grid, rows, cols) -> codes * scales`` as ``dtype`` on ``sharding``.
+
+    The codes are not donated: their 1-byte buffers cannot hold the wider result (the
+    caller deletes them instead).
+    """
+
+    def dequant(codes, grid, rows, cols):
+        return dequantize(codes, _scales_of(codes, grid, rows, cols, lead), dtype)
+
+    return jax.jit(dequant, out_shardings=sharding)
+
+
+@functools.cache
+def _dequantize_into_fn(lead: int, dtype: jnp.dtype, sharding: jax.sharding.Sharding):
+    """A jitted ``(out, codes, grid, rows, cols, layer) -> out`` with layer [1, ...] written."""
+
+    def update(out, codes, grid, rows, cols, layer):
+        w = dequantize(codes, _scales_of(codes, grid, rows, cols, lead), dtype)
+        return jax.lax.dynamic_update_slice(out, w, (layer,) + (0,) * (out.ndim - 1))
+
+    return jax.jit(update, donate_argnums=0, out_shardings=sharding)
+
+
 def _zeros(shape, dtype, sharding) -> jax.Array:
-    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+    return _zeros_fn(tuple(shape), jnp.dtype(dtype), sharding)()
+
+
+@functools.cache
+def _zeros_fn(shape, dtype, sharding):
+    """One compile per (shape, dtype, sharding), shared by the parameters alike."""
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
 
 
 def _quantize_into_fn(in_dims, sharding, scale_sharding):
