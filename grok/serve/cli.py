@@ -15,14 +15,22 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
 
 import jax.numpy as jnp
 import uvicorn
 
 import grok
 from grok.builtin import builtin_dir
-from grok.cli.sample import DTYPES, QUANTIZE, UsageError, parse_mesh
+from grok.cli.common import (
+    EXIT_BAD_ARGS,
+    EXIT_ERROR,
+    Parser,
+    UsageError,
+    nonnegative_int,
+    positive_int,
+    report,
+)
+from grok.cli.sample import DTYPES, QUANTIZE, parse_mesh
 from grok.errors import GrokError
 from grok.serve.app import create_app
 from grok.serve.engine import DEFAULT_MAX_CONTEXT, Engine
@@ -31,64 +39,30 @@ from grok.sharding import make_mesh
 from grok.tokenizer import load_tokenizer
 
 PROG = "grok-serve"
-EXIT_BAD_ARGS = 2
-EXIT_ERROR = 1
 BUILTIN = "builtin"
 BUILTIN_NAME = "grok-builtin"
 API_KEY_ENV = "GROK_API_KEY"
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but an error is one line on stderr and exit status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        _report(message)
-        raise SystemExit(EXIT_BAD_ARGS)
-
-
-def _report(message: object) -> None:
-    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser of ``grok-serve``."""
-    p = _Parser(prog=PROG, description="Serve a Grok model over OpenAI's HTTP API.")
+    p = Parser(prog=PROG, description="Serve a Grok model over OpenAI's HTTP API.")
     p.add_argument(
         "--checkpoint", default=BUILTIN, help="checkpoint directory, or 'builtin' (the default)"
     )
     p.add_argument("--tokenizer", help="tokenizer file (default: found beside the checkpoint)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    p.add_argument("--port", type=_non_negative, default=8000, help="port to listen on")
-    p.add_argument("--max-batch", type=_positive, default=8, help="decode slots (batch rows)")
+    p.add_argument("--port", type=nonnegative_int, default=8000, help="port to listen on")
+    p.add_argument("--max-batch", type=positive_int, default=8, help="decode slots (batch rows)")
     p.add_argument(
         "--max-context",
-        type=_positive,
+        type=positive_int,
         default=None,
         help=f"most tokens (prompt + completion) per sequence; default: the model's context, "
         f"at most {DEFAULT_MAX_CONTEXT}",
     )
     p.add_argument(
-        "--max-queue", type=_non_negative, default=128, help="sequences waiting; more gets 503"
+        "--max-queue", type=nonnegative_int, default=128, help="sequences waiting; more gets 503"
     )
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="compute dtype")
     p.add_argument("--mesh", default=None, help="device mesh DATAxMODEL, e.g. 1x8")
@@ -163,10 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         engine, name, metrics = build_engine(args)
     except UsageError as e:
-        _report(e)
+        report(PROG, e)
         return EXIT_BAD_ARGS
     except (GrokError, OSError) as e:
-        _report(e)
+        report(PROG, e)
         return EXIT_ERROR
     app = create_app(engine, served_name=name, api_key=args.api_key, metrics=metrics)
     print(

@@ -326,7 +326,7 @@ class Engine:
         self.max_context = max_context
         self.max_queue = max_queue
         self.metrics = metrics
-        self._apply = model._fns.apply  # the pure forward (params passed in, not closed over)
+        self._apply = model.apply_fn  # the pure forward (params passed in, not closed over)
         self._slots: list[SequenceRequest | None] = [None] * max_batch
         self._waiting: collections.deque[SequenceRequest] = collections.deque()
         self._admitting: list[SequenceRequest] = []  # taken from the queue, not yet in a slot
