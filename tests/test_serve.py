@@ -32,6 +32,7 @@ from grok.serve import cli as serve_cli
 from grok.serve.app import create_app
 from grok.serve.engine import Engine, SamplingParams, SequenceRequest
 from grok.serve.metrics import Metrics
+from grok.serve.protocol import RequestError, _prompt_ids
 from grok.serve.sampler import RowSettings, penalized, sample_rows
 from grok.serve.text import TextTracker
 from grok.tokenizer import chat_stop_ids, encode_chat, load_tokenizer
@@ -430,3 +431,17 @@ def test_cli_bad_flags_are_one_line_errors(tmp_path, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 2 and all(line.startswith("grok-serve: error: ") for line in lines)
     assert "not a directory" in lines[0] and "--max-batch" in lines[1]
+
+
+def test_token_id_prompts_go_through_the_library_token_check():
+    assert _prompt_ids({"prompt": [[1, 2], [3]]}, None, 256) == [[1, 2], [3]]
+    for prompt, message in (
+        ([5, 300], "token id 300 is outside the vocabulary [0, 256)"),
+        ([[3, 2**40]], "outside the vocabulary"),
+        ([[1, 2], []], "is empty"),
+    ):
+        with pytest.raises(
+            RequestError, match=message.replace("[", r"\[").replace(")", r"\)")
+        ) as e:
+            _prompt_ids({"prompt": prompt}, None, 256)
+        assert e.value.param == "prompt"

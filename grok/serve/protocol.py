@@ -21,6 +21,7 @@ from grok.generate import MAX_SEED
 from grok.serve.engine import SamplingParams, TokenInfo
 from grok.serve.sampler import TOP_LOGPROBS
 from grok.tokenizer import Tokenizer, chat_stop_ids, encode_chat
+from grok.tokens import check_token_ids
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 MAX_N = 16  # choices per prompt
@@ -169,13 +170,14 @@ def _prompt_ids(body: Mapping, tokenizer: Tokenizer, vocab: int) -> list[list[in
         if isinstance(item, str):
             ids = tokenizer.encode(item, allow_special=False)
         elif isinstance(item, list) and all(_is_int(t) for t in item):
-            bad = [t for t in item if not 0 <= t < vocab]
-            if bad:
-                raise RequestError(
-                    f"'prompt' holds token id {bad[0]}, outside the vocabulary [0, {vocab})",
-                    param="prompt",
-                )
-            ids = list(item)
+            # The library's one token check; the prompt's length against the context is
+            # checked with max_tokens later, so here it only bounds itself.
+            try:
+                ids = check_token_ids(
+                    item, vocab_size=vocab, context=max(1, len(item)), ndim=1, what="'prompt'"
+                ).tolist()
+            except GrokError as e:
+                raise RequestError(str(e), param="prompt") from None
         else:
             raise _field_error("prompt", expected, prompt)
         if not ids:
