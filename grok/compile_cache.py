@@ -24,10 +24,15 @@ COMPILE_EVENTS = (
 )
 
 
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/grok/jax``, or ``~/.cache/grok/jax`` when XDG_CACHE_HOME is unset."""
+def user_cache_root() -> Path:
+    """``$XDG_CACHE_HOME/grok``, or ``~/.cache/grok`` when XDG_CACHE_HOME is unset."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "grok" / "jax"
+    return Path(base) / "grok"
+
+
+def default_cache_dir() -> Path:
+    """``user_cache_root() / "jax"``: JAX's compiled executables."""
+    return user_cache_root() / "jax"
 
 
 def enable_compile_cache(path: str | os.PathLike[str] | None = None) -> Path:

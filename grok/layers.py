@@ -6,13 +6,17 @@ Pure functions live here so that they test without ``hk.transform``; the Haiku m
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
+from collections.abc import Iterator
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
 
+from grok import native
 from grok.quant import QUANT_DTYPES, dequantize, scale_shape
 
 
@@ -44,15 +48,123 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 MIN_NATIVE_ROWS = 2
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Stacked:
+    """One weight inside a stacked array, not sliced out yet: ``array[index]``.
+
+    On XLA:CPU a slice of a stacked ``[L, ...]`` weight is a copy made before the matmul that
+    reads it, so the layer loop hands the modules these views instead; ``project`` multiplies
+    one in place (``grok.native.matvec``) where it can and slices it otherwise, and ``dense``
+    slices it for every other use.
+
+    ``array`` is [*lead, ...] (a bfloat16 or float16 weight may be its uint16 view,
+    ``as_bits``), ``index`` one int32 scalar per leading axis taken so far, ``dtype`` the
+    weight's own dtype.
+    """
+
+    array: jax.Array
+    index: tuple[jax.Array, ...]
+    dtype: jnp.dtype = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.array.shape[len(self.index) :]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __getitem__(self, index) -> Stacked:
+        """Takes further leading axes: ``view[e]`` or ``view[l, e]`` (int32 scalars)."""
+        index = index if isinstance(index, tuple) else (index,)
+        return Stacked(self.array, self.index + tuple(index), self.dtype)
+
+    def reshape(self, *shape: int) -> Stacked:
+        """The same view with its own axes reshaped (the stacked axes untouched; no copy)."""
+        lead = self.array.shape[: len(self.index)]
+        return Stacked(self.array.reshape(*lead, *shape), self.index, self.dtype)
+
+    def materialize(self) -> jax.Array:
+        """The weight itself, sliced out (a copy on XLA:CPU)."""
+        n = len(self.index)
+        if n == 0:
+            return from_bits(self.array, self.dtype)
+        starts = [jnp.asarray(i, jnp.int32) for i in self.index] + [0] * self.ndim
+        # Sliced as uint16 bits: a bf16 slice made XLA:CPU convert the whole array to float32.
+        part = jax.lax.dynamic_slice(as_bits(self.array), starts, (1,) * n + self.shape)
+        return from_bits(part.reshape(self.shape), self.dtype)
+
+
+def stacked(array: jax.Array, dtype: jnp.dtype | None = None) -> Stacked:
+    """A ``Stacked`` view of a whole array (``dtype``: its own dtype when ``array`` holds its
+    uint16 bits)."""
+    return Stacked(array, (), jnp.dtype(dtype or array.dtype))
+
+
+def dense(w):
+    """A weight as a plain array (or ``QuantWeight`` of plain arrays): ``Stacked`` views are
+    sliced out, anything else is returned as is."""
+    if isinstance(w, Stacked):
+        return w.materialize()
+    if isinstance(w, QuantWeight):
+        return QuantWeight(dense(w.q), dense(w.scale))
+    return w
+
+
+# Whether ``project`` may call the native kernel: set around tracing by the model's apply
+# (``grok.model.forward_fns``), off on a mesh (a custom call would need the whole weight on
+# every device) and for training.
+_NATIVE = contextvars.ContextVar("grok_native_kernels", default=False)
+
+
+@contextlib.contextmanager
+def native_kernels(enabled: bool) -> Iterator[None]:
+    """Within this block (while a function is traced) ``project`` uses ``grok.native.matvec``
+    for products of at most ``native.MAX_ROWS`` rows, where the kernel exists."""
+    token = _NATIVE.set(enabled)
+    try:
+        yield
+    finally:
+        _NATIVE.reset(token)
+
+
+def _native_product(equation: str, x: jax.Array, w) -> jax.Array | None:
+    """``x [..., I] . w [O, I]`` (float32 [..., O]) by the native kernel, or None where it does
+    not apply (off, too many rows, another equation or dtype)."""
+    if not _NATIVE.get() or w.ndim != 2 or jnp.dtype(x.dtype) != jnp.dtype(w.dtype):
+        return None
+    inputs, out_letters = equation.split("->")
+    x_letters, w_letters = inputs.split(",")
+    rows = math.prod(x.shape[:-1])
+    if (
+        rows > native.MAX_ROWS
+        or len(w_letters) != 2
+        or x_letters[-1] != w_letters[1]
+        or out_letters != x_letters[:-1] + w_letters[0]
+        or not native.available(x.dtype)
+    ):
+        return None
+    array, index = (w.array, w.index) if isinstance(w, Stacked) else (w, ())
+    if array.dtype == jnp.uint16:  # the kernel reads bfloat16 bits as such
+        x = as_bits(x)
+    y = native.matvec(x.reshape(rows, x.shape[-1]), array, index)  # [rows, O]
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
 def project(
-    equation: str, x: jax.Array, w: jax.Array, out_dtype: jnp.dtype | None = None
+    equation: str, x: jax.Array, w: jax.Array | Stacked, out_dtype: jnp.dtype | None = None
 ) -> jax.Array:
     """``einsum(equation, x, w)`` accumulated in float32, returned in ``out_dtype`` (default:
     ``x``'s dtype).
 
     ``x`` is the activation (its first axis is a batch axis that the output keeps), ``w`` the
-    weight, e.g. ``project("BTD,DNH->BTNH", x, wq)``.
+    weight, e.g. ``project("BTD,DNH->BTNH", x, wq)``, or a ``Stacked`` view of it.
     """
+    y = _native_product(equation, x, w)
+    if y is not None:
+        return y.astype(out_dtype or x.dtype)
+    w = dense(w)
     inputs, out_letters = equation.split("->")
     x_letters = inputs.split(",")[0]
     rows = math.prod(n for n, c in zip(x.shape, x_letters, strict=True) if c in out_letters)
@@ -110,7 +222,7 @@ class RMSNorm(hk.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        weight = hk.get_parameter("weight", (x.shape[-1],), self.dtype, init=jnp.ones)  # [D]
+        weight = dense(hk.get_parameter("weight", (x.shape[-1],), self.dtype, init=jnp.ones))
         return rms_norm(x, weight, self.eps)
 
 
@@ -135,10 +247,13 @@ class QuantWeight:
         return self.q.shape
 
 
-def dequant(w: jax.Array | QuantWeight, dtype: jnp.dtype) -> jax.Array:
-    """A plain array as is (cast to ``dtype``); a ``QuantWeight`` as ``q * scale`` in ``dtype``."""
+def dequant(w: jax.Array | QuantWeight | Stacked, dtype: jnp.dtype) -> jax.Array | Stacked:
+    """A plain array as is (cast to ``dtype``); a ``QuantWeight`` as ``q * scale`` in ``dtype``;
+    a ``Stacked`` view of ``dtype`` stays a view (``project`` reads it), else is sliced."""
     if isinstance(w, QuantWeight):
-        return dequantize(w.q, w.scale, dtype)
+        return dequantize(dense(w.q), dense(w.scale), dtype)
+    if isinstance(w, Stacked):
+        return w if w.dtype == jnp.dtype(dtype) else w.materialize().astype(dtype)
     return w.astype(dtype)
 
 

@@ -3,7 +3,7 @@
 Glossary: B batch, T query positions, S cache slots, D model width, V vocab, L layers.
 
     h = embed[tokens] * embedding_multiplier_scale                      # [B, T, D]
-    for each of the L layers (under hk.layer_stack, so compile time does not grow with L):
+    for each of the L layers (one loop, so compile time does not grow with L):
         h = h + post_attn_norm(Attention(pre_attn_norm(h)))
         x = pre_moe_norm(h)
         h = h + post_moe_norm((DenseMLP(x) + MoE(x)) / sqrt 2)          # Grok-1: MoE(x)
@@ -20,11 +20,21 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
+from grok import native
 from grok.attention import Attention
 from grok.config import GrokConfig
 from grok.kv_cache import KVCache
-from grok.layers import RMSNorm, as_bits, from_bits, project, soft_cap
-from grok.moe import DenseMLP, LayerExperts, MoE, expert_weights, residual_moe
+from grok.layers import (
+    RMSNorm,
+    Stacked,
+    as_bits,
+    from_bits,
+    native_kernels,
+    project,
+    soft_cap,
+    stacked,
+)
+from grok.moe import DenseMLP, MoE, expert_weights, layer_experts, residual_moe
 from grok.rope import RopeTable, rope_table
 
 
@@ -48,7 +58,7 @@ class DecoderLayer(hk.Module):
     def __call__(self, h, positions, rope_cos, rope_sin, layer_cache, kv_lengths, experts):
         """h [B, T, D] -> ([B, T, D], updated layer cache or None).
 
-        ``experts``: this layer's (w1, w3, w2) as ``LayerExperts`` views.
+        ``experts``: this layer's (w1, w3, w2) as ``layer_experts`` views.
         """
         cfg, dt = self.config, self.dtype
         eps = cfg.rms_norm_eps
@@ -104,8 +114,14 @@ class LanguageModel(hk.Module):
         cache: KVCache | None,
         kv_lengths: jax.Array,
         logits_at: jax.Array | None = None,
+        layer_views: dict[str, dict[str, Stacked]] | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        """Logits [B, T, V] float32 (or [B, 1, V] at ``logits_at`` [B]) and the new cache."""
+        """Logits [B, T, V] float32 (or [B, 1, V] at ``logits_at`` [B]) and the new cache.
+
+        ``layer_views``: the layers' stacked parameters as ``Stacked`` views (keys relative to
+        ``LAYERS_SCOPE``), from ``forward_fns`` when the native kernels are on; the layers then
+        read them in place instead of through ``hk.layer_stack``'s per-layer slices.
+        """
         cfg, dt = self.config, self.dtype
         v, d = cfg.vocab_size, cfg.hidden_size
         embed = hk.get_parameter(
@@ -116,31 +132,33 @@ class LanguageModel(hk.Module):
         rope_cos = rope.cos[positions]  # [B, T, H/2]
         rope_sin = rope.sin[positions]
 
-        # Expert weights live outside the layer scan and are sliced by (layer, expert)
+        # Expert weights live outside the layer loop and are sliced by (layer, expert)
         # together, so a step reads (and copies) only the chosen experts' weights.
         stacked_experts = expert_weights(cfg, dt, self.quant)  # [L, E, ...] each
         layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)  # [L]
 
-        def layer(h, layer_id, k_cache, v_cache):
+        def decoder_layer(h, layer_id, k_cache, v_cache):
             layer_cache = None
             if k_cache is not None:  # this layer's slice of the cache, seen through as_bits
                 layer_cache = (from_bits(k_cache, cache.k.dtype), from_bits(v_cache, cache.v.dtype))
-            experts = tuple(LayerExperts(w, layer_id) for w in stacked_experts)
-            with hk.custom_getter(_from_bits):
-                h, layer_cache = DecoderLayer(cfg, dt, self.moe_impl, self.quant, name="layer")(
-                    h, positions, rope_cos, rope_sin, layer_cache, kv_lengths, experts
-                )
+            experts = tuple(layer_experts(w, layer_id) for w in stacked_experts)
+            h, layer_cache = DecoderLayer(cfg, dt, self.moe_impl, self.quant, name=LAYER_NAME)(
+                h, positions, rope_cos, rope_sin, layer_cache, kv_lengths, experts
+            )
             if layer_cache is not None:
                 layer_cache = tuple(as_bits(c) for c in layer_cache)
             return self._constrain(h), layer_cache
 
-        stack = hk.layer_stack(cfg.num_hidden_layers, with_per_layer_inputs=True, name="layers")
-        if cache is None:
-            h, _ = stack(lambda h, i: (layer(h, i, None, None)[0], None))(h, layer_ids)
-            new_cache = None
+        caches = () if cache is None else (as_bits(cache.k), as_bits(cache.v))
+        if layer_views is None:
+            loop = functools.partial(_stacked_loop, cfg.num_hidden_layers)
+            h, new_layers = loop(decoder_layer, h, layer_ids, caches)
         else:
-            h, (k_new, v_new) = stack(layer)(h, layer_ids, as_bits(cache.k), as_bits(cache.v))
-            k_new, v_new = from_bits(k_new, cache.k.dtype), from_bits(v_new, cache.v.dtype)
+            h, new_layers = _view_loop(layer_views, decoder_layer, h, layer_ids, caches)
+        new_cache = None
+        if cache is not None:
+            k_new = from_bits(new_layers[0], cache.k.dtype)
+            v_new = from_bits(new_layers[1], cache.v.dtype)
             new_cache = KVCache(k=k_new, v=v_new, lengths=kv_lengths)
 
         if logits_at is not None:  # only one position per row needs the head (prefill)
@@ -157,17 +175,50 @@ class LanguageModel(hk.Module):
         return soft_cap(logits, cfg.final_logit_softcapping), new_cache  # [B, T, V] float32
 
 
+LAYERS_SCOPE = "grok/layers/"  # the Haiku scope of the stacked per-layer parameters
+LAYER_NAME = "layer"  # the decoder layer's module name in it
+
+
+def _stacked_loop(num_layers, decoder_layer, h, layer_ids, caches):
+    """The layers under ``hk.layer_stack``: each step gets its layer's slice of every
+    parameter (and of the cache). Used for init, training and on a mesh."""
+    stack = hk.layer_stack(num_layers, with_per_layer_inputs=True, name="layers")
+
+    def layer(h, layer_id, *layer_caches):
+        with hk.custom_getter(_from_bits):
+            h, layer_cache = decoder_layer(h, layer_id, *(layer_caches or (None, None)))
+        return h, layer_cache
+
+    return stack(layer)(h, layer_ids, *caches)
+
+
+def _view_loop(layer_views, decoder_layer, h, layer_ids, caches):
+    """The layers as one ``lax.scan`` over the layer index whose steps read the stacked
+    parameters through ``Stacked`` views (``project`` multiplies them in place): the same
+    parameters and results as ``_stacked_loop`` without a copy of every weight per step."""
+    inner = hk.transform(lambda *args: decoder_layer(*args))
+
+    def step(h, xs):
+        layer_id, *layer_caches = xs
+        views = {
+            module: {name: view[layer_id] for name, view in leaves.items()}
+            for module, leaves in layer_views.items()
+        }
+        return inner.apply(views, None, h, layer_id, *(layer_caches or (None, None)))
+
+    return jax.lax.scan(step, h, (layer_ids, *caches))
+
+
 # The per-layer weights enter the layer loop as uint16 views and each layer bitcasts its slice
 # back (``layers.as_bits``): sliced as bf16, XLA:CPU read a float32 copy of every layer's
 # weights, made once per call (measured: bf16 decode 110-120 tok/s instead of 98-101).
-_LAYERS_SCOPE = "grok/layers/"
 
 
 def _as_bits(params: dict) -> dict:
     """``params`` with the per-layer weights as uint16 views where ``as_bits`` applies."""
     return {
         module: {n: as_bits(x) for n, x in leaves.items()}
-        if module.startswith(_LAYERS_SCOPE)
+        if module.startswith(LAYERS_SCOPE)
         else leaves
         for module, leaves in params.items()
     }
@@ -196,6 +247,7 @@ def forward_fns(
     moe_impl: str = "auto",
     quant: str | None = None,
     activation_sharding: jax.sharding.Sharding | None = None,
+    native_kernels_on: bool | None = None,
 ) -> ForwardFns:
     """The model as a pair of pure functions (Haiku ``transform`` without an RNG in apply).
 
@@ -206,16 +258,36 @@ def forward_fns(
     None) says whether the matrices are stored quantised with per-output-channel scales (see
     ``layers.get_weight``). ``activation_sharding`` (e.g. ``grok.sharding.activation_sharding``)
     pins the residual stream at every block boundary on a mesh.
+
+    ``native_kernels_on``: whether apply reads the layers' weights in place through
+    ``grok.native`` (decode-sized products); None (default) turns it on where the kernel
+    exists for ``dtype`` on the CPU backend, with no mesh and no quantisation. The parameters
+    and the results are the same either way (float32 rounding aside).
     """
 
-    def fn(tokens, positions, rope, cache, kv_lengths, logits_at=None):
+    def fn(tokens, positions, rope, cache, kv_lengths, logits_at=None, layer_views=None):
         model = LanguageModel(config, dtype, moe_impl, quant, activation_sharding)
-        return model(tokens, positions, rope, cache, kv_lengths, logits_at)
+        return model(tokens, positions, rope, cache, kv_lengths, logits_at, layer_views)
 
     t = hk.without_apply_rng(hk.transform(fn))
 
+    @functools.cache
+    def use_native() -> bool:  # decided at the first trace: it may build the kernel
+        if native_kernels_on is not None:
+            return native_kernels_on
+        return activation_sharding is None and quant is None and native.available(dtype)
+
     def apply(params, *args, **kwargs):
-        return t.apply(_as_bits(params), *args, **kwargs)
+        if not use_native():
+            return t.apply(_as_bits(params), *args, **kwargs)
+        outer = {m: leaves for m, leaves in params.items() if not m.startswith(LAYERS_SCOPE)}
+        views = {
+            m[len(LAYERS_SCOPE) :]: {n: stacked(as_bits(x), x.dtype) for n, x in leaves.items()}
+            for m, leaves in params.items()
+            if m.startswith(LAYERS_SCOPE)
+        }
+        with native_kernels(True):
+            return t.apply(outer, *args, layer_views=views, **kwargs)
 
     return ForwardFns(t.init, apply)
 

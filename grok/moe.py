@@ -19,7 +19,6 @@ Only the k chosen experts do work for a token:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from collections.abc import Callable
@@ -32,13 +31,14 @@ from grok.config import GrokConfig
 from grok.errors import ConfigError
 from grok.layers import (
     QuantWeight,
+    Stacked,
     activation,
-    as_bits,
+    dense,
     dequant,
-    from_bits,
     get_weight,
     project,
     soft_cap,
+    stacked,
 )
 
 SQRT2 = math.sqrt(2.0)  # the residual MoE divides (dense + MoE) by this
@@ -58,37 +58,19 @@ PREFILL_ENV = "GROK_MOE_PREFILL"  # "ragged" or "blocks": overrides PREFILL_IMPL
 EXPERTS_MODULE = "experts"  # Haiku name scope of the stacked expert weights (under "grok")
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class LayerExperts:
-    """One layer's experts, seen through the stacked weights [L, E, ...] of every layer.
+def layer_experts(w: jax.Array | QuantWeight, layer: jax.Array) -> Stacked | QuantWeight:
+    """One layer's experts [E, ...] as a view into the stacked weights [L, E, ...] of every
+    layer (``layers.Stacked``; a ``QuantWeight`` as views of its codes and scales).
 
-    ``view[e]`` slices layer and expert together, so a decode step copies (on backends that
-    copy slices) only the chosen expert's weights, never the layer's whole [E, ...] slab, as
-    a per-layer parameter of ``hk.layer_stack`` would. Plain [E, ...] arrays index the same way,
-    so the expert functions below take either.
+    ``view[e]`` takes layer and expert together, so a decode step reads only the chosen
+    expert's weights (in place through the native kernel, or one copy of them on backends that
+    copy slices), never the layer's whole [E, ...] slab as a per-layer parameter of
+    ``hk.layer_stack`` would. Plain [E, ...] arrays index the same way, so the expert functions
+    below take either.
     """
-
-    stacked: jax.Array | QuantWeight  # [L, E, ...]
-    layer: jax.Array  # () int32
-
-    def __getitem__(self, expert) -> jax.Array | QuantWeight:
-        if isinstance(self.stacked, QuantWeight):
-            return self.stacked[self.layer, expert]
-        # Sliced through a uint16 view: a bf16 slice made XLA:CPU convert it to float32.
-        return from_bits(as_bits(self.stacked)[self.layer, expert], self.stacked.dtype)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.stacked.shape[1:]
-
-    def whole(self) -> jax.Array | QuantWeight:
-        """All experts of this layer, [E, ...]."""
-        return self.stacked[self.layer]
-
-
-def _whole(w):
-    return w.whole() if isinstance(w, LayerExperts) else w
+    if isinstance(w, QuantWeight):
+        return QuantWeight(stacked(w.q)[layer], stacked(w.scale)[layer])
+    return stacked(w)[layer]
 
 
 def expert_weights(config: GrokConfig, dtype: jnp.dtype, quant: str | None):
@@ -289,9 +271,9 @@ def moe_ragged(
     x: jax.Array,
     weights: jax.Array,
     experts: jax.Array,
-    w1: jax.Array | QuantWeight | LayerExperts,
-    w3: jax.Array | QuantWeight | LayerExperts,
-    w2: jax.Array | QuantWeight | LayerExperts,
+    w1: jax.Array | QuantWeight | Stacked,
+    w3: jax.Array | QuantWeight | Stacked,
+    w2: jax.Array | QuantWeight | Stacked,
     act: Callable[[jax.Array], jax.Array],
 ) -> jax.Array:
     """Expert outputs by grouped matmuls (``jax.lax.ragged_dot_general``) over the
@@ -303,13 +285,13 @@ def moe_ragged(
     weights are never gathered.
 
     x [M, D], weights/experts [M, k], w1/w3 [E, Fe, D], w2 [E, D, Fe] (laid out as
-    ``EXPERT_IN_AXIS`` says; or ``LayerExperts`` views, or ``QuantWeight``s) -> [M, D].
+    ``EXPERT_IN_AXIS`` says; or ``layer_experts`` views, or ``QuantWeight``s) -> [M, D].
     """
     m, d = x.shape
     k = experts.shape[1]
     e = w1.shape[0]
     a = m * k
-    w1, w3, w2 = _whole(w1), _whole(w3), _whole(w2)  # [E, ...] of this layer
+    w1, w3, w2 = dense(w1), dense(w3), dense(w2)  # [E, ...] of this layer
 
     flat_expert = experts.reshape(a)  # [A]
     order = jnp.argsort(flat_expert, stable=True)  # [A], assignments sorted by expert
@@ -341,7 +323,7 @@ def prefill_impl(backend: str | None = None) -> str:
 def moe_dense_reference(x, weights, experts, w1, w3, w2, act) -> jax.Array:
     """Every expert on every token, masked: E / k times the work. A test oracle only."""
     e = w1.shape[0]
-    w1, w3, w2 = (dequant(_whole(w), x.dtype) for w in (w1, w3, w2))
+    w1, w3, w2 = (dequant(dense(w), x.dtype) for w in (w1, w3, w2))
     h = act(jnp.einsum("MD,EFD->MEF", x, w1)) * jnp.einsum("MD,EFD->MEF", x, w3)
     y = jnp.einsum("MEF,EDF->MED", h, w2).astype(jnp.float32)  # [M, E, D]
     gate = jnp.sum(jax.nn.one_hot(experts, e) * weights[..., None], axis=1)  # [M, E]
@@ -351,7 +333,7 @@ def moe_dense_reference(x, weights, experts, w1, w3, w2, act) -> jax.Array:
 class MoE(hk.Module):
     """Router and experts. Parameter: router [E, D] (float32).
 
-    The expert weights come in from ``expert_weights`` as ``LayerExperts`` views (or, for a
+    The expert weights come in from ``expert_weights`` as ``layer_experts`` views (or, for a
     standalone module, [E, ...] arrays).
     """
 
@@ -364,13 +346,13 @@ class MoE(hk.Module):
     def __call__(self, x: jax.Array, experts, impl: str = "auto") -> jax.Array:
         """x [B, T, D] -> [B, T, D].
 
-        ``experts`` is (w1, w3, w2) of this layer: ``LayerExperts`` views or [E, ...] arrays.
+        ``experts`` is (w1, w3, w2) of this layer: ``layer_experts`` views or [E, ...] arrays.
         ``impl``: "auto", "gather", "blocks", "ragged" or "dense".
         """
         cfg = self.config
         d, e = cfg.hidden_size, cfg.num_local_experts
         init = hk.initializers.VarianceScaling(1.0, "fan_out", "truncated_normal")  # [out, in]
-        w_gate = hk.get_parameter("router", (e, d), jnp.float32, init=init)  # [E, D]
+        w_gate = dense(hk.get_parameter("router", (e, d), jnp.float32, init=init))  # [E, D]
         w1, w3, w2 = experts
 
         b, t, _ = x.shape

@@ -20,7 +20,7 @@ from grok.layers import QuantWeight
 from grok.moe import (
     EXPERT_IN_AXIS,
     PREFILL_ENV,
-    LayerExperts,
+    layer_experts,
     moe_dense_reference,
     moe_ragged,
     prefill_impl,
@@ -82,7 +82,7 @@ def test_ragged_with_fp8_weights_and_layer_views():
         q = (w / scale).astype(jnp.float8_e4m3fn)
         return QuantWeight(q[None].repeat(2, 0), scale[None].repeat(2, 0))  # [L=2, E, ...]
 
-    views = [LayerExperts(quantise(w, EXPERT_IN_AXIS), jnp.int32(1)) for w in (w1, w3, w2)]
+    views = [layer_experts(quantise(w, EXPERT_IN_AXIS), jnp.int32(1)) for w in (w1, w3, w2)]
     got = jax.jit(lambda x, ws, ex, views: moe_ragged(x, ws, ex, *views, ACT))(
         x, weights, experts, views
     )

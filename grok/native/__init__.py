@@ -1,0 +1,212 @@
+"""Native CPU kernels, built on first use: ``matvec`` for decode-sized matrix products.
+
+XLA:CPU leaves two gaps on the decode path that no flag closes (``--xla_cpu_use_onednn``,
+``--xla_cpu_experimental_{onednn,xnn,ynn}_fusion_type=dot`` and ``--xla_cpu_use_xnnpack``
+measured the same, jaxlib 0.10.2): a weight inside a stacked ``[L, ...]`` array is copied out
+before every dot that reads it, and its few-row bfloat16 products run far below the memory
+bandwidth (see ``matvec.cc`` for the figures). ``matvec`` reads the matrix where it lies, at
+the bandwidth, through an XLA FFI custom call.
+
+The kernel is C++ in ``matvec.cc``, compiled once per machine with the system's C++ compiler
+(``$CXX`` or ``c++``, ``-O3 -march=native``) into ``$XDG_CACHE_HOME/grok/native`` (or
+``$GROK_NATIVE_CACHE``), keyed by the source, the compiler, the jax version and the CPU.
+Hand-written because no maintained package ships an XLA custom call for this; oneDNN and
+XNNPACK are already inside XLA and measured no better. Without a compiler, without AVX-512,
+on other backends, or with ``GROK_NATIVE=0`` in the environment, ``available`` says False and
+the library uses XLA's dot as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from importlib import resources
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from grok.compile_cache import user_cache_root
+
+TARGET = "grok_matvec"
+MAX_ROWS = 8  # one pass over the weights serves up to 8 rows; decode batches above fall back
+ENV_SWITCH = "GROK_NATIVE"  # "0" turns the kernels off
+ENV_CACHE = "GROK_NATIVE_CACHE"  # where the built library goes (default: user cache)
+_ISA_F32, _ISA_BF16 = 1, 2
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "isa": int, "lib": ctypes.CDLL, "why": str
+
+
+def _source() -> bytes:
+    return resources.files(__package__).joinpath("matvec.cc").read_bytes()
+
+
+def _cpu_id() -> str:
+    """The CPU's model and feature flags (a library built with -march=native runs only there)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _compiler_version(cxx: str) -> str:
+    try:
+        return subprocess.run(
+            [cxx, "--version"], capture_output=True, text=True, timeout=30
+        ).stdout.splitlines()[0]
+    except (OSError, IndexError, subprocess.SubprocessError):
+        return ""
+
+
+def _build() -> tuple[int, ctypes.CDLL | None, str]:
+    """Compiles (or finds) the library and loads it: (isa bits, library, why not)."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return 0, None, f"{ENV_SWITCH}=0"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return 0, None, f"no kernels for {platform.machine()}"
+    cxx = os.environ.get("CXX") or "c++"
+    if shutil.which(cxx) is None:
+        return 0, None, f"no C++ compiler ({cxx!r} not found)"
+    include = jax.ffi.include_dir()
+    flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{include}"]
+    source = _source()
+    key = hashlib.sha256(
+        b"\0".join(
+            s.encode() if isinstance(s, str) else s
+            for s in (
+                source,
+                " ".join(flags[:-1]),
+                _compiler_version(cxx),
+                jax.__version__,
+                _cpu_id(),
+            )
+        )
+    ).hexdigest()[:16]
+    directory = Path(os.environ.get(ENV_CACHE) or user_cache_root() / "native")
+    lib_path = directory / f"libgrok_native-{key}.so"
+    if not lib_path.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=directory) as tmp:
+            src, out = Path(tmp) / "matvec.cc", Path(tmp) / "lib.so"
+            src.write_bytes(source)
+            try:
+                done = subprocess.run(
+                    [cxx, *flags, str(src), "-o", str(out)],
+                    capture_output=True,
+                    text=True,
+                    timeout=300,
+                )
+            except (OSError, subprocess.SubprocessError) as e:
+                return 0, None, f"{cxx} failed: {e}"
+            if done.returncode != 0:
+                tail = done.stderr.strip().splitlines()[-3:]
+                return 0, None, f"{cxx} failed: {' / '.join(tail)}"
+            os.replace(out, lib_path)  # atomic: a concurrent build writes the same bytes
+    lib = ctypes.CDLL(str(lib_path))
+    isa = int(lib.grok_native_isa())
+    if not isa:
+        return 0, None, "the CPU has no AVX-512"
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.GrokMatvec), platform="cpu")
+    return isa, lib, ""
+
+
+def _load() -> int:
+    with _lock:
+        if "isa" not in _state:
+            try:
+                isa, lib, why = _build()
+            except OSError as e:  # an unwritable cache, a library that will not load
+                isa, lib, why = 0, None, str(e)
+            _state.update(isa=isa, lib=lib, why=why)
+            if why and os.environ.get(ENV_SWITCH, "1") != "0":
+                warnings.warn(
+                    f"grok.native: kernels unavailable ({why}); using XLA's dot", stacklevel=3
+                )
+    return int(_state["isa"])
+
+
+def why_unavailable() -> str:
+    """Why the kernels are off ("" when they are on)."""
+    _load()
+    return str(_state["why"])
+
+
+def available(dtype: jnp.dtype) -> bool:
+    """Whether ``matvec`` runs for ``dtype`` (float32, or bfloat16 on CPUs with AVX512-BF16)
+    on the default backend. The first call may compile the kernel (a few seconds, once)."""
+    if jax.default_backend() != "cpu":
+        return False
+    dtype = jnp.dtype(dtype)
+    need = {jnp.dtype(jnp.float32): _ISA_F32, jnp.dtype(jnp.bfloat16): _ISA_BF16}.get(dtype)
+    return need is not None and bool(_load() & need)
+
+
+def _call(x: jax.Array, w: jax.Array, index: jax.Array) -> jax.Array:
+    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[-2]), jnp.float32)
+    return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(x, w, index)
+
+
+def _take(w: jax.Array, index: jax.Array) -> jax.Array:
+    """``w[index[0], index[1], ...]``, an [O, I] matrix (the kernel's clamping, too)."""
+    lead = index.shape[0]
+    starts = [index[k] for k in range(lead)] + [0, 0]
+    return jax.lax.dynamic_slice(w, starts, (1,) * lead + w.shape[lead:]).reshape(w.shape[lead:])
+
+
+@jax.custom_vjp
+def _matvec(x: jax.Array, w: jax.Array, index: jax.Array) -> jax.Array:
+    # bfloat16 goes in as is (the kernel also takes its uint16 bits): a bitcast here became a
+    # copy of the whole stacked operand inside the layer loop.
+    return _call(x, w, index)
+
+
+def _matvec_fwd(x, w, index):
+    return _matvec(x, w, index), (x, w, index)
+
+
+def _matvec_bwd(res, g):  # g [R, O] float32
+    x, w, index = res
+    m = _take(w, index)  # [O, I]
+    dx = jnp.einsum("RO,OI->RI", g, m.astype(jnp.float32)).astype(x.dtype)
+    dm = jnp.einsum("RO,RI->OI", g, x.astype(jnp.float32)).astype(w.dtype)
+    lead = index.shape[0]
+    starts = [index[k] for k in range(lead)] + [0, 0]
+    dw = jax.lax.dynamic_update_slice(jnp.zeros_like(w), dm.reshape((1,) * lead + dm.shape), starts)
+    return dx, dw, None
+
+
+_matvec.defvjp(_matvec_fwd, _matvec_bwd)
+
+
+def matvec(x: jax.Array, w: jax.Array, index: tuple[jax.Array | int, ...] = ()) -> jax.Array:
+    """``x @ w[index]^T`` in float32, reading ``w[index]`` in place.
+
+    Args:
+      x: [R, I] activations, R <= ``MAX_ROWS`` for one pass (more rows take more passes).
+      w: [*lead, O, I] weights of ``x``'s dtype (float32 or bfloat16; both may also be the
+        uint16 bits of bfloat16).
+      index: one int32 scalar per leading axis of ``w``, clamped into range like
+        ``lax.dynamic_slice``.
+    Returns:
+      [R, O] float32. Only call it where ``available(x.dtype)`` is True.
+    """
+    if x.ndim != 2 or w.ndim != 2 + len(index) or x.shape[1] != w.shape[-1]:
+        raise ValueError(f"matvec: x {x.shape} and w {w.shape} with {len(index)} indices")
+    if x.dtype != w.dtype:
+        raise ValueError(f"matvec: x is {x.dtype} and w {w.dtype}")
+    idx = (
+        jnp.stack([jnp.asarray(i, jnp.int32) for i in index])
+        if index
+        else jnp.zeros((0,), jnp.int32)
+    )
+    return _matvec(x, w, idx)
