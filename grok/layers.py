@@ -129,6 +129,29 @@ def native_kernels(enabled: bool) -> Iterator[None]:
         _NATIVE.reset(token)
 
 
+def native_enabled() -> bool:
+    """Whether the function being traced may use ``grok.native`` (see ``native_kernels``)."""
+    return _NATIVE.get()
+
+
+def native_grouped(x: jax.Array, w, sizes: jax.Array) -> jax.Array | None:
+    """Rows ``x`` [A, I] sorted by group times their group's matrix of ``w`` [G, O, I] (an
+    array or a ``Stacked`` view): [A, O] float32 by ``grok.native.grouped_matvec``, or None
+    where it does not apply (off, quantised, another dtype)."""
+    if (
+        not _NATIVE.get()
+        or isinstance(w, QuantWeight)
+        or w.ndim != 3
+        or jnp.dtype(x.dtype) != jnp.dtype(w.dtype)
+        or not native.available(x.dtype)
+    ):
+        return None
+    array, index = (w.array, w.index) if isinstance(w, Stacked) else (w, ())
+    if array.dtype == jnp.uint16:
+        x = as_bits(x)
+    return native.grouped_matvec(x, array, sizes, index)
+
+
 def _native_product(equation: str, x: jax.Array, w) -> jax.Array | None:
     """``x [..., I] . w [O, I]`` (float32 [..., O]) by the native kernel, or None where it does
     not apply (off, too many rows, another equation or dtype)."""

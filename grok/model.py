@@ -224,10 +224,24 @@ def _as_bits(params: dict) -> dict:
     }
 
 
+# Up to this many ids (decode) ``_take_rows`` slices rows one by one instead of gathering.
+ROWS_BY_SLICE = 16
+
+
 def _take_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
-    """``table[ids]``, gathered through ``as_bits`` (a bf16 gather made XLA:CPU convert the
-    whole [V, D] table to float32)."""
-    return from_bits(as_bits(table)[ids], table.dtype)
+    """``table[ids]`` for ``table`` [V, D] and int ``ids`` of any shape -> [*ids.shape, D].
+
+    Through ``as_bits``: a bf16 gather made XLA:CPU convert the whole table to float32. A few
+    ids (decode) are sliced one row at a time: a gather of the uint16 view made XLA:CPU copy
+    the whole table first, every decode step (32 MB per token on bench-grok1); a slice reads
+    its row in place.
+    """
+    bits = as_bits(table)
+    if ids.size > ROWS_BY_SLICE:
+        return from_bits(bits[ids], table.dtype)
+    flat = ids.reshape(-1)
+    rows = [jax.lax.dynamic_slice_in_dim(bits, flat[i], 1) for i in range(flat.shape[0])]
+    return from_bits(jnp.concatenate(rows).reshape(*ids.shape, table.shape[1]), table.dtype)
 
 
 def _from_bits(next_getter, value, context):
@@ -282,7 +296,7 @@ def forward_fns(
             return t.apply(_as_bits(params), *args, **kwargs)
         outer = {m: leaves for m, leaves in params.items() if not m.startswith(LAYERS_SCOPE)}
         views = {
-            m[len(LAYERS_SCOPE) :]: {n: stacked(as_bits(x), x.dtype) for n, x in leaves.items()}
+            m[len(LAYERS_SCOPE) :]: {n: stacked(x) for n, x in leaves.items()}
             for m, leaves in params.items()
             if m.startswith(LAYERS_SCOPE)
         }

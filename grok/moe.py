@@ -36,6 +36,8 @@ from grok.layers import (
     dense,
     dequant,
     get_weight,
+    native_enabled,
+    native_grouped,
     project,
     soft_cap,
     stacked,
@@ -141,13 +143,21 @@ def moe_gather(
 ) -> jax.Array:
     """Expert outputs for few tokens (decode): each expert that some token chose runs once on
     all M tokens, and a ``lax.cond`` skips the others, so only the chosen experts' weights are
-    read, each once. Work is M rows per chosen expert: meant for M * k <= E.
+    read, each once. Work is M rows per chosen expert: meant for M * k <= E. One token (batch-1
+    decode) indexes its k experts directly (a ``Stacked`` view reads them in place).
 
     (Gathering each assignment's weights, ``w1[experts]``, would read the same bytes, but on
     CPU XLA copies the gathered [M, k, D, Fe] blocks first: measured 3-25x slower.)
 
     x [M, D], weights/experts [M, k], w1/w3 [E, Fe, D], w2 [E, D, Fe] -> [M, D].
     """
+    if x.shape[0] == 1:  # one token: its k experts are distinct; index them, no conds
+        out = jnp.zeros(x.shape, jnp.float32)  # [1, D]
+        for j in range(experts.shape[1]):  # static: k is 2
+            ej = experts[0, j]
+            y = _gated_mlp(x, w1[ej], w3[ej], w2[ej], act).astype(jnp.float32)
+            out = out + y * weights[0, j]
+        return out.astype(x.dtype)
     e = w1.shape[0]
     gate = jnp.sum(jax.nn.one_hot(experts, e) * weights[..., None], axis=1)  # [M, E]
     used = jnp.any(experts[..., None] == jnp.arange(e), axis=(0, 1))  # [E]
@@ -253,6 +263,11 @@ def _ragged_matmul(
     same product, without a dequantised copy in float32).
     """
     dt = xs.dtype
+    if EXPERT_IN_AXIS == 2:  # [E, Out, In]: the native kernel's layout (decode sizes, CPU)
+        y = native_grouped(xs, w, sizes)
+        if y is not None:
+            return y.astype(dt)
+    w = dense(w)
     numbers = jax.lax.RaggedDotDimensionNumbers(
         dot_dimension_numbers=(([1], [EXPERT_IN_AXIS]), ([], [])),
         lhs_ragged_dimensions=[0],
@@ -291,7 +306,6 @@ def moe_ragged(
     k = experts.shape[1]
     e = w1.shape[0]
     a = m * k
-    w1, w3, w2 = dense(w1), dense(w3), dense(w2)  # [E, ...] of this layer
 
     flat_expert = experts.reshape(a)  # [A]
     order = jnp.argsort(flat_expert, stable=True)  # [A], assignments sorted by expert
@@ -368,7 +382,14 @@ class MoE(hk.Module):
         if impl == "auto":
             # Up to E assignments, gathering reads each chosen expert about once; beyond that
             # the block path reads each used expert once per block (ragged_dot on accelerators).
-            impl = "gather" if xm.shape[0] * cfg.num_experts_per_tok <= e else prefill_impl()
+            # With the native kernels (one CPU device) a grouped product reads each chosen
+            # expert once, in place, for its own rows only: no padding, no copies. One token
+            # indexes its k experts directly (measured 10% faster at batch-1 decode).
+            m, a = xm.shape[0], xm.shape[0] * cfg.num_experts_per_tok
+            if native_enabled() and m > 1:
+                impl = "ragged"
+            else:
+                impl = "gather" if a <= e else prefill_impl()
         fn = {
             "gather": moe_gather,
             "blocks": moe_blocks,

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from grok.compile_cache import user_cache_root
 
 TARGET = "grok_matvec"
+GROUPED_TARGET = "grok_grouped_matvec"
 MAX_ROWS = 8  # one pass over the weights serves up to 8 rows; decode batches above fall back
 ENV_SWITCH = "GROK_NATIVE"  # "0" turns the kernels off
 ENV_CACHE = "GROK_NATIVE_CACHE"  # where the built library goes (default: user cache)
@@ -117,6 +118,9 @@ def _build() -> tuple[int, ctypes.CDLL | None, str]:
     if not isa:
         return 0, None, "the CPU has no AVX-512"
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.GrokMatvec), platform="cpu")
+    jax.ffi.register_ffi_target(
+        GROUPED_TARGET, jax.ffi.pycapsule(lib.GrokGroupedMatvec), platform="cpu"
+    )
     return isa, lib, ""
 
 
@@ -157,9 +161,9 @@ def _call(x: jax.Array, w: jax.Array, index: jax.Array) -> jax.Array:
 
 
 def _take(w: jax.Array, index: jax.Array) -> jax.Array:
-    """``w[index[0], index[1], ...]``, an [O, I] matrix (the kernel's clamping, too)."""
+    """``w[index[0], index[1], ...]`` (clamped into range as the kernels do)."""
     lead = index.shape[0]
-    starts = [index[k] for k in range(lead)] + [0, 0]
+    starts = [index[k] for k in range(lead)] + [0] * (w.ndim - lead)
     return jax.lax.dynamic_slice(w, starts, (1,) * lead + w.shape[lead:]).reshape(w.shape[lead:])
 
 
@@ -180,12 +184,26 @@ def _matvec_bwd(res, g):  # g [R, O] float32
     dx = jnp.einsum("RO,OI->RI", g, m.astype(jnp.float32)).astype(x.dtype)
     dm = jnp.einsum("RO,RI->OI", g, x.astype(jnp.float32)).astype(w.dtype)
     lead = index.shape[0]
-    starts = [index[k] for k in range(lead)] + [0, 0]
+    starts = [index[k] for k in range(lead)] + [0] * (w.ndim - lead)
     dw = jax.lax.dynamic_update_slice(jnp.zeros_like(w), dm.reshape((1,) * lead + dm.shape), starts)
     return dx, dw, None
 
 
 _matvec.defvjp(_matvec_fwd, _matvec_bwd)
+
+
+def _check(x: jax.Array, w: jax.Array) -> None:
+    if x.dtype != w.dtype:
+        raise ValueError(f"matvec: x is {x.dtype} and w {w.dtype}")
+    logical = jnp.bfloat16 if x.dtype == jnp.uint16 else x.dtype
+    if not available(logical):
+        raise ValueError(f"matvec: no kernel for {x.dtype} here ({why_unavailable() or 'dtype'})")
+
+
+def _indices(index: tuple[jax.Array | int, ...]) -> jax.Array:
+    if not index:
+        return jnp.zeros((0,), jnp.int32)
+    return jnp.stack([jnp.asarray(i, jnp.int32) for i in index])
 
 
 def matvec(x: jax.Array, w: jax.Array, index: tuple[jax.Array | int, ...] = ()) -> jax.Array:
@@ -198,15 +216,67 @@ def matvec(x: jax.Array, w: jax.Array, index: tuple[jax.Array | int, ...] = ()) 
       index: one int32 scalar per leading axis of ``w``, clamped into range like
         ``lax.dynamic_slice``.
     Returns:
-      [R, O] float32. Only call it where ``available(x.dtype)`` is True.
+      [R, O] float32. Raises ValueError where ``available(x.dtype)`` is False.
     """
     if x.ndim != 2 or w.ndim != 2 + len(index) or x.shape[1] != w.shape[-1]:
         raise ValueError(f"matvec: x {x.shape} and w {w.shape} with {len(index)} indices")
-    if x.dtype != w.dtype:
-        raise ValueError(f"matvec: x is {x.dtype} and w {w.dtype}")
-    idx = (
-        jnp.stack([jnp.asarray(i, jnp.int32) for i in index])
-        if index
-        else jnp.zeros((0,), jnp.int32)
-    )
-    return _matvec(x, w, idx)
+    _check(x, w)
+    return _matvec(x, w, _indices(index))
+
+
+def _group_of_rows(sizes: jax.Array, rows: int) -> jax.Array:
+    """[A] the group of each row (G for rows past the sizes' total)."""
+    return jnp.searchsorted(jnp.cumsum(sizes), jnp.arange(rows), side="right").astype(jnp.int32)
+
+
+@jax.custom_vjp
+def _grouped(x: jax.Array, w: jax.Array, index: jax.Array, sizes: jax.Array) -> jax.Array:
+    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[-2]), jnp.float32)
+    return jax.ffi.ffi_call(GROUPED_TARGET, out, vmap_method="sequential")(x, w, index, sizes)
+
+
+def _grouped_fwd(x, w, index, sizes):
+    return _grouped(x, w, index, sizes), (x, w, index, sizes)
+
+
+def _grouped_bwd(res, g):  # g [A, O] float32; a reference-speed gradient (not a decode path)
+    x, w, index, sizes = res
+    groups = w.shape[-3]
+    lead = index.shape[0]
+    mats = _take(w, index)  # [G, O, I]
+    row_group = _group_of_rows(sizes, x.shape[0])  # [A]
+    g = jnp.where((row_group < groups)[:, None], g, 0.0)
+    row_mats = mats[jnp.minimum(row_group, groups - 1)].astype(jnp.float32)  # [A, O, I]
+    dx = jnp.einsum("AO,AOI->AI", g, row_mats).astype(x.dtype)
+    dm = jax.ops.segment_sum(
+        jnp.einsum("AO,AI->AOI", g, x.astype(jnp.float32)), row_group, num_segments=groups
+    ).astype(w.dtype)  # [G, O, I]
+    starts = [index[k] for k in range(lead)] + [0] * (w.ndim - lead)
+    dw = jax.lax.dynamic_update_slice(jnp.zeros_like(w), dm.reshape((1,) * lead + dm.shape), starts)
+    return dx, dw, None, None
+
+
+_grouped.defvjp(_grouped_fwd, _grouped_bwd)
+
+
+def grouped_matvec(
+    x: jax.Array, w: jax.Array, sizes: jax.Array, index: tuple[jax.Array | int, ...] = ()
+) -> jax.Array:
+    """Rows of ``x`` sorted by group, each times its group's matrix: a grouped (ragged)
+    matrix product for a few rows, reading the matrices in place.
+
+    Args:
+      x: [A, I] rows: the first ``sizes[0]`` for group 0, the next ``sizes[1]`` for group 1...
+      w: [*lead, G, O, I] of ``x``'s dtype; ``index`` picks the leading axes (clamped).
+      sizes: [G] int32 rows per group; rows past their total come out 0.
+    Returns:
+      [A, O] float32: row a is ``x[a] @ w[index][group of a]^T``. A group with rows reads its
+      matrix once (up to ``MAX_ROWS`` rows per pass), a group without rows not at all.
+    """
+    lead = len(index)
+    if x.ndim != 2 or w.ndim != 3 + lead or x.shape[1] != w.shape[-1]:
+        raise ValueError(f"grouped_matvec: x {x.shape} and w {w.shape} with {lead} indices")
+    if sizes.shape != (w.shape[-3],):
+        raise ValueError(f"grouped_matvec: sizes {sizes.shape} for {w.shape[-3]} groups")
+    _check(x, w)
+    return _grouped(x, w, _indices(index), sizes.astype(jnp.int32))

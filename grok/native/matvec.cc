@@ -19,6 +19,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -121,6 +122,177 @@ void rows_bf16(const uint16_t* x, const uint16_t* w, float* y, int64_t I, int64_
 template <typename T>
 using RowsFn = void (*)(const T*, const T*, float*, int64_t, int64_t, int64_t, int64_t);
 
+// Many rows (prefill): a register-blocked product over packed panels of W. A panel holds
+// kPanelOut outputs x kPanelIn inputs, transposed so that one vector load gives 16 outputs'
+// weights at one input (float32) or at one input pair (bfloat16, the pair layout vdpbf16ps
+// multiplies); each row's input is broadcast, and no horizontal sums are needed.
+constexpr int kPanelOut = 32;   // two vectors of outputs
+// Inputs per panel: 16 KB of packed weights either way, so that a panel and a row block's
+// inputs stay in L1 (48 KB here) while the rows run over them.
+constexpr int kPanelInF32 = 128;
+constexpr int kPanelInBf16 = 256;
+constexpr int kRowBlock = 12;   // rows per register block: 24 accumulators
+constexpr int64_t kGemmRows = 16;  // from this many rows of a product on, the panel path
+
+inline void masks(int64_t on, __mmask16& m0, __mmask16& m1) {
+  m0 = on >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << on) - 1);
+  m1 = on >= 32 ? __mmask16(0xFFFF) : on > 16 ? __mmask16((1u << (on - 16)) - 1) : __mmask16(0);
+}
+
+template <int RB>
+void panel_rows_f32(const float* x, int64_t I, const float* P, int64_t kn, float* y, int64_t O,
+                    int64_t on, bool first) {
+  __mmask16 m0, m1;
+  masks(on, m0, m1);
+  __m512 acc[RB][2];
+  for (int r = 0; r < RB; ++r) {
+    acc[r][0] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m0, y + r * O);
+    acc[r][1] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m1, y + r * O + 16);
+  }
+  for (int64_t k = 0; k < kn; ++k) {
+    const __m512 w0 = _mm512_load_ps(P + k * kPanelOut);
+    const __m512 w1 = _mm512_load_ps(P + k * kPanelOut + 16);
+    for (int r = 0; r < RB; ++r) {
+      const __m512 xb = _mm512_set1_ps(x[r * I + k]);
+      acc[r][0] = _mm512_fmadd_ps(w0, xb, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(w1, xb, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < RB; ++r) {
+    _mm512_mask_storeu_ps(y + r * O, m0, acc[r][0]);
+    _mm512_mask_storeu_ps(y + r * O + 16, m1, acc[r][1]);
+  }
+}
+
+template <typename PanelRows>
+void for_row_blocks(int64_t R, PanelRows fn) {
+  int64_t r0 = 0;
+  for (; r0 + kRowBlock <= R; r0 += kRowBlock) fn(r0, kRowBlock);
+  if (r0 < R) fn(r0, R - r0);
+}
+
+void gemm_f32(const float* x, const float* w, float* y, int64_t R, int64_t I, int64_t O,
+              int64_t o0, int64_t o1) {
+  thread_local std::vector<float, std::allocator<float>> storage;
+  storage.resize(kPanelInF32 * kPanelOut + 16);
+  float* P = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t(63));
+  using Fn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, bool);
+  static const Fn fns[kRowBlock + 1] = {
+      nullptr, panel_rows_f32<1>, panel_rows_f32<2>, panel_rows_f32<3>, panel_rows_f32<4>,
+      panel_rows_f32<5>, panel_rows_f32<6>, panel_rows_f32<7>, panel_rows_f32<8>,
+      panel_rows_f32<9>, panel_rows_f32<10>, panel_rows_f32<11>, panel_rows_f32<12>};
+  for (int64_t ob = o0; ob < o1; ob += kPanelOut) {
+    const int64_t on = std::min<int64_t>(kPanelOut, o1 - ob);
+    for (int64_t k0 = 0; k0 < I; k0 += kPanelInF32) {
+      const int64_t kn = std::min<int64_t>(kPanelInF32, I - k0);
+      // Packed with gathers: one load of 16 outputs' weights at one input.
+      __mmask16 m0, m1;
+      masks(on, m0, m1);
+      const __m512i rows0 = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,
+                                                                 11, 12, 13, 14, 15),
+                                               _mm512_set1_epi32(int32_t(I)));
+      const float* base0 = w + ob * I + k0;
+      const float* base1 = w + (ob + 16) * I + k0;
+      for (int64_t k = 0; k < kn; ++k) {
+        _mm512_store_ps(P + k * kPanelOut,
+                        _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m0, rows0, base0 + k, 4));
+        _mm512_store_ps(P + k * kPanelOut + 16,
+                        _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m1, rows0, base1 + k, 4));
+      }
+      for_row_blocks(R, [&](int64_t r0, int64_t rn) {
+        fns[rn](x + r0 * I + k0, I, P, kn, y + r0 * O + ob, O, on, k0 == 0);
+      });
+    }
+  }
+}
+
+#if defined(__AVX512BF16__)
+template <int RB>
+void panel_rows_bf16(const uint16_t* x, int64_t I, const uint32_t* P, int64_t kn, float* y,
+                     int64_t O, int64_t on, bool first) {
+  __mmask16 m0, m1;
+  masks(on, m0, m1);
+  __m512 acc[RB][2];
+  for (int r = 0; r < RB; ++r) {
+    acc[r][0] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m0, y + r * O);
+    acc[r][1] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m1, y + r * O + 16);
+  }
+  const int64_t pairs = kn / 2;
+  for (int64_t p = 0; p < pairs; ++p) {
+    const __m512i w0 = _mm512_load_si512(P + p * kPanelOut);
+    const __m512i w1 = _mm512_load_si512(P + p * kPanelOut + 16);
+    for (int r = 0; r < RB; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, x + r * I + 2 * p, sizeof pair);
+      const __m512i xb = _mm512_set1_epi32(pair);
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], (__m512bh)w0, (__m512bh)xb);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], (__m512bh)w1, (__m512bh)xb);
+    }
+  }
+  if (kn & 1) {  // the last input alone (its pair's other half is 0 in the panel)
+    const __m512i w0 = _mm512_load_si512(P + pairs * kPanelOut);
+    const __m512i w1 = _mm512_load_si512(P + pairs * kPanelOut + 16);
+    for (int r = 0; r < RB; ++r) {
+      const __m512i xb = _mm512_set1_epi32(int32_t(x[r * I + kn - 1]));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], (__m512bh)w0, (__m512bh)xb);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], (__m512bh)w1, (__m512bh)xb);
+    }
+  }
+  for (int r = 0; r < RB; ++r) {
+    _mm512_mask_storeu_ps(y + r * O, m0, acc[r][0]);
+    _mm512_mask_storeu_ps(y + r * O + 16, m1, acc[r][1]);
+  }
+}
+
+void gemm_bf16(const uint16_t* x, const uint16_t* w, float* y, int64_t R, int64_t I, int64_t O,
+               int64_t o0, int64_t o1) {
+  thread_local std::vector<uint32_t> storage;
+  storage.resize(kPanelInBf16 / 2 * kPanelOut + 16);
+  uint32_t* P = reinterpret_cast<uint32_t*>(
+      (reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t(63));
+  using Fn = void (*)(const uint16_t*, int64_t, const uint32_t*, int64_t, float*, int64_t, int64_t,
+                      bool);
+  static const Fn fns[kRowBlock + 1] = {
+      nullptr, panel_rows_bf16<1>, panel_rows_bf16<2>, panel_rows_bf16<3>, panel_rows_bf16<4>,
+      panel_rows_bf16<5>, panel_rows_bf16<6>, panel_rows_bf16<7>, panel_rows_bf16<8>,
+      panel_rows_bf16<9>, panel_rows_bf16<10>, panel_rows_bf16<11>, panel_rows_bf16<12>};
+  for (int64_t ob = o0; ob < o1; ob += kPanelOut) {
+    const int64_t on = std::min<int64_t>(kPanelOut, o1 - ob);
+    for (int64_t k0 = 0; k0 < I; k0 += kPanelInBf16) {
+      const int64_t kn = std::min<int64_t>(kPanelInBf16, I - k0);
+      const int64_t slots = (kn + 1) / 2;
+      // Packed with gathers: one load of 16 outputs' weight pairs at one input pair (byte
+      // offsets, so an odd I works: the pairs need not be 4-byte aligned).
+      __mmask16 m0, m1;
+      masks(on, m0, m1);
+      const __m512i rows0 = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,
+                                                                 11, 12, 13, 14, 15),
+                                               _mm512_set1_epi32(int32_t(2 * I)));
+      const char* base0 = reinterpret_cast<const char*>(w + ob * I + k0);
+      const char* base1 = reinterpret_cast<const char*>(w + (ob + 16) * I + k0);
+      for (int64_t p = 0; p < kn / 2; ++p) {
+        _mm512_store_si512(P + p * kPanelOut,
+                           _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m0, rows0,
+                                                       base0 + 4 * p, 1));
+        _mm512_store_si512(P + p * kPanelOut + 16,
+                           _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m1, rows0,
+                                                       base1 + 4 * p, 1));
+      }
+      if (kn & 1) {  // the last input alone, read as 16 bits (its pair would pass the row)
+        for (int64_t o = 0; o < kPanelOut; ++o)
+          P[(slots - 1) * kPanelOut + o] = o < on ? w[(ob + o) * I + k0 + kn - 1] : 0;
+      }
+      for_row_blocks(R, [&](int64_t r0, int64_t rn) {
+        fns[rn](x + r0 * I + k0, I, P, kn, y + r0 * O + ob, O, on, k0 == 0);
+      });
+    }
+  }
+}
+#endif  // __AVX512BF16__
+
+template <typename T>
+using GemmFn = void (*)(const T*, const T*, float*, int64_t, int64_t, int64_t, int64_t, int64_t);
+
 // Output rows per block: 4 for up to 4 activation rows, 2 above (16 accumulators at most,
 // within the 32 vector registers with the loads).
 RowsFn<float> pick_f32(int64_t r) {
@@ -151,37 +323,62 @@ RowsFn<uint16_t> pick_bf16(int64_t r) {
 }
 #endif
 
-// Chunks of output rows, claimed through an atomic counter by the calling thread and by
-// helpers on XLA's intra-op pool. The caller waits for chunks, not for helpers: a helper that
-// starts late finds nothing left and only touches this shared state.
-struct Chunks {
+// One product of the call: `rows` rows of x (row stride I) times the matrix at w, into y (row
+// stride O).
+template <typename T>
+struct Job {
+  const T* x;
+  const T* w;
+  float* y;
+  int64_t rows;
+};
+
+// Units of (job, chunk of output rows), claimed through an atomic counter by the calling
+// thread and by helpers on XLA's intra-op pool. The caller waits for units, not for helpers:
+// a helper that starts late finds nothing left and only touches this shared state.
+struct Units {
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
   int64_t count = 0;
 };
 
 template <typename T>
-void run(ffi::ThreadPool& pool, const T* x, const T* w, float* y, int64_t R, int64_t I,
-         int64_t O, RowsFn<T> (*pick)(int64_t)) {
+void run(ffi::ThreadPool& pool, std::vector<Job<T>> jobs, int64_t I, int64_t O,
+         RowsFn<T> (*pick)(int64_t), GemmFn<T> gemm) {
+  if (jobs.empty()) return;
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  int64_t chunk = std::max<int64_t>(16, O / (threads * 8));
-  chunk = (chunk + 3) & ~int64_t(3);
-  auto state = std::make_shared<Chunks>();
-  state->count = (O + chunk - 1) / chunk;
-  auto work = [state, x, w, y, R, I, O, chunk, pick]() {
+  const int64_t n_jobs = jobs.size();
+  // About 8 units per thread over all jobs, at least 16 output rows each (whole panels when
+  // some product takes the panel path).
+  bool panels = false;
+  for (const Job<T>& job : jobs) panels = panels || job.rows >= kGemmRows;
+  const int64_t align = panels ? kPanelOut : 4;
+  int64_t chunk = std::max<int64_t>(16, O * n_jobs / (threads * 8));
+  chunk = std::min<int64_t>((chunk + align - 1) / align * align, O);
+  const int64_t per_job = (O + chunk - 1) / chunk;
+  auto state = std::make_shared<Units>();
+  state->count = per_job * n_jobs;
+  auto shared_jobs = std::make_shared<std::vector<Job<T>>>(std::move(jobs));
+  auto work = [state, shared_jobs, I, O, chunk, per_job, pick, gemm]() {
     for (;;) {
-      const int64_t c = state->next.fetch_add(1);
-      if (c >= state->count) return;
-      const int64_t o0 = c * chunk, o1 = std::min(O, o0 + chunk);
-      for (int64_t r0 = 0; r0 < R; r0 += kMaxRows) {
-        const int64_t rows = std::min<int64_t>(kMaxRows, R - r0);
-        pick(rows)(x + r0 * I, w, y + r0 * O, I, O, o0, o1);
+      const int64_t u = state->next.fetch_add(1);
+      if (u >= state->count) return;
+      const Job<T>& job = (*shared_jobs)[u / per_job];
+      const int64_t o0 = (u % per_job) * chunk, o1 = std::min(O, o0 + chunk);
+      if (job.rows >= kGemmRows) {
+        gemm(job.x, job.w, job.y, job.rows, I, O, o0, o1);
+        state->done.fetch_add(1);
+        continue;
+      }
+      for (int64_t r0 = 0; r0 < job.rows; r0 += kMaxRows) {
+        const int64_t rows = std::min<int64_t>(kMaxRows, job.rows - r0);
+        pick(rows)(job.x + r0 * I, job.w, job.y + r0 * O, I, O, o0, o1);
       }
       state->done.fetch_add(1);
     }
   };
-  // Below about 64K weights a helper costs more than it saves.
-  if (O * I >= (int64_t(1) << 16)) {
+  // Below about 64K weights in all a helper costs more than it saves.
+  if (O * I * n_jobs >= (int64_t(1) << 16)) {
     const int64_t helpers = std::min(threads, state->count) - 1;
     for (int64_t h = 0; h < helpers; ++h) {
       auto task = work;
@@ -194,9 +391,65 @@ void run(ffi::ThreadPool& pool, const T* x, const T* w, float* y, int64_t R, int
 
 #endif  // __AVX512F__
 
+// The offset of w[index] (elements), each index taken as lax.dynamic_slice does (a negative one
+// counts from the end, then it is clamped into range),
+// for w [*lead, *rest] with rest the last `rest_rank` axes.
+int64_t lead_offset(ffi::AnyBuffer::Dimensions wd, const int32_t* index, int64_t n_lead,
+                    int64_t rest_elements) {
+  int64_t offset = 0, stride = rest_elements;
+  for (int64_t k = n_lead - 1; k >= 0; --k) {
+    const int64_t i = index[k] < 0 ? int64_t(index[k]) + wd[k] : int64_t(index[k]);
+    const int64_t at = std::clamp<int64_t>(i, 0, wd[k] - 1);
+    offset += at * stride;
+    stride *= wd[k];
+  }
+  return offset;
+}
+
+// A product in buffer coordinates: `rows` rows of x from row `row` (and of y likewise) times
+// the [O, I] matrix `w_elem` elements into w.
+struct Part {
+  int64_t row;
+  int64_t w_elem;
+  int64_t rows;
+};
+
+// Runs `parts` in the buffers' dtype.
+ffi::Error dispatch(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::AnyBuffer w, float* y,
+                    const std::vector<Part>& parts, int64_t I, int64_t O) {
+#if defined(__AVX512F__)
+  if (w.element_type() != x.element_type())
+    return ffi::Error::InvalidArgument("grok_matvec: x and w dtypes differ");
+  auto build = [&](auto* xp, auto* wp) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
+    std::vector<Job<T>> jobs;
+    for (const Part& p : parts) jobs.push_back({xp + p.row * I, wp + p.w_elem, y + p.row * O, p.rows});
+    return jobs;
+  };
+  switch (w.element_type()) {
+    case ffi::DataType::F32:
+      run<float>(pool, build(static_cast<const float*>(x.untyped_data()),
+                             static_cast<const float*>(w.untyped_data())),
+                 I, O, pick_f32, gemm_f32);
+      return ffi::Error::Success();
+#if defined(__AVX512BF16__)
+    case ffi::DataType::BF16:
+    case ffi::DataType::U16:  // bfloat16 bits (grok.layers.as_bits)
+      run<uint16_t>(pool, build(static_cast<const uint16_t*>(x.untyped_data()),
+                                static_cast<const uint16_t*>(w.untyped_data())),
+                    I, O, pick_bf16, gemm_bf16);
+      return ffi::Error::Success();
+#endif
+    default:
+      return ffi::Error::InvalidArgument("grok_matvec: no kernel for this dtype");
+  }
+#else
+  return ffi::Error::Unimplemented("grok_matvec: built without AVX-512");
+#endif
+}
+
 ffi::Error Matvec(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
                   ffi::Buffer<ffi::S32> index, ffi::Result<ffi::Buffer<ffi::F32>> y) {
-#if defined(__AVX512F__)
   const auto wd = w.dimensions();
   const auto xd = x.dimensions();
   const int64_t rank = wd.size();
@@ -206,35 +459,35 @@ ffi::Error Matvec(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   if (xd[1] != I) return ffi::Error::InvalidArgument("grok_matvec: x and w widths differ");
   if (index.element_count() != size_t(rank - 2))
     return ffi::Error::InvalidArgument("grok_matvec: one index per leading axis of w");
-  if (w.element_type() != x.element_type())
-    return ffi::Error::InvalidArgument("grok_matvec: x and w dtypes differ");
-  // The leading indices, clamped into range as lax.dynamic_slice does.
-  int64_t offset = 0, stride = O * I;
-  for (int64_t k = rank - 3; k >= 0; --k) {
-    const int64_t at = std::clamp<int64_t>(index.typed_data()[k], 0, wd[k] - 1);
-    offset += at * stride;
-    stride *= wd[k];
+  const int64_t offset = lead_offset(wd, index.typed_data(), rank - 2, O * I);
+  return dispatch(pool, x, w, y->typed_data(), {{0, offset, R}}, I, O);
+}
+
+// y[A, O] = rows of x [A, I], sorted by group, each times its group's matrix
+// w[index..., g] ([*lead, G, O, I]); sizes [G] rows per group. Rows past sum(sizes) are 0.
+ffi::Error GroupedMatvec(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
+                         ffi::Buffer<ffi::S32> index, ffi::Buffer<ffi::S32> sizes,
+                         ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  const auto wd = w.dimensions();
+  const auto xd = x.dimensions();
+  const int64_t rank = wd.size();
+  if (rank < 3 || xd.size() != 2)
+    return ffi::Error::InvalidArgument("grok_grouped_matvec: x [A, I] and w [..., G, O, I]");
+  const int64_t G = wd[rank - 3], O = wd[rank - 2], I = wd[rank - 1], A = xd[0];
+  if (xd[1] != I) return ffi::Error::InvalidArgument("grok_grouped_matvec: widths differ");
+  if (index.element_count() != size_t(rank - 3) || sizes.element_count() != size_t(G))
+    return ffi::Error::InvalidArgument("grok_grouped_matvec: index or sizes length");
+  const int64_t offset = lead_offset(wd, index.typed_data(), rank - 3, G * O * I);
+  std::vector<Part> parts;
+  int64_t start = 0;
+  for (int64_t g = 0; g < G && start < A; ++g) {
+    const int64_t n = std::min<int64_t>(std::max<int32_t>(sizes.typed_data()[g], 0), A - start);
+    if (n > 0) parts.push_back({start, offset + g * O * I, n});
+    start += n;
   }
   float* out = y->typed_data();
-  switch (w.element_type()) {
-    case ffi::DataType::F32:
-      run<float>(pool, static_cast<const float*>(x.untyped_data()),
-                 static_cast<const float*>(w.untyped_data()) + offset, out, R, I, O, pick_f32);
-      return ffi::Error::Success();
-#if defined(__AVX512BF16__)
-    case ffi::DataType::BF16:
-    case ffi::DataType::U16:  // bfloat16 bits (grok.layers.as_bits)
-      run<uint16_t>(pool, static_cast<const uint16_t*>(x.untyped_data()),
-                    static_cast<const uint16_t*>(w.untyped_data()) + offset, out, R, I, O,
-                    pick_bf16);
-      return ffi::Error::Success();
-#endif
-    default:
-      return ffi::Error::InvalidArgument("grok_matvec: no kernel for this dtype");
-  }
-#else
-  return ffi::Error::Unimplemented("grok_matvec: built without AVX-512");
-#endif
+  std::fill(out + start * O, out + A * O, 0.0f);
+  return dispatch(pool, x, w, out, parts, I, O);
 }
 
 }  // namespace
@@ -246,3 +499,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GrokMatvec, Matvec,
                                   .Arg<ffi::AnyBuffer>()      // w [*lead, O, I]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // index [len(lead)]
                                   .Ret<ffi::Buffer<ffi::F32>>());  // y [R, O]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GrokGroupedMatvec, GroupedMatvec,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()         // x [A, I]
+                                  .Arg<ffi::AnyBuffer>()         // w [*lead, G, O, I]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // index [len(lead)]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // sizes [G]
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // y [A, O]
