@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from grok.config import GrokConfig
-from grok.kv_cache import write_layer
+from grok.kv_cache import LayerView, write_layer
 from grok.layers import as_bits, dequant, from_bits, get_weight, project, soft_cap
 from grok.rope import apply_rope
 
@@ -188,7 +188,7 @@ class Attention(hk.Module):
         positions: jax.Array,
         rope_cos: jax.Array,
         rope_sin: jax.Array,
-        layer_cache: tuple[jax.Array, jax.Array] | None,
+        layer_cache: tuple[jax.Array, jax.Array] | LayerView | None,
         kv_lengths: jax.Array,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """Attention over the sequence (and the cache, when given).
@@ -197,7 +197,8 @@ class Attention(hk.Module):
           x: [B, T, D] normalised input.
           positions: [B, T] absolute positions, contiguous per row.
           rope_cos, rope_sin: [B, T, H/2] rotary factors of those positions.
-          layer_cache: this layer's (k, v), each [B, S, K, H], or None for a plain forward.
+          layer_cache: this layer's (k, v), each [B, S, K, H], or a ``LayerView`` of the whole
+            cache, or None for a plain forward.
           kv_lengths: [B] valid keys per sequence after this step's tokens are written.
         Returns:
           ([B, T, D] output, updated (k, v) or None).
@@ -230,6 +231,9 @@ class Attention(hk.Module):
 
         if layer_cache is None:
             keys, values, new_cache = k, v, None  # [B, S=T, K, H]
+        elif isinstance(layer_cache, LayerView):
+            new_cache = layer_cache.write(k, v, positions[:, 0])
+            keys, values = new_cache.read()  # [B, S, K, H]
         else:
             cache_k, cache_v = layer_cache  # [B, S, K, H]
             start = positions[:, 0]  # [B]

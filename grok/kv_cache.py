@@ -60,6 +60,56 @@ class KVCache:
         return self.k.nbytes + self.v.nbytes + self.lengths.nbytes
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerView:
+    """One layer's keys and values inside the whole cache, written and read in place.
+
+    The layer loop carries the whole cache and hands each layer this view, so a step writes
+    its new keys and values into the carried arrays where they lie and copies out only its own
+    layer to read, instead of slicing every layer's cache out of the stack and stacking the
+    results back (two more copies of the cache per step).
+
+    Attributes:
+      k, v: [L, B, S, K, H] (a 16-bit float cache may be its uint16 bits, ``layers.as_bits``).
+      layer: () int32, this layer.
+      dtype: the cache's own dtype.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    layer: jax.Array
+    dtype: jnp.dtype = dataclasses.field(metadata=dict(static=True))
+
+    def write(self, k_new: jax.Array, v_new: jax.Array, start: jax.Array) -> LayerView:
+        """The view with ``k_new``/``v_new`` [B, T, K, H] at slots start[b] .. + T of row b."""
+
+        def put(whole: jax.Array, new: jax.Array) -> jax.Array:
+            new = new.astype(self.dtype)
+            if whole.dtype != new.dtype:  # the uint16 bits of a 16-bit float cache
+                new = jax.lax.bitcast_convert_type(new, whole.dtype)
+
+            # Row by row (B is static and small): a vmap over the batch axis made XLA:CPU
+            # transpose the whole cache twice per layer.
+            for b in range(new.shape[0]):
+                at = (self.layer, jnp.int32(b), start[b], jnp.int32(0), jnp.int32(0))
+                whole = jax.lax.dynamic_update_slice(whole, new[b][None, None], at)
+            return whole
+
+        return dataclasses.replace(self, k=put(self.k, k_new), v=put(self.v, v_new))
+
+    def read(self) -> tuple[jax.Array, jax.Array]:
+        """This layer's keys and values, each [B, S, K, H] in ``dtype``."""
+
+        def take(whole: jax.Array) -> jax.Array:
+            part = jax.lax.dynamic_index_in_dim(whole, self.layer, keepdims=False)
+            if part.dtype != self.dtype:
+                part = jax.lax.bitcast_convert_type(part, self.dtype)
+            return part
+
+        return take(self.k), take(self.v)
+
+
 def write_layer(cache_kv: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
     """Writes ``new`` [B, T, K, H] into ``cache_kv`` [B, S, K, H] at slots start[b] .. + T."""
 

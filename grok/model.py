@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from grok import native
 from grok.attention import Attention
 from grok.config import GrokConfig
-from grok.kv_cache import KVCache
+from grok.kv_cache import KVCache, LayerView
 from grok.layers import (
     RMSNorm,
     Stacked,
@@ -137,28 +137,24 @@ class LanguageModel(hk.Module):
         stacked_experts = expert_weights(cfg, dt, self.quant)  # [L, E, ...] each
         layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)  # [L]
 
-        def decoder_layer(h, layer_id, k_cache, v_cache):
-            layer_cache = None
-            if k_cache is not None:  # this layer's slice of the cache, seen through as_bits
-                layer_cache = (from_bits(k_cache, cache.k.dtype), from_bits(v_cache, cache.v.dtype))
+        def decoder_layer(h, layer_id, layer_cache):
             experts = tuple(layer_experts(w, layer_id) for w in stacked_experts)
             h, layer_cache = DecoderLayer(cfg, dt, self.moe_impl, self.quant, name=LAYER_NAME)(
                 h, positions, rope_cos, rope_sin, layer_cache, kv_lengths, experts
             )
-            if layer_cache is not None:
-                layer_cache = tuple(as_bits(c) for c in layer_cache)
             return self._constrain(h), layer_cache
 
-        caches = () if cache is None else (as_bits(cache.k), as_bits(cache.v))
+        # The cache enters the loop as uint16 views where as_bits applies (see layers.as_bits).
+        caches = None if cache is None else (as_bits(cache.k), as_bits(cache.v), cache.k.dtype)
         if layer_views is None:
             loop = functools.partial(_stacked_loop, cfg.num_hidden_layers)
-            h, new_layers = loop(decoder_layer, h, layer_ids, caches)
+            h, new_bits = loop(decoder_layer, h, layer_ids, caches)
         else:
-            h, new_layers = _view_loop(layer_views, decoder_layer, h, layer_ids, caches)
+            h, new_bits = _view_loop(layer_views, decoder_layer, h, layer_ids, caches)
         new_cache = None
         if cache is not None:
-            k_new = from_bits(new_layers[0], cache.k.dtype)
-            v_new = from_bits(new_layers[1], cache.v.dtype)
+            k_new = from_bits(new_bits[0], cache.k.dtype)
+            v_new = from_bits(new_bits[1], cache.v.dtype)
             new_cache = KVCache(k=k_new, v=v_new, lengths=kv_lengths)
 
         if logits_at is not None:  # only one position per row needs the head (prefill)
@@ -181,32 +177,46 @@ LAYER_NAME = "layer"  # the decoder layer's module name in it
 
 def _stacked_loop(num_layers, decoder_layer, h, layer_ids, caches):
     """The layers under ``hk.layer_stack``: each step gets its layer's slice of every
-    parameter (and of the cache). Used for init, training and on a mesh."""
+    parameter and of the cache (``caches``: (k bits, v bits, dtype) or None), and the caches
+    come back stacked. Used for init, training and on a mesh."""
     stack = hk.layer_stack(num_layers, with_per_layer_inputs=True, name="layers")
 
-    def layer(h, layer_id, *layer_caches):
+    def layer(h, layer_id, *layer_bits):
+        layer_cache = None
+        if layer_bits:  # this layer's slice of the cache, seen through as_bits
+            layer_cache = tuple(from_bits(c, caches[2]) for c in layer_bits)
         with hk.custom_getter(_from_bits):
-            h, layer_cache = decoder_layer(h, layer_id, *(layer_caches or (None, None)))
+            h, layer_cache = decoder_layer(h, layer_id, layer_cache)
+        if layer_cache is not None:
+            layer_cache = tuple(as_bits(c) for c in layer_cache)
         return h, layer_cache
 
-    return stack(layer)(h, layer_ids, *caches)
+    return stack(layer)(h, layer_ids, *(caches[:2] if caches else ()))
 
 
 def _view_loop(layer_views, decoder_layer, h, layer_ids, caches):
     """The layers as one ``lax.scan`` over the layer index whose steps read the stacked
-    parameters through ``Stacked`` views (``project`` multiplies them in place): the same
-    parameters and results as ``_stacked_loop`` without a copy of every weight per step."""
+    parameters through ``Stacked`` views (``project`` multiplies them in place) and write and
+    read the whole cache, carried through the loop, through a ``LayerView``: the same
+    parameters and results as ``_stacked_loop`` without a copy of every weight per step, and
+    with one copy of a layer's cache instead of the whole cache's restacking."""
     inner = hk.transform(lambda *args: decoder_layer(*args))
 
-    def step(h, xs):
-        layer_id, *layer_caches = xs
+    def step(carry, layer_id):
+        h, k_bits, v_bits = carry
         views = {
             module: {name: view[layer_id] for name, view in leaves.items()}
             for module, leaves in layer_views.items()
         }
-        return inner.apply(views, None, h, layer_id, *(layer_caches or (None, None)))
+        layer_cache = None if caches is None else LayerView(k_bits, v_bits, layer_id, caches[2])
+        h, layer_cache = inner.apply(views, None, h, layer_id, layer_cache)
+        if layer_cache is not None:
+            k_bits, v_bits = layer_cache.k, layer_cache.v
+        return (h, k_bits, v_bits), None
 
-    return jax.lax.scan(step, h, (layer_ids, *caches))
+    k_bits, v_bits = (None, None) if caches is None else caches[:2]
+    (h, k_bits, v_bits), _ = jax.lax.scan(step, (h, k_bits, v_bits), layer_ids)
+    return h, (k_bits, v_bits)
 
 
 # The per-layer weights enter the layer loop as uint16 views and each layer bitcasts its slice
