@@ -123,12 +123,20 @@ def route(
     return weights, experts.astype(jnp.int32), probs
 
 
+def _gate(h1: jax.Array, h3: jax.Array, act: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """``act(h1) * h3`` computed in float32 and returned in ``h1``'s dtype (as the serving
+    engines' fused act-and-multiply kernels do). In bfloat16 XLA:CPU ran these elementwise ops
+    2-4x slower than in float32 (tanh-GELU times a [2048, 1024] matrix: 2.6 ms against 0.6)."""
+    f32 = jnp.float32
+    return (act(h1.astype(f32)) * h3.astype(f32)).astype(h1.dtype)
+
+
 def _gated_mlp(x, w1, w3, w2, act):
     """``w2(act(x w1) * (x w3))`` for x [..., D], w1/w3 [F, D], w2 [D, F] ([out, in])."""
     dt = x.dtype
     w1, w3, w2 = dequant(w1, dt), dequant(w3, dt), dequant(w2, dt)
     xm = x.reshape(-1, x.shape[-1])  # [M, D]
-    h = act(project("MD,FD->MF", xm, w1)) * project("MD,FD->MF", xm, w3)  # [M, F]
+    h = _gate(project("MD,FD->MF", xm, w1), project("MD,FD->MF", xm, w3), act)  # [M, F]
     return project("MF,DF->MD", h, w2).reshape(x.shape)
 
 
@@ -313,9 +321,8 @@ def moe_ragged(
     token_of = order // k  # [A] source token of each sorted assignment
     sizes = jnp.bincount(flat_expert, length=e).astype(jnp.int32)  # [E]
     xs = x[token_of]  # [A, D]
-    h = act(_ragged_matmul(xs, w1, sizes, row_expert)) * _ragged_matmul(
-        xs, w3, sizes, row_expert
-    )  # [A, Fe]
+    h1 = _ragged_matmul(xs, w1, sizes, row_expert)  # [A, Fe]
+    h = _gate(h1, _ragged_matmul(xs, w3, sizes, row_expert), act)  # [A, Fe]
     ys = _ragged_matmul(h, w2, sizes, row_expert)  # [A, D]
     ws = weights.reshape(a)[order]  # [A]
     out = jnp.zeros((m, d), jnp.float32).at[token_of].add(ys.astype(jnp.float32) * ws[:, None])
