@@ -19,8 +19,18 @@ from grok.errors import GenerationError
 
 
 def greedy(logits: jax.Array) -> jax.Array:
-    """The highest-scoring id of each row, ties to the lowest id: f32[B, V] -> int32[B]."""
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)  # argmax returns the first maximum
+    """The highest-scoring id of each row, ties to the lowest id: f32[B, V] -> int32[B].
+
+    A NaN row gives id 0 (``generate`` reports non-finite logits as an error anyway).
+
+    Two plain reductions (the maximum, then the lowest id that reaches it) rather than
+    ``jnp.argmax``: XLA:CPU's variadic argmax reduction took 189 us at V 32000 against 74 us
+    (B 1) and 610 us against 162 us (B 8), 4-5% of a decode step.
+    """
+    top = jnp.max(logits, axis=-1, keepdims=True)  # [B, 1]
+    ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)  # [B, V]
+    first = jnp.min(jnp.where(logits == top, ids, logits.shape[-1]), axis=-1)  # [B]
+    return jnp.where(first < logits.shape[-1], first, 0).astype(jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

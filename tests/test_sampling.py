@@ -72,6 +72,20 @@ def test_greedy_ties_break_to_lowest_id():
     assert greedy(logits).dtype == jnp.int32
 
 
+def test_greedy_infinities_and_nan_stay_in_range():
+    inf, nan = jnp.inf, jnp.nan
+    logits = jnp.array(
+        [[-inf, -inf, -inf], [1.0, inf, inf], [-inf, 2.0, -inf], [nan, 1.0, nan], [1.0, nan, 3.0]]
+    )
+    assert greedy(logits).tolist() == [0, 1, 1, 0, 0]
+
+
+def test_greedy_equals_numpy_argmax_on_random_rows():
+    logits = jax.random.normal(jax.random.key(3), (16, 32000))
+    logits = logits.at[5, 7].set(logits[5].max()).at[5, 9].set(logits[5].max() + 1.0)
+    np.testing.assert_array_equal(greedy(logits), np.argmax(np.asarray(logits), axis=-1))
+
+
 def test_temperature_zero_is_greedy_and_ignores_key():
     logits = jax.random.normal(jax.random.key(1), (6, 50))
     expected = np.argmax(np.asarray(logits), axis=-1)

@@ -16,6 +16,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from grok import sampling
+
 # The most alternatives a response may report per token (OpenAI's completions API allows 5).
 TOP_LOGPROBS = 5
 
@@ -130,7 +132,7 @@ def sample_rows(
     logprobs = jax.nn.log_softmax(logits, axis=-1)  # [B, V]
     top_logprobs, top_ids = jax.lax.top_k(logprobs, TOP_LOGPROBS)  # [B, R]
     scores = penalized(logits, counts, settings)  # [B, V]
-    greedy = jnp.argmax(scores, axis=-1).astype(jnp.int32)  # [B], first maximum
+    greedy = sampling.greedy(scores)  # [B], first maximum
 
     def draw(scores):
         values, ids, sorted_ = _filtered(scores, settings)
