@@ -563,3 +563,26 @@ def test_grouped_matvec_rejects_mismatches():
         native.grouped_matvec(jnp.ones((4, 7), jnp.float32), w, jnp.ones((3,), jnp.int32))
     with pytest.raises(ValueError, match="x is bfloat16 and w float32"):
         native.grouped_matvec(x.astype(jnp.bfloat16), w, jnp.ones((3,), jnp.int32))
+
+
+# The packed-panel path (64 rows and more in one product): row blocks of 12 with a tail,
+# chunks of 256 rows, several input panels (128 float32 / 256 bfloat16 inputs each) with an odd
+# last input, and a last panel of fewer than 32 outputs.
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("rows", "o", "i"), [(64, 32, 256), (130, 130, 1031), (300, 45, 100)])
+def test_matvec_panel_path_matches_float64(dtype, rows, o, i):
+    rng = np.random.default_rng(9)
+    x, w = _random(rng, (rows, i), dtype), _random(rng, (2, o, i), dtype)
+    got = jax.jit(lambda x, w: native.matvec(x, w, (1,)))(x, w)
+    assert _rel_err(got, _f64(x) @ _f64(w)[1].T) <= RTOL
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grouped_matvec_panel_path_matches_float64(dtype):
+    rng = np.random.default_rng(10)
+    sizes = np.array([70, 0, 90, 5])  # two groups on the panel path, one on the row kernels
+    x, w = _random(rng, (sizes.sum(), 77), dtype), _random(rng, (4, 40, 77), dtype)
+    got = native.grouped_matvec(x, w, jnp.asarray(sizes, jnp.int32))
+    assert _rel_err(got, _grouped_reference(x, w, sizes)) <= RTOL

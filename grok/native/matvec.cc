@@ -19,6 +19,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -154,16 +155,40 @@ inline void masks(int64_t on, __mmask16& m0, __mmask16& m1) {
   m1 = on >= 32 ? __mmask16(0xFFFF) : on > 16 ? __mmask16((1u << (on - 16)) - 1) : __mmask16(0);
 }
 
+// A row block's accumulators: 2 vectors (kPanelOut outputs) per row, the first `on` valid;
+// zero on the first panel of inputs, else the partial sums so far in y.
 template <int RB>
-void panel_rows_f32(const float* x, int64_t I, const float* P, int64_t kn, float* y, int64_t O,
-                    int64_t on, bool first) {
+inline void load_acc(__m512 (&acc)[RB][2], const float* y, int64_t O, int64_t on, bool first) {
   __mmask16 m0, m1;
   masks(on, m0, m1);
-  __m512 acc[RB][2];
   for (int r = 0; r < RB; ++r) {
     acc[r][0] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m0, y + r * O);
     acc[r][1] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m1, y + r * O + 16);
   }
+}
+
+template <int RB>
+inline void store_acc(const __m512 (&acc)[RB][2], float* y, int64_t O, int64_t on) {
+  __mmask16 m0, m1;
+  masks(on, m0, m1);
+  for (int r = 0; r < RB; ++r) {
+    _mm512_mask_storeu_ps(y + r * O, m0, acc[r][0]);
+    _mm512_mask_storeu_ps(y + r * O + 16, m1, acc[r][1]);
+  }
+}
+
+// Offsets of 16 consecutive rows `stride` apart, for the gathers that pack a panel.
+inline __m512i row_offsets(int64_t stride) {
+  return _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(int32_t(stride)));
+}
+
+template <int RB>
+void panel_rows_f32(const float* x, int64_t I, const float* P, int64_t kn, float* y, int64_t O,
+                    int64_t on, bool first) {
+  __m512 acc[RB][2];
+  load_acc<RB>(acc, y, O, on, first);
   for (int64_t k = 0; k < kn; ++k) {
     const __m512 w0 = _mm512_load_ps(P + k * kPanelOut);
     const __m512 w1 = _mm512_load_ps(P + k * kPanelOut + 16);
@@ -173,71 +198,48 @@ void panel_rows_f32(const float* x, int64_t I, const float* P, int64_t kn, float
       acc[r][1] = _mm512_fmadd_ps(w1, xb, acc[r][1]);
     }
   }
-  for (int r = 0; r < RB; ++r) {
-    _mm512_mask_storeu_ps(y + r * O, m0, acc[r][0]);
-    _mm512_mask_storeu_ps(y + r * O + 16, m1, acc[r][1]);
+  store_acc<RB>(acc, y, O, on);
+}
+
+// Packs the panel of outputs [ob, ob + on) x inputs [k0, k0 + kn) of w [O, I] into P, with
+// gathers: one 64-byte row of P holds 16 outputs' weights at one input.
+void pack_f32(const float* w, int64_t I, int64_t ob, int64_t on, int64_t k0, int64_t kn,
+              float* P) {
+  __mmask16 m0, m1;
+  masks(on, m0, m1);
+  const __m512i rows = row_offsets(I);
+  const float* base0 = w + ob * I + k0;
+  const float* base1 = w + (ob + 16) * I + k0;
+  for (int64_t k = 0; k < kn; ++k) {
+    _mm512_store_ps(P + k * kPanelOut,
+                    _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m0, rows, base0 + k, 4));
+    _mm512_store_ps(P + k * kPanelOut + 16,
+                    _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m1, rows, base1 + k, 4));
   }
 }
 
-template <typename PanelRows>
-void for_row_blocks(int64_t R, PanelRows fn) {
-  int64_t r0 = 0;
-  for (; r0 + kRowBlock <= R; r0 += kRowBlock) fn(r0, kRowBlock);
-  if (r0 < R) fn(r0, R - r0);
-}
-
-void gemm_f32_chunk(const float* x, const float* w, float* y, int64_t R, int64_t I, int64_t O,
-              int64_t o0, int64_t o1) {
-  thread_local std::vector<float, std::allocator<float>> storage;
-  storage.resize(kPanelInF32 * kPanelOut + 16);
-  float* P = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t(63));
-  using Fn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, bool);
-  static const Fn fns[kRowBlock + 1] = {
-      nullptr, panel_rows_f32<1>, panel_rows_f32<2>, panel_rows_f32<3>, panel_rows_f32<4>,
-      panel_rows_f32<5>, panel_rows_f32<6>, panel_rows_f32<7>, panel_rows_f32<8>,
-      panel_rows_f32<9>, panel_rows_f32<10>, panel_rows_f32<11>, panel_rows_f32<12>};
-  for (int64_t ob = o0; ob < o1; ob += kPanelOut) {
-    const int64_t on = std::min<int64_t>(kPanelOut, o1 - ob);
-    for (int64_t k0 = 0; k0 < I; k0 += kPanelInF32) {
-      const int64_t kn = std::min<int64_t>(kPanelInF32, I - k0);
-      // Packed with gathers: one load of 16 outputs' weights at one input.
-      __mmask16 m0, m1;
-      masks(on, m0, m1);
-      const __m512i rows0 = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,
-                                                                 11, 12, 13, 14, 15),
-                                               _mm512_set1_epi32(int32_t(I)));
-      const float* base0 = w + ob * I + k0;
-      const float* base1 = w + (ob + 16) * I + k0;
-      for (int64_t k = 0; k < kn; ++k) {
-        _mm512_store_ps(P + k * kPanelOut,
-                        _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m0, rows0, base0 + k, 4));
-        _mm512_store_ps(P + k * kPanelOut + 16,
-                        _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m1, rows0, base1 + k, 4));
-      }
-      for_row_blocks(R, [&](int64_t r0, int64_t rn) {
-        fns[rn](x + r0 * I + k0, I, P, kn, y + r0 * O + ob, O, on, k0 == 0);
-      });
-    }
+struct PanelF32 {
+  using Elem = float;
+  using Packed = float;
+  static constexpr int64_t kIn = kPanelInF32;
+  static constexpr int64_t kPackedRows = kIn;
+  static void pack(const float* w, int64_t I, int64_t ob, int64_t on, int64_t k0, int64_t kn,
+                   float* P) {
+    pack_f32(w, I, ob, on, k0, kn, P);
   }
-}
-
-void gemm_f32(const float* x, const float* w, float* y, int64_t R, int64_t I, int64_t O,
-              int64_t o0, int64_t o1) {
-  for (int64_t r0 = 0; r0 < R; r0 += kRowChunk)
-    gemm_f32_chunk(x + r0 * I, w, y + r0 * O, std::min(kRowChunk, R - r0), I, O, o0, o1);
-}
+  template <int RB>
+  static void rows(const float* x, int64_t I, const float* P, int64_t kn, float* y, int64_t O,
+                   int64_t on, bool first) {
+    panel_rows_f32<RB>(x, I, P, kn, y, O, on, first);
+  }
+};
 
 #if defined(__AVX512BF16__)
 template <int RB>
 void panel_rows_bf16(const uint16_t* x, int64_t I, const uint32_t* P, int64_t kn, float* y,
                      int64_t O, int64_t on, bool first) {
-  __mmask16 m0, m1;
-  masks(on, m0, m1);
   __m512 acc[RB][2];
-  for (int r = 0; r < RB; ++r) {
-    acc[r][0] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m0, y + r * O);
-    acc[r][1] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m1, y + r * O + 16);
-  }
+  load_acc<RB>(acc, y, O, on, first);
   const int64_t pairs = kn / 2;
   for (int64_t p = 0; p < pairs; ++p) {
     const __m512i w0 = _mm512_load_si512(P + p * kPanelOut);
@@ -259,62 +261,87 @@ void panel_rows_bf16(const uint16_t* x, int64_t I, const uint32_t* P, int64_t kn
       acc[r][1] = _mm512_dpbf16_ps(acc[r][1], (__m512bh)w1, (__m512bh)xb);
     }
   }
-  for (int r = 0; r < RB; ++r) {
-    _mm512_mask_storeu_ps(y + r * O, m0, acc[r][0]);
-    _mm512_mask_storeu_ps(y + r * O + 16, m1, acc[r][1]);
+  store_acc<RB>(acc, y, O, on);
+}
+
+// The bfloat16 panel: one 64-byte row of P holds 16 outputs' weight pairs at one input pair
+// (byte offsets, so an odd I works: the pairs need not be 4-byte aligned); an odd last input
+// is read alone, as 16 bits (its pair would pass the row).
+void pack_bf16(const uint16_t* w, int64_t I, int64_t ob, int64_t on, int64_t k0, int64_t kn,
+               uint32_t* P) {
+  __mmask16 m0, m1;
+  masks(on, m0, m1);
+  const __m512i rows = row_offsets(2 * I);  // in bytes
+  const char* base0 = reinterpret_cast<const char*>(w + ob * I + k0);
+  const char* base1 = reinterpret_cast<const char*>(w + (ob + 16) * I + k0);
+  for (int64_t p = 0; p < kn / 2; ++p) {
+    _mm512_store_si512(P + p * kPanelOut, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m0,
+                                                                      rows, base0 + 4 * p, 1));
+    _mm512_store_si512(P + p * kPanelOut + 16, _mm512_mask_i32gather_epi32(
+                                                   _mm512_setzero_si512(), m1, rows,
+                                                   base1 + 4 * p, 1));
+  }
+  if (kn & 1) {
+    const int64_t last = kn / 2;
+    for (int64_t o = 0; o < kPanelOut; ++o)
+      P[last * kPanelOut + o] = o < on ? w[(ob + o) * I + k0 + kn - 1] : 0;
   }
 }
 
-void gemm_bf16_chunk(const uint16_t* x, const uint16_t* w, float* y, int64_t R, int64_t I, int64_t O,
-               int64_t o0, int64_t o1) {
-  thread_local std::vector<uint32_t> storage;
-  storage.resize(kPanelInBf16 / 2 * kPanelOut + 16);
-  uint32_t* P = reinterpret_cast<uint32_t*>(
-      (reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t(63));
-  using Fn = void (*)(const uint16_t*, int64_t, const uint32_t*, int64_t, float*, int64_t, int64_t,
+struct PanelBf16 {
+  using Elem = uint16_t;
+  using Packed = uint32_t;
+  static constexpr int64_t kIn = kPanelInBf16;
+  static constexpr int64_t kPackedRows = kIn / 2;
+  static void pack(const uint16_t* w, int64_t I, int64_t ob, int64_t on, int64_t k0, int64_t kn,
+                   uint32_t* P) {
+    pack_bf16(w, I, ob, on, k0, kn, P);
+  }
+  template <int RB>
+  static void rows(const uint16_t* x, int64_t I, const uint32_t* P, int64_t kn, float* y,
+                   int64_t O, int64_t on, bool first) {
+    panel_rows_bf16<RB>(x, I, P, kn, y, O, on, first);
+  }
+};
+#endif  // __AVX512BF16__
+
+// The panel path for one unit (outputs [o0, o1), all R rows): rows in chunks of kRowChunk, and
+// for each chunk, panel by panel, every row block of kRowBlock rows over the packed panel.
+template <typename K, int... RB>
+void gemm_panels(const typename K::Elem* x, const typename K::Elem* w, float* y, int64_t R,
+                 int64_t I, int64_t O, int64_t o0, int64_t o1,
+                 std::integer_sequence<int, RB...>) {
+  using Elem = typename K::Elem;
+  using Packed = typename K::Packed;
+  using Fn = void (*)(const Elem*, int64_t, const Packed*, int64_t, float*, int64_t, int64_t,
                       bool);
-  static const Fn fns[kRowBlock + 1] = {
-      nullptr, panel_rows_bf16<1>, panel_rows_bf16<2>, panel_rows_bf16<3>, panel_rows_bf16<4>,
-      panel_rows_bf16<5>, panel_rows_bf16<6>, panel_rows_bf16<7>, panel_rows_bf16<8>,
-      panel_rows_bf16<9>, panel_rows_bf16<10>, panel_rows_bf16<11>, panel_rows_bf16<12>};
-  for (int64_t ob = o0; ob < o1; ob += kPanelOut) {
-    const int64_t on = std::min<int64_t>(kPanelOut, o1 - ob);
-    for (int64_t k0 = 0; k0 < I; k0 += kPanelInBf16) {
-      const int64_t kn = std::min<int64_t>(kPanelInBf16, I - k0);
-      const int64_t slots = (kn + 1) / 2;
-      // Packed with gathers: one load of 16 outputs' weight pairs at one input pair (byte
-      // offsets, so an odd I works: the pairs need not be 4-byte aligned).
-      __mmask16 m0, m1;
-      masks(on, m0, m1);
-      const __m512i rows0 = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,
-                                                                 11, 12, 13, 14, 15),
-                                               _mm512_set1_epi32(int32_t(2 * I)));
-      const char* base0 = reinterpret_cast<const char*>(w + ob * I + k0);
-      const char* base1 = reinterpret_cast<const char*>(w + (ob + 16) * I + k0);
-      for (int64_t p = 0; p < kn / 2; ++p) {
-        _mm512_store_si512(P + p * kPanelOut,
-                           _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m0, rows0,
-                                                       base0 + 4 * p, 1));
-        _mm512_store_si512(P + p * kPanelOut + 16,
-                           _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m1, rows0,
-                                                       base1 + 4 * p, 1));
+  static const Fn fns[] = {nullptr, K::template rows<RB + 1>...};
+  thread_local std::vector<Packed> storage;
+  storage.resize(K::kPackedRows * kPanelOut + 64 / sizeof(Packed));
+  Packed* P = reinterpret_cast<Packed*>(
+      (reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t(63));  // 64-byte aligned
+  for (int64_t c0 = 0; c0 < R; c0 += kRowChunk) {
+    const int64_t rows = std::min(kRowChunk, R - c0);
+    for (int64_t ob = o0; ob < o1; ob += kPanelOut) {
+      const int64_t on = std::min<int64_t>(kPanelOut, o1 - ob);
+      for (int64_t k0 = 0; k0 < I; k0 += K::kIn) {
+        const int64_t kn = std::min<int64_t>(K::kIn, I - k0);
+        K::pack(w, I, ob, on, k0, kn, P);
+        for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
+          const int64_t rn = std::min<int64_t>(kRowBlock, rows - r0);
+          const int64_t r = c0 + r0;
+          fns[rn](x + r * I + k0, I, P, kn, y + r * O + ob, O, on, k0 == 0);
+        }
       }
-      if (kn & 1) {  // the last input alone, read as 16 bits (its pair would pass the row)
-        for (int64_t o = 0; o < kPanelOut; ++o)
-          P[(slots - 1) * kPanelOut + o] = o < on ? w[(ob + o) * I + k0 + kn - 1] : 0;
-      }
-      for_row_blocks(R, [&](int64_t r0, int64_t rn) {
-        fns[rn](x + r0 * I + k0, I, P, kn, y + r0 * O + ob, O, on, k0 == 0);
-      });
     }
   }
 }
-void gemm_bf16(const uint16_t* x, const uint16_t* w, float* y, int64_t R, int64_t I, int64_t O,
-               int64_t o0, int64_t o1) {
-  for (int64_t r0 = 0; r0 < R; r0 += kRowChunk)
-    gemm_bf16_chunk(x + r0 * I, w, y + r0 * O, std::min(kRowChunk, R - r0), I, O, o0, o1);
+
+template <typename K>
+void gemm(const typename K::Elem* x, const typename K::Elem* w, float* y, int64_t R, int64_t I,
+          int64_t O, int64_t o0, int64_t o1) {
+  gemm_panels<K>(x, w, y, R, I, O, o0, o1, std::make_integer_sequence<int, kRowBlock>());
 }
-#endif  // __AVX512BF16__
 
 template <typename T>
 using GemmFn = void (*)(const T*, const T*, float*, int64_t, int64_t, int64_t, int64_t, int64_t);
@@ -453,21 +480,22 @@ ffi::Error dispatch(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::AnyBuffer w, f
   auto build = [&](auto* xp, auto* wp) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
     std::vector<Job<T>> jobs;
-    for (const Part& p : parts) jobs.push_back({xp + p.row * I, wp + p.w_elem, y + p.row * O, p.rows});
+    for (const Part& p : parts)
+      jobs.push_back({xp + p.row * I, wp + p.w_elem, y + p.row * O, p.rows});
     return jobs;
   };
   switch (w.element_type()) {
     case ffi::DataType::F32:
       run<float>(pool, build(static_cast<const float*>(x.untyped_data()),
                              static_cast<const float*>(w.untyped_data())),
-                 I, O, pick_f32, gemm_f32);
+                 I, O, pick_f32, gemm<PanelF32>);
       return ffi::Error::Success();
 #if defined(__AVX512BF16__)
     case ffi::DataType::BF16:
     case ffi::DataType::U16:  // bfloat16 bits (grok.layers.as_bits)
       run<uint16_t>(pool, build(static_cast<const uint16_t*>(x.untyped_data()),
                                 static_cast<const uint16_t*>(w.untyped_data())),
-                    I, O, pick_bf16, gemm_bf16);
+                    I, O, pick_bf16, gemm<PanelBf16>);
       return ffi::Error::Success();
 #endif
     default:
