@@ -12,6 +12,7 @@ Glossary: B batch, T query positions, S cache slots, D model width, V vocab, L l
 
 from __future__ import annotations
 
+import contextvars
 import functools
 from collections.abc import Callable
 from typing import NamedTuple
@@ -254,9 +255,19 @@ def _take_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
     return from_bits(jnp.concatenate(rows).reshape(*ids.shape, table.shape[1]), table.dtype)
 
 
+# The stored dtype of each per-layer parameter ("layer/moe/router": bfloat16), by its name
+# inside the layer stack, while ``forward_fns``' apply traces the stacked loop.
+_STORED_DTYPES: contextvars.ContextVar[dict[str, jnp.dtype] | None] = contextvars.ContextVar(
+    "grok_stored_dtypes", default=None
+)
+
+
 def _from_bits(next_getter, value, context):
-    """Haiku getter: a uint16 view back to the dtype the layer asked for."""
-    return from_bits(next_getter(value), context.original_dtype)
+    """Haiku getter: a uint16 view back to the parameter's stored dtype (the dtype the layer
+    asked for when it is not known: a bf16 router asked for as float32 is bf16 bits, not
+    integers)."""
+    stored = (_STORED_DTYPES.get() or {}).get(context.full_name, context.original_dtype)
+    return from_bits(next_getter(value), stored)
 
 
 class ForwardFns(NamedTuple):
@@ -303,7 +314,17 @@ def forward_fns(
 
     def apply(params, *args, **kwargs):
         if not use_native():
-            return t.apply(_as_bits(params), *args, **kwargs)
+            stored = {
+                f"{m[len(LAYERS_SCOPE) :]}/{n}": x.dtype
+                for m, leaves in params.items()
+                if m.startswith(LAYERS_SCOPE)
+                for n, x in leaves.items()
+            }
+            token = _STORED_DTYPES.set(stored)
+            try:
+                return t.apply(_as_bits(params), *args, **kwargs)
+            finally:
+                _STORED_DTYPES.reset(token)
         outer = {m: leaves for m, leaves in params.items() if not m.startswith(LAYERS_SCOPE)}
         views = {
             m[len(LAYERS_SCOPE) :]: {n: stacked(x) for n, x in leaves.items()}

@@ -586,3 +586,26 @@ def test_grouped_matvec_panel_path_matches_float64(dtype):
     x, w = _random(rng, (sizes.sum(), 77), dtype), _random(rng, (4, 40, 77), dtype)
     got = native.grouped_matvec(x, w, jnp.asarray(sizes, jnp.int32))
     assert _rel_err(got, _grouped_reference(x, w, sizes)) <= RTOL
+
+
+def test_router_stored_in_bfloat16_reads_the_same_both_ways():
+    """A tree cast whole to bf16 (router included, which the layers ask for as float32): the
+    stacked loop once read the router's uint16 view as integers; both loops must now agree
+    with each other and with the float32 model on the same rounded values."""
+    cfg = TINY_GROK2
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), random_params(cfg, seed=4))
+    upcast = jax.tree.map(lambda a: a.astype(jnp.float32), params)
+    rope = rope_table(cfg, 16)
+    tokens = jnp.asarray([[3, 4, 5]], jnp.int32)
+    positions = jnp.arange(3, dtype=jnp.int32)[None]
+    lengths = jnp.asarray([3], jnp.int32)
+
+    def logits(dtype, tree, on):
+        apply = forward_fns(cfg, jnp.dtype(dtype), native_kernels_on=on).apply
+        return np.asarray(apply(tree, tokens, positions, rope, None, lengths)[0], np.float64)
+
+    want = logits(jnp.float32, upcast, False)
+    xla = logits(jnp.bfloat16, params, False)
+    assert _rel_err(xla, want) < 0.05
+    if native.available(jnp.bfloat16):
+        assert _rel_err(logits(jnp.bfloat16, params, True), xla) < 1e-3
