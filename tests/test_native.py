@@ -296,6 +296,24 @@ def test_project_uses_kernel_up_to_max_rows(rows):
         assert (native.TARGET in text) == (on and rows <= native.MAX_ROWS)
 
 
+@needs_bf16
+@pytest.mark.parametrize("rows", [12, 80])
+def test_project_bfloat16_view_uses_kernel_at_any_rows(rows):
+    """A bf16 view goes through the kernel at prefill sizes too (float32 stays with XLA's GEMM
+    above ``MAX_ROWS``, the test above): the einsum's values, rounded to bf16."""
+    rng = np.random.default_rng(rows)
+    x = _random(rng, (rows // 2, 2, 40), jnp.bfloat16)  # [B, T, D]
+    w = _random(rng, (3, 33, 40), jnp.bfloat16)  # [L, V, D]
+
+    def f(x, w, layer):
+        with native_kernels(True):
+            return project("BTD,VD->BTV", x, stacked(w)[layer], jnp.float32)
+
+    got = jax.jit(f)(x, w, jnp.int32(1))
+    assert _rel_err(got, np.einsum("btd,vd->btv", _f64(x), _f64(w)[1])) <= RTOL
+    assert native.TARGET in jax.jit(f).lower(x, w, jnp.int32(1)).as_text()
+
+
 # The model, kernel on and off.
 
 BATCH, PROMPT, SLOTS = 2, 5, 8
