@@ -129,8 +129,10 @@ def _load() -> int:
         if "isa" not in _state:
             try:
                 isa, lib, why = _build()
-            except OSError as e:  # an unwritable cache, a library that will not load
-                isa, lib, why = 0, None, str(e)
+            # The kernels are optional: an unwritable cache, a library that will not load, a
+            # jax without ``jax.ffi`` (before 0.4.38) all leave XLA's path, with the reason.
+            except (OSError, AttributeError, RuntimeError, ValueError) as e:
+                isa, lib, why = 0, None, f"{type(e).__name__}: {e}"
             _state.update(isa=isa, lib=lib, why=why)
             if why and os.environ.get(ENV_SWITCH, "1") != "0":
                 warnings.warn(
