@@ -1,11 +1,12 @@
-"""Native CPU kernels, built on first use: ``matvec`` for decode-sized matrix products.
+"""Native CPU kernels, built on first use: ``matvec`` (a matrix inside a stacked weight times
+a few rows, or many) and ``grouped_matvec`` (the MoE's ragged product).
 
 XLA:CPU leaves two gaps on the decode path that no flag closes (``--xla_cpu_use_onednn``,
 ``--xla_cpu_experimental_{onednn,xnn,ynn}_fusion_type=dot`` and ``--xla_cpu_use_xnnpack``
 measured the same, jaxlib 0.10.2): a weight inside a stacked ``[L, ...]`` array is copied out
 before every dot that reads it, and its few-row bfloat16 products run far below the memory
-bandwidth (see ``matvec.cc`` for the figures). ``matvec`` reads the matrix where it lies, at
-the bandwidth, through an XLA FFI custom call.
+bandwidth (see ``matvec.cc`` for the figures). These read the matrices where they lie, at the
+bandwidth, through XLA FFI custom calls.
 
 The kernel is C++ in ``matvec.cc``, compiled once per machine with the system's C++ compiler
 (``$CXX`` or ``c++``, ``-O3 -march=native``) into ``$XDG_CACHE_HOME/grok/native`` (or
