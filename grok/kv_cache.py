@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from grok.config import GrokConfig
+from grok.layers import as_bits, from_bits
 
 
 @jax.tree_util.register_dataclass
@@ -85,9 +86,7 @@ class LayerView:
         """The view with ``k_new``/``v_new`` [B, T, K, H] at slots start[b] .. + T of row b."""
 
         def put(whole: jax.Array, new: jax.Array) -> jax.Array:
-            new = new.astype(self.dtype)
-            if whole.dtype != new.dtype:  # the uint16 bits of a 16-bit float cache
-                new = jax.lax.bitcast_convert_type(new, whole.dtype)
+            new = as_bits(new.astype(self.dtype))  # as the carried cache holds it
 
             # Row by row (B is static and small): a vmap over the batch axis made XLA:CPU
             # transpose the whole cache twice per layer.
@@ -103,9 +102,7 @@ class LayerView:
 
         def take(whole: jax.Array) -> jax.Array:
             part = jax.lax.dynamic_index_in_dim(whole, self.layer, keepdims=False)
-            if part.dtype != self.dtype:
-                part = jax.lax.bitcast_convert_type(part, self.dtype)
-            return part
+            return from_bits(part, self.dtype)
 
         return take(self.k), take(self.v)
 

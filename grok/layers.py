@@ -87,13 +87,10 @@ class Stacked:
 
     def materialize(self) -> jax.Array:
         """The weight itself, sliced out (a copy on XLA:CPU)."""
-        n = len(self.index)
-        if n == 0:
+        if not self.index:
             return from_bits(self.array, self.dtype)
-        starts = [jnp.asarray(i, jnp.int32) for i in self.index] + [0] * self.ndim
         # Sliced as uint16 bits: a bf16 slice made XLA:CPU convert the whole array to float32.
-        part = jax.lax.dynamic_slice(as_bits(self.array), starts, (1,) * n + self.shape)
-        return from_bits(part.reshape(self.shape), self.dtype)
+        return from_bits(native.take(as_bits(self.array), self.index), self.dtype)
 
 
 def stacked(array: jax.Array, dtype: jnp.dtype | None = None) -> Stacked:
@@ -134,6 +131,15 @@ def native_enabled() -> bool:
     return _NATIVE.get()
 
 
+def _kernel_operands(x: jax.Array, w) -> tuple[jax.Array, jax.Array, tuple]:
+    """(x, the array the kernel reads, its leading indices) for a plain weight or a ``Stacked``
+    view; ``x`` as uint16 bits where the weight is (the kernels read bfloat16 bits as such)."""
+    array, index = (w.array, w.index) if isinstance(w, Stacked) else (w, ())
+    if array.dtype == jnp.uint16:
+        x = as_bits(x)
+    return x, array, index
+
+
 def native_grouped(x: jax.Array, w, sizes: jax.Array) -> jax.Array | None:
     """Rows ``x`` [A, I] sorted by group times their group's matrix of ``w`` [G, O, I] (an
     array or a ``Stacked`` view): [A, O] float32 by ``grok.native.grouped_matvec``, or None
@@ -146,9 +152,7 @@ def native_grouped(x: jax.Array, w, sizes: jax.Array) -> jax.Array | None:
         or not native.available(x.dtype)
     ):
         return None
-    array, index = (w.array, w.index) if isinstance(w, Stacked) else (w, ())
-    if array.dtype == jnp.uint16:
-        x = as_bits(x)
+    x, array, index = _kernel_operands(x, w)
     return native.grouped_matvec(x, array, sizes, index)
 
 
@@ -175,9 +179,7 @@ def _native_product(equation: str, x: jax.Array, w) -> jax.Array | None:
         or not native.available(x.dtype)
     ):
         return None
-    array, index = (w.array, w.index) if isinstance(w, Stacked) else (w, ())
-    if array.dtype == jnp.uint16:  # the kernel reads bfloat16 bits as such
-        x = as_bits(x)
+    x, array, index = _kernel_operands(x, w)
     y = native.matvec(x.reshape(rows, x.shape[-1]), array, index)  # [rows, O]
     return y.reshape(*x.shape[:-1], w.shape[0])
 

@@ -163,11 +163,21 @@ def _call(x: jax.Array, w: jax.Array, index: jax.Array) -> jax.Array:
     return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(x, w, index)
 
 
-def _take(w: jax.Array, index: jax.Array) -> jax.Array:
-    """``w[index[0], index[1], ...]`` (clamped into range as the kernels do)."""
+def take(w: jax.Array, index) -> jax.Array:
+    """``w[index]``: the leading axes of ``w`` picked by int32 scalars (a tuple, or an [n]
+    array), taken as ``lax.dynamic_slice`` and the kernels take them (a negative index counts
+    from the end, then it is clamped into range)."""
+    lead = len(index)
+    starts = [jnp.asarray(index[k], jnp.int32) for k in range(lead)] + [0] * (w.ndim - lead)
+    return jax.lax.dynamic_slice(w, starts, (1,) * lead + w.shape[lead:]).reshape(w.shape[lead:])
+
+
+def _put_zeros(w: jax.Array, index: jax.Array, part: jax.Array) -> jax.Array:
+    """Zeros shaped like ``w`` with ``part`` at ``w[index]`` (a gradient of ``take``)."""
     lead = index.shape[0]
     starts = [index[k] for k in range(lead)] + [0] * (w.ndim - lead)
-    return jax.lax.dynamic_slice(w, starts, (1,) * lead + w.shape[lead:]).reshape(w.shape[lead:])
+    part = part.reshape((1,) * lead + part.shape)
+    return jax.lax.dynamic_update_slice(jnp.zeros_like(w), part, starts)
 
 
 @jax.custom_vjp
@@ -183,13 +193,10 @@ def _matvec_fwd(x, w, index):
 
 def _matvec_bwd(res, g):  # g [R, O] float32
     x, w, index = res
-    m = _take(w, index)  # [O, I]
+    m = take(w, index)  # [O, I]
     dx = jnp.einsum("RO,OI->RI", g, m.astype(jnp.float32)).astype(x.dtype)
     dm = jnp.einsum("RO,RI->OI", g, x.astype(jnp.float32)).astype(w.dtype)
-    lead = index.shape[0]
-    starts = [index[k] for k in range(lead)] + [0] * (w.ndim - lead)
-    dw = jax.lax.dynamic_update_slice(jnp.zeros_like(w), dm.reshape((1,) * lead + dm.shape), starts)
-    return dx, dw, None
+    return dx, _put_zeros(w, index, dm), None
 
 
 _matvec.defvjp(_matvec_fwd, _matvec_bwd)
@@ -245,8 +252,7 @@ def _grouped_fwd(x, w, index, sizes):
 def _grouped_bwd(res, g):  # g [A, O] float32; a reference-speed gradient (not a decode path)
     x, w, index, sizes = res
     groups = w.shape[-3]
-    lead = index.shape[0]
-    mats = _take(w, index)  # [G, O, I]
+    mats = take(w, index)  # [G, O, I]
     row_group = _group_of_rows(sizes, x.shape[0])  # [A]
     g = jnp.where((row_group < groups)[:, None], g, 0.0)
     row_mats = mats[jnp.minimum(row_group, groups - 1)].astype(jnp.float32)  # [A, O, I]
@@ -254,9 +260,7 @@ def _grouped_bwd(res, g):  # g [A, O] float32; a reference-speed gradient (not a
     dm = jax.ops.segment_sum(
         jnp.einsum("AO,AI->AOI", g, x.astype(jnp.float32)), row_group, num_segments=groups
     ).astype(w.dtype)  # [G, O, I]
-    starts = [index[k] for k in range(lead)] + [0] * (w.ndim - lead)
-    dw = jax.lax.dynamic_update_slice(jnp.zeros_like(w), dm.reshape((1,) * lead + dm.shape), starts)
-    return dx, dw, None, None
+    return dx, _put_zeros(w, index, dm), None, None
 
 
 _grouped.defvjp(_grouped_fwd, _grouped_bwd)
