@@ -502,7 +502,7 @@ ffi::Error dispatch(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::AnyBuffer w, f
       return ffi::Error::InvalidArgument("grok_matvec: no kernel for this dtype");
   }
 #else
-  return ffi::Error::Unimplemented("grok_matvec: built without AVX-512");
+  return ffi::Error::Internal("grok_matvec: built without AVX-512");
 #endif
 }
 
