@@ -218,7 +218,9 @@ void pack_f32(const float* w, int64_t I, int64_t ob, int64_t on, int64_t k0, int
   }
 }
 
-struct PanelF32 {
+// Each dtype's kernels, for the generic code below: the row kernels (`dot`), and the panel
+// path's packing and row blocks.
+struct KernelsF32 {
   using Elem = float;
   using Packed = float;
   static constexpr int64_t kIn = kPanelInF32;
@@ -231,6 +233,11 @@ struct PanelF32 {
   static void rows(const float* x, int64_t I, const float* P, int64_t kn, float* y, int64_t O,
                    int64_t on, bool first) {
     panel_rows_f32<RB>(x, I, P, kn, y, O, on, first);
+  }
+  template <int R, int OB>
+  static void dot(const float* x, const float* w, float* y, int64_t I, int64_t O, int64_t o0,
+                  int64_t o1) {
+    rows_f32<R, OB>(x, w, y, I, O, o0, o1);
   }
 };
 
@@ -288,7 +295,7 @@ void pack_bf16(const uint16_t* w, int64_t I, int64_t ob, int64_t on, int64_t k0,
   }
 }
 
-struct PanelBf16 {
+struct KernelsBf16 {
   using Elem = uint16_t;
   using Packed = uint32_t;
   static constexpr int64_t kIn = kPanelInBf16;
@@ -301,6 +308,11 @@ struct PanelBf16 {
   static void rows(const uint16_t* x, int64_t I, const uint32_t* P, int64_t kn, float* y,
                    int64_t O, int64_t on, bool first) {
     panel_rows_bf16<RB>(x, I, P, kn, y, O, on, first);
+  }
+  template <int R, int OB>
+  static void dot(const uint16_t* x, const uint16_t* w, float* y, int64_t I, int64_t O,
+                  int64_t o0, int64_t o1) {
+    rows_bf16<R, OB>(x, w, y, I, O, o0, o1);
   }
 };
 #endif  // __AVX512BF16__
@@ -343,38 +355,21 @@ void gemm(const typename K::Elem* x, const typename K::Elem* w, float* y, int64_
   gemm_panels<K>(x, w, y, R, I, O, o0, o1, std::make_integer_sequence<int, kRowBlock>());
 }
 
-template <typename T>
-using GemmFn = void (*)(const T*, const T*, float*, int64_t, int64_t, int64_t, int64_t, int64_t);
-
 // Output rows per block: 4 for up to 4 activation rows, 2 above (16 accumulators at most,
 // within the 32 vector registers with the loads).
-RowsFn<float> pick_f32(int64_t r) {
+template <typename K>
+RowsFn<typename K::Elem> pick_rows(int64_t r) {
   switch (r) {
-    case 1: return rows_f32<1, 4>;
-    case 2: return rows_f32<2, 4>;
-    case 3: return rows_f32<3, 4>;
-    case 4: return rows_f32<4, 4>;
-    case 5: return rows_f32<5, 2>;
-    case 6: return rows_f32<6, 2>;
-    case 7: return rows_f32<7, 2>;
-    default: return rows_f32<8, 2>;
+    case 1: return K::template dot<1, 4>;
+    case 2: return K::template dot<2, 4>;
+    case 3: return K::template dot<3, 4>;
+    case 4: return K::template dot<4, 4>;
+    case 5: return K::template dot<5, 2>;
+    case 6: return K::template dot<6, 2>;
+    case 7: return K::template dot<7, 2>;
+    default: return K::template dot<8, 2>;
   }
 }
-
-#if defined(__AVX512BF16__)
-RowsFn<uint16_t> pick_bf16(int64_t r) {
-  switch (r) {
-    case 1: return rows_bf16<1, 4>;
-    case 2: return rows_bf16<2, 4>;
-    case 3: return rows_bf16<3, 4>;
-    case 4: return rows_bf16<4, 4>;
-    case 5: return rows_bf16<5, 2>;
-    case 6: return rows_bf16<6, 2>;
-    case 7: return rows_bf16<7, 2>;
-    default: return rows_bf16<8, 2>;
-  }
-}
-#endif
 
 // One product of the call: `rows` rows of x (row stride I) times the matrix at w, into y (row
 // stride O).
@@ -395,9 +390,9 @@ struct Units {
   int64_t count = 0;
 };
 
-template <typename T>
-void run(ffi::ThreadPool& pool, std::vector<Job<T>> jobs, int64_t I, int64_t O,
-         RowsFn<T> (*pick)(int64_t), GemmFn<T> gemm) {
+template <typename K>
+void run(ffi::ThreadPool& pool, std::vector<Job<typename K::Elem>> jobs, int64_t I, int64_t O) {
+  using T = typename K::Elem;
   if (jobs.empty()) return;
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const int64_t n_jobs = jobs.size();
@@ -416,20 +411,20 @@ void run(ffi::ThreadPool& pool, std::vector<Job<T>> jobs, int64_t I, int64_t O,
   auto state = std::make_shared<Units>();
   state->count = per_job * n_jobs;
   auto shared_jobs = std::make_shared<std::vector<Job<T>>>(std::move(jobs));
-  auto work = [state, shared_jobs, I, O, chunk, per_job, pick, gemm]() {
+  auto work = [state, shared_jobs, I, O, chunk, per_job]() {
     for (;;) {
       const int64_t u = state->next.fetch_add(1);
       if (u >= state->count) return;
       const Job<T>& job = (*shared_jobs)[u / per_job];
       const int64_t o0 = (u % per_job) * chunk, o1 = std::min(O, o0 + chunk);
       if (job.rows >= kGemmRows) {
-        gemm(job.x, job.w, job.y, job.rows, I, O, o0, o1);
+        gemm<K>(job.x, job.w, job.y, job.rows, I, O, o0, o1);
         state->done.fetch_add(1);
         continue;
       }
       for (int64_t r0 = 0; r0 < job.rows; r0 += kMaxRows) {
         const int64_t rows = std::min<int64_t>(kMaxRows, job.rows - r0);
-        pick(rows)(job.x + r0 * I, job.w, job.y + r0 * O, I, O, o0, o1);
+        pick_rows<K>(rows)(job.x + r0 * I, job.w, job.y + r0 * O, I, O, o0, o1);
       }
       state->done.fetch_add(1);
     }
@@ -486,16 +481,16 @@ ffi::Error dispatch(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::AnyBuffer w, f
   };
   switch (w.element_type()) {
     case ffi::DataType::F32:
-      run<float>(pool, build(static_cast<const float*>(x.untyped_data()),
-                             static_cast<const float*>(w.untyped_data())),
-                 I, O, pick_f32, gemm<PanelF32>);
+      run<KernelsF32>(pool, build(static_cast<const float*>(x.untyped_data()),
+                                  static_cast<const float*>(w.untyped_data())),
+                      I, O);
       return ffi::Error::Success();
 #if defined(__AVX512BF16__)
     case ffi::DataType::BF16:
     case ffi::DataType::U16:  // bfloat16 bits (grok.layers.as_bits)
-      run<uint16_t>(pool, build(static_cast<const uint16_t*>(x.untyped_data()),
-                                static_cast<const uint16_t*>(w.untyped_data())),
-                    I, O, pick_bf16, gemm<PanelBf16>);
+      run<KernelsBf16>(pool, build(static_cast<const uint16_t*>(x.untyped_data()),
+                                   static_cast<const uint16_t*>(w.untyped_data())),
+                       I, O);
       return ffi::Error::Success();
 #endif
     default:
