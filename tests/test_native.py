@@ -627,3 +627,22 @@ def test_router_stored_in_bfloat16_reads_the_same_both_ways():
     assert _rel_err(xla, want) < 0.05
     if native.available(jnp.bfloat16):
         assert _rel_err(logits(jnp.bfloat16, params, True), xla) < 1e-3
+
+
+def test_bench_kernels_script_reports_both_engines(capsys):
+    """``scripts/bench_kernels.py`` on a tiny weight: one line per dtype and row count, with a
+    positive rate for XLA and, where the kernels exist, for them."""
+    import importlib.util
+
+    path = REPO / "scripts" / "bench_kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--out", "40", "--in", "36", "--rows", "1", "3", "--repeats", "2"])
+    lines = capsys.readouterr().out.strip().splitlines()[1:]
+    assert len(lines) == 4
+    for line in lines:
+        xla = float(line.split("XLA")[1].split(",")[0])
+        assert xla > 0
+        if native.available(jnp.bfloat16):
+            assert float(line.split("native")[1]) > 0
