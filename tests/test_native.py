@@ -536,7 +536,7 @@ def _grouped_reference(x, w, sizes) -> np.ndarray:
     [
         (1, 0, 1, 0),  # batch-1 decode: two experts of one row
         (3, 0, 9, 2),  # decode batch: few rows per group
-        (20, 0, 33, 10),  # prefill: the panel path (16 rows and more) beside the row path
+        (20, 0, 33, 10),  # more than 8 rows per group: several passes of the row kernels
         (2, 0, 0, 1),  # fewer rows than x has: the rest come out 0
     ],
 )
@@ -584,8 +584,9 @@ def test_grouped_matvec_rejects_mismatches():
 
 
 # The packed-panel path (64 rows and more in one product): row blocks of 12 with a tail,
-# chunks of 256 rows, several input panels (128 float32 / 256 bfloat16 inputs each) with an odd
-# last input, and a last panel of fewer than 32 outputs.
+# chunks of 256 rows, several input panels (128 float32 / 256 bfloat16 inputs each, packed by
+# 16 x 16 transposes with masked tails) with an odd last input, and a last panel of fewer than
+# 32 outputs (fewer than 16 too: 45 = 32 + 13).
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

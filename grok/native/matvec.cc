@@ -143,9 +143,11 @@ constexpr int kPanelOut = 32;   // two vectors of outputs
 constexpr int kPanelInF32 = 128;
 constexpr int kPanelInBf16 = 256;
 constexpr int kRowBlock = 12;   // rows per register block: 24 accumulators
-// From this many rows of a product on, the panel path; below it the row kernels, which
-// measured faster up to 32 rows (641-718 against 395-467 GFLOPS, bf16, D 512, Fe 1024) and
-// slower from 128 (573 against 727).
+// From this many rows of a product on, the panel path; below it the row kernels, which stream
+// weights from memory with prefetches (and keep a unit's slice in L2 for their later passes).
+// With the weights in cache the panels win from 16 rows (bf16 D 512 x Fe 1024, one thread: 394
+// against 248 GFLOPS at 32 rows), but a prefill reads every layer's weights from memory, and
+// there, 8 experts x 32 rows, two threads, the row kernels took 0.48 ms against 0.66.
 constexpr int64_t kGemmRows = 64;
 // Rows per pass over the packed panels: the rows' inputs stay in L2 while the panels change.
 constexpr int64_t kRowChunk = 256;
@@ -177,11 +179,50 @@ inline void store_acc(const __m512 (&acc)[RB][2], float* y, int64_t O, int64_t o
   }
 }
 
-// Offsets of 16 consecutive rows `stride` apart, for the gathers that pack a panel.
-inline __m512i row_offsets(int64_t stride) {
-  return _mm512_mullo_epi32(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-      _mm512_set1_epi32(int32_t(stride)));
+// 16 x 16 transpose of 32-bit elements, in registers: row i in r[i], column c out in r[c].
+inline void transpose16(__m512i (&r)[16]) {
+  __m512i a[16], b[16];
+  for (int i = 0; i < 8; ++i) {  // 2 x 2 blocks within each 128-bit lane
+    a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // b[4i + c], lane L: rows 4i..4i+3 at column 4L + c
+    b[4 * i + 0] = _mm512_unpacklo_epi64(a[4 * i + 0], a[4 * i + 2]);
+    b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i + 0], a[4 * i + 2]);
+    b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+    b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {  // a 4 x 4 transpose of 128-bit lanes
+    const __m512i s0 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x44);
+    const __m512i s1 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xEE);
+    const __m512i s2 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x44);
+    const __m512i s3 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xEE);
+    r[c] = _mm512_shuffle_i32x4(s0, s2, 0x88);
+    r[4 + c] = _mm512_shuffle_i32x4(s0, s2, 0xDD);
+    r[8 + c] = _mm512_shuffle_i32x4(s1, s3, 0x88);
+    r[12 + c] = _mm512_shuffle_i32x4(s1, s3, 0xDD);
+  }
+}
+
+// Packs a panel: P[u * kPanelOut + o] = the 32-bit unit u (a float32, or a bfloat16 pair) of
+// row o, rows `row_bytes` apart from w, for o < on (0 above) and u < units. Through 16 x 16
+// register transposes: 5-11x faster than one gather per 16 units (W [32, 512] and [32, 8192],
+// bf16), which had cost more than the products themselves for 32 rows.
+void pack_units(const char* w, int64_t row_bytes, int64_t on, int64_t units, uint32_t* P) {
+  for (int h = 0; h < kPanelOut / 16; ++h) {
+    for (int64_t u0 = 0; u0 < units; u0 += 16) {
+      const int64_t un = std::min<int64_t>(16, units - u0);
+      const __mmask16 m = un >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << un) - 1);
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) {
+        const int64_t o = 16 * h + i;  // masked loads: nothing past the row's units is read
+        r[i] = o < on ? _mm512_maskz_loadu_epi32(m, w + o * row_bytes + 4 * u0)
+                      : _mm512_setzero_si512();
+      }
+      transpose16(r);
+      for (int64_t c = 0; c < un; ++c) _mm512_store_si512(P + (u0 + c) * kPanelOut + 16 * h, r[c]);
+    }
+  }
 }
 
 template <int RB>
@@ -201,21 +242,12 @@ void panel_rows_f32(const float* x, int64_t I, const float* P, int64_t kn, float
   store_acc<RB>(acc, y, O, on);
 }
 
-// Packs the panel of outputs [ob, ob + on) x inputs [k0, k0 + kn) of w [O, I] into P, with
-// gathers: one 64-byte row of P holds 16 outputs' weights at one input.
+// Packs the panel of outputs [ob, ob + on) x inputs [k0, k0 + kn) of w [O, I] into P: one
+// 64-byte row of P holds 16 outputs' weights at one input.
 void pack_f32(const float* w, int64_t I, int64_t ob, int64_t on, int64_t k0, int64_t kn,
               float* P) {
-  __mmask16 m0, m1;
-  masks(on, m0, m1);
-  const __m512i rows = row_offsets(I);
-  const float* base0 = w + ob * I + k0;
-  const float* base1 = w + (ob + 16) * I + k0;
-  for (int64_t k = 0; k < kn; ++k) {
-    _mm512_store_ps(P + k * kPanelOut,
-                    _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m0, rows, base0 + k, 4));
-    _mm512_store_ps(P + k * kPanelOut + 16,
-                    _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m1, rows, base1 + k, 4));
-  }
+  pack_units(reinterpret_cast<const char*>(w + ob * I + k0), 4 * I, on, kn,
+             reinterpret_cast<uint32_t*>(P));
 }
 
 // Each dtype's kernels, for the generic code below: the row kernels (`dot`), and the panel
@@ -272,22 +304,11 @@ void panel_rows_bf16(const uint16_t* x, int64_t I, const uint32_t* P, int64_t kn
 }
 
 // The bfloat16 panel: one 64-byte row of P holds 16 outputs' weight pairs at one input pair
-// (byte offsets, so an odd I works: the pairs need not be 4-byte aligned); an odd last input
-// is read alone, as 16 bits (its pair would pass the row).
+// (the pairs need not be 4-byte aligned: an odd I works); an odd last input is read alone, as
+// 16 bits (its pair would pass the row).
 void pack_bf16(const uint16_t* w, int64_t I, int64_t ob, int64_t on, int64_t k0, int64_t kn,
                uint32_t* P) {
-  __mmask16 m0, m1;
-  masks(on, m0, m1);
-  const __m512i rows = row_offsets(2 * I);  // in bytes
-  const char* base0 = reinterpret_cast<const char*>(w + ob * I + k0);
-  const char* base1 = reinterpret_cast<const char*>(w + (ob + 16) * I + k0);
-  for (int64_t p = 0; p < kn / 2; ++p) {
-    _mm512_store_si512(P + p * kPanelOut, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m0,
-                                                                      rows, base0 + 4 * p, 1));
-    _mm512_store_si512(P + p * kPanelOut + 16, _mm512_mask_i32gather_epi32(
-                                                   _mm512_setzero_si512(), m1, rows,
-                                                   base1 + 4 * p, 1));
-  }
+  pack_units(reinterpret_cast<const char*>(w + ob * I + k0), 2 * I, on, kn / 2, P);
   if (kn & 1) {
     const int64_t last = kn / 2;
     for (int64_t o = 0; o < kPanelOut; ++o)
