@@ -10,15 +10,17 @@ the einsums never repeat K/V to N heads.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
 
+from grok import native
 from grok.config import GrokConfig
 from grok.kv_cache import LayerView, write_layer
-from grok.layers import as_bits, dequant, from_bits, get_weight, project, soft_cap
+from grok.layers import as_bits, dequant, from_bits, get_weight, native_enabled, project, soft_cap
 from grok.rope import apply_rope
 
 NEG_INF = -1e30  # large negative for masked logits (finite: avoids NaN on empty rows)
@@ -154,6 +156,86 @@ def blocked_attention(
     return out[:, :t]  # [B, T, K, G, H]
 
 
+def xla_attend(
+    q: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    positions: jax.Array,
+    kv_lengths: jax.Array,
+    config: GrokConfig,
+) -> jax.Array:
+    """Attention output by XLA: the full score matrix, or ``blocked_attention`` past
+    ``QUERY_BLOCK`` queries.
+
+    Args:
+      q: [B, T, K, G, H] queries (RoPE applied).
+      keys, values: [B, S, K, H]; key s sits at position s.
+      positions: [B, T] absolute positions of the queries.
+      kv_lengths: [B] number of valid keys per sequence.
+    Returns:
+      [B, T, K, G, H] in ``values``' dtype.
+    """
+    if q.shape[1] > QUERY_BLOCK:  # static: long prompts in blocks, linear memory
+        return blocked_attention(q, keys, values, positions, kv_lengths, config)
+    probs = attention_weights(q, keys, positions, kv_lengths, config)  # [B, K, G, T, S]
+    return jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(values.dtype), values)
+
+
+# The native kernel computes the same attention with its scores in cache-sized tiles (bench-
+# grok1, bf16, T 128: XLA spent about a fifth of the prefill on layout copies and elementwise
+# passes over the [B, K, G, T, S] scores); its gradient is the XLA path's.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _native_attend(q, keys, values, positions, kv_lengths, config):
+    tau = attention_temperature(positions, config.attn_temperature_len)  # [B, T]
+    return native.attention(
+        q,
+        keys,
+        values,
+        tau,
+        positions,
+        kv_lengths,
+        scale=config.attn_scale,
+        cap=config.attn_logit_softcapping,
+    )
+
+
+def _native_attend_fwd(q, keys, values, positions, kv_lengths, config):
+    out = _native_attend(q, keys, values, positions, kv_lengths, config)
+    return out, (q, keys, values, positions, kv_lengths)
+
+
+def _native_attend_bwd(config, res, g):
+    q, keys, values, positions, kv_lengths = res
+    _, vjp = jax.vjp(
+        lambda q, k, v: xla_attend(q, k, v, positions, kv_lengths, config), q, keys, values
+    )
+    return (*vjp(g), None, None)
+
+
+_native_attend.defvjp(_native_attend_fwd, _native_attend_bwd)
+
+
+def attend(
+    q: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    positions: jax.Array,
+    kv_lengths: jax.Array,
+    config: GrokConfig,
+) -> jax.Array:
+    """Attention output: the native kernel where the traced function may use it (one CPU
+    device, ``grok.layers.native_kernels``) for its dtype, else ``xla_attend``. Same
+    arguments and result as ``xla_attend``."""
+    if (
+        native_enabled()
+        and q.dtype == keys.dtype == values.dtype
+        and q.shape[-1] % 2 == 0
+        and native.available(q.dtype)
+    ):
+        return _native_attend(q, keys, values, positions, kv_lengths, config)
+    return xla_attend(q, keys, values, positions, kv_lengths, config)
+
+
 def _matrix(w: jax.Array, in_ndim: int) -> jax.Array:
     """An [out..., in...] weight as the 2-D matrix [out, in] (its last ``in_ndim`` axes
     flattened into ``in``): q/k/v_proj [N, H, D] -> [N*H, D], o_proj [D, N, H] -> [D, N*H].
@@ -250,12 +332,5 @@ class Attention(hk.Module):
             new_cache = (keys, values)
 
         q = q.reshape(b, t, kh, cfg.q_per_kv, h)  # [B, T, K, G, H]
-        if t > QUERY_BLOCK:  # static: long prompts in blocks, linear memory
-            out = blocked_attention(
-                q, keys, values, positions, kv_lengths, cfg, QUERY_BLOCK, KEY_BLOCK
-            )
-        else:
-            probs = attention_weights(q, keys, positions, kv_lengths, cfg)  # [B, K, G, T, S]
-            out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(values.dtype), values)
-        out = out.reshape(b, t, n * h)  # [B, T, N*H]
+        out = attend(q, keys, values, positions, kv_lengths, cfg).reshape(b, t, n * h)
         return project("BTI,DI->BTD", out, _matrix(wo, 2)), new_cache  # [B, T, D]

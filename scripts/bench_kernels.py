@@ -58,10 +58,10 @@ def main(argv: list[str] | None = None) -> None:
         for rows in args.rows:
             x = jnp.asarray(rng.standard_normal((rows, args.inp), np.float32), dtype)
             line = f"{jnp.dtype(dtype).name:>8} rows {rows:>3}: XLA "
-            line += f"{nbytes / _median_s(xla, x, matrix, repeats=args.repeats) / 1e9:6.1f}"
+            line += f"{nbytes / _median_s(xla, x, matrix, repeats=args.repeats) / 1e9:6.3g}"
             if native.available(dtype):
                 t = _median_s(kernel, x, w, repeats=args.repeats)
-                line += f", native {nbytes / t / 1e9:6.1f}"
+                line += f", native {nbytes / t / 1e9:6.3g}"
             else:
                 line += f", native unavailable ({native.why_unavailable() or 'no kernel'})"
             print(line)

@@ -414,6 +414,9 @@ def test_model_lowering_uses_kernel_only_when_on(config):
     assert native.TARGET == "grok_matvec"
     assert "grok_matvec" in _apply(config, "float32", "auto", True).lower(*args).as_text()
     assert "grok_matvec" not in _apply(config, "float32", "auto", False).lower(*args).as_text()
+    assert native.ATTENTION_TARGET == "grok_attention"
+    assert "grok_attention" in _apply(config, "float32", "auto", True).lower(*args).as_text()
+    assert "grok_attention" not in _apply(config, "float32", "auto", False).lower(*args).as_text()
 
 
 @needs_bf16

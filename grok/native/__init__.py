@@ -1,20 +1,22 @@
 """Native CPU kernels, built on first use: ``matvec`` (a matrix inside a stacked weight times
-a few rows, or many) and ``grouped_matvec`` (the MoE's ragged product).
+a few rows, or many), ``grouped_matvec`` (the MoE's ragged product) and ``attention`` (causal
+grouped-query attention with Grok's capped, tempered logits).
 
-XLA:CPU leaves two gaps on the decode path that no flag closes (``--xla_cpu_use_onednn``,
+XLA:CPU leaves gaps that no flag closes (``--xla_cpu_use_onednn``,
 ``--xla_cpu_experimental_{onednn,xnn,ynn}_fusion_type=dot`` and ``--xla_cpu_use_xnnpack``
 measured the same, jaxlib 0.10.2): a weight inside a stacked ``[L, ...]`` array is copied out
-before every dot that reads it, and its few-row bfloat16 products run far below the memory
-bandwidth (see ``matvec.cc`` for the figures). These read the matrices where they lie, at the
-bandwidth, through XLA FFI custom calls.
+before every dot that reads it, its few-row bfloat16 products run far below the memory
+bandwidth (see ``kernels.cc`` for the figures), and attention's scores go through layout copies
+and several elementwise passes. These read the matrices where they lie, at the bandwidth, and
+keep a tile's scores in cache, through XLA FFI custom calls.
 
-The kernel is C++ in ``matvec.cc``, compiled once per machine with the system's C++ compiler
+The kernels are C++ in ``kernels.cc``, compiled once per machine with the system's C++ compiler
 (``$CXX`` or ``c++``, ``-O3 -march=native``) into ``$XDG_CACHE_HOME/grok/native`` (or
 ``$GROK_NATIVE_CACHE``), keyed by the source, the compiler, the jax version and the CPU.
 Hand-written because no maintained package ships an XLA custom call for this; oneDNN and
 XNNPACK are already inside XLA and measured no better. Without a compiler, without AVX-512,
 on other backends, or with ``GROK_NATIVE=0`` in the environment, ``available`` says False and
-the library uses XLA's dot as before.
+the library uses XLA's path as before.
 """
 
 from __future__ import annotations
@@ -33,11 +35,13 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from grok.compile_cache import user_cache_root
 
 TARGET = "grok_matvec"
 GROUPED_TARGET = "grok_grouped_matvec"
+ATTENTION_TARGET = "grok_attention"
 MAX_ROWS = 8  # one pass over the weights serves up to 8 rows; decode batches above fall back
 ENV_SWITCH = "GROK_NATIVE"  # "0" turns the kernels off
 ENV_CACHE = "GROK_NATIVE_CACHE"  # where the built library goes (default: user cache)
@@ -48,7 +52,7 @@ _state: dict[str, object] = {}  # "isa": int, "lib": ctypes.CDLL, "why": str
 
 
 def _source() -> bytes:
-    return resources.files(__package__).joinpath("matvec.cc").read_bytes()
+    return resources.files(__package__).joinpath("kernels.cc").read_bytes()
 
 
 def _cpu_id() -> str:
@@ -99,7 +103,7 @@ def _build() -> tuple[int, ctypes.CDLL | None, str]:
     if not lib_path.exists():
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=directory) as tmp:
-            src, out = Path(tmp) / "matvec.cc", Path(tmp) / "lib.so"
+            src, out = Path(tmp) / "kernels.cc", Path(tmp) / "lib.so"
             src.write_bytes(source)
             try:
                 done = subprocess.run(
@@ -121,6 +125,9 @@ def _build() -> tuple[int, ctypes.CDLL | None, str]:
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.GrokMatvec), platform="cpu")
     jax.ffi.register_ffi_target(
         GROUPED_TARGET, jax.ffi.pycapsule(lib.GrokGroupedMatvec), platform="cpu"
+    )
+    jax.ffi.register_ffi_target(
+        ATTENTION_TARGET, jax.ffi.pycapsule(lib.GrokAttention), platform="cpu"
     )
     return isa, lib, ""
 
@@ -287,3 +294,49 @@ def grouped_matvec(
         raise ValueError(f"grouped_matvec: sizes {sizes.shape} for {w.shape[-3]} groups")
     _check(x, w)
     return _grouped(x, w, _indices(index), sizes.astype(jnp.int32))
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    tau: jax.Array,
+    positions: jax.Array,
+    lengths: jax.Array,
+    *,
+    scale: float,
+    cap: float | None,
+) -> jax.Array:
+    """Causal grouped-query attention with capped, tempered logits, by the native kernel.
+
+    For query row (b, t, k, g) the logits against keys j < min(positions[b, t] + 1,
+    lengths[b], S) are ``cap * tanh(q . k_j * scale / cap) * tau[b, t]`` (no tanh when ``cap``
+    is None), the probabilities their softmax rounded to ``v``'s dtype, the output their sum
+    of values; a row that sees no key averages all S values (as a softmax over all-masked
+    logits does). No gradient: ``grok.attention`` wraps it with the XLA path's.
+
+    Args:
+      q: [B, T, K, G, H] queries (RoPE applied); H even.
+      k, v: [B, S, K, H] keys (RoPE applied) and values, of ``q``'s dtype; key s sits at
+        position s.
+      tau: [B, T] float32 temperature per query.
+      positions: [B, T] int32 query positions; lengths: [B] int32 valid keys per row.
+    Returns:
+      [B, T, K, G, H] in ``v``'s dtype.
+    """
+    b, t, kh, g, h = q.shape
+    if k.shape != v.shape or k.ndim != 4 or (k.shape[0], k.shape[2], k.shape[3]) != (b, kh, h):
+        raise ValueError(f"attention: q {q.shape} with k {k.shape} and v {v.shape}")
+    if h % 2 or not (q.dtype == k.dtype == v.dtype) or not available(q.dtype):
+        raise ValueError(f"attention: no kernel for {q.dtype} with head dim {h}")
+    out = jax.ShapeDtypeStruct(q.shape, v.dtype)
+    return jax.ffi.ffi_call(ATTENTION_TARGET, out, vmap_method="sequential")(
+        q,
+        k,
+        v,
+        tau.astype(jnp.float32),
+        positions.astype(jnp.int32),
+        lengths.astype(jnp.int32),
+        scale=np.float32(scale),
+        cap=np.float32(cap or 0.0),
+    )

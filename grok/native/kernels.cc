@@ -1,6 +1,9 @@
-// grok_matvec: y[R, O] (float32) = x[R, I] . W[O, I]^T for a few rows R (decode), where W is
-// one [O, I] matrix inside a stacked weight w[*lead, O, I], picked by the int32 indices
-// `index[len(lead)]` and read where it lies.
+// grok's native CPU kernels, XLA FFI custom calls:
+// - grok_matvec: y[R, O] (float32) = x[R, I] . W[O, I]^T, where W is one [O, I] matrix inside
+//   a stacked weight w[*lead, O, I], picked by the int32 indices `index[len(lead)]` and read
+//   where it lies; grok_grouped_matvec, the MoE's ragged product of the same kind;
+// - grok_attention: causal grouped-query attention with Grok's capped, tempered logits
+//   (further down).
 //
 // Why this exists (measured on a 2-core AVX-512 CPU, jaxlib 0.10.2, W [16384, 8192]):
 // - XLA:CPU copies a matrix out of a stacked [L, ...] weight before every dot that reads it
@@ -12,13 +15,15 @@
 // the machine, with no copy.
 //
 // Built by grok/native/__init__.py on first use with -march=native; without AVX-512 it
-// reports no kernels (grok_native_isa() == 0) and the library keeps XLA's dot.
+// reports no kernels (grok_native_isa() == 0) and the library keeps XLA's path.
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -44,6 +49,12 @@ extern "C" int grok_native_isa() {
 namespace {
 
 constexpr int kMaxRows = 8;  // rows per pass over the weights; more rows take more passes
+
+// An attention call's sizes (see grok_attention below) and its logit scale and cap (0: none).
+struct AttnShape {
+  int64_t B, T, S, Kh, G, H;
+  float scale, cap;  // cap 0: no cap
+};
 
 inline float bf16_to_float(uint16_t b) {
   uint32_t u = uint32_t(b) << 16;
@@ -402,14 +413,40 @@ struct Job {
   int64_t rows;
 };
 
-// Units of (job, chunk of output rows), claimed through an atomic counter by the calling
-// thread and by helpers on XLA's intra-op pool. The caller waits for units, not for helpers:
-// a helper that starts late finds nothing left and only touches this shared state.
+// Units of work, claimed through an atomic counter by the calling thread and by helpers on
+// XLA's intra-op pool. The caller waits for units, not for helpers: a helper that starts late
+// finds nothing left and only touches this shared state (never `f`, whose captures may be gone).
 struct Units {
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
   int64_t count = 0;
 };
+
+// Runs f(u) for u in [0, count) over the calling thread and, with `helpers`, the pool's.
+template <typename F>
+void for_units(ffi::ThreadPool& pool, int64_t count, bool helpers, F f) {
+  if (count <= 0) return;
+  auto state = std::make_shared<Units>();
+  state->count = count;
+  auto fn = std::make_shared<F>(std::move(f));
+  auto work = [state, fn]() {
+    for (;;) {
+      const int64_t u = state->next.fetch_add(1);
+      if (u >= state->count) return;
+      (*fn)(u);
+      state->done.fetch_add(1);
+    }
+  };
+  if (helpers) {
+    const int64_t n = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), count) - 1;
+    for (int64_t h = 0; h < n; ++h) {
+      auto task = work;
+      pool.Schedule(std::move(task));
+    }
+  }
+  work();
+  while (state->done.load() < state->count) std::this_thread::yield();
+}
 
 template <typename K>
 void run(ffi::ThreadPool& pool, std::vector<Job<typename K::Elem>> jobs, int64_t I, int64_t O) {
@@ -429,37 +466,374 @@ void run(ffi::ThreadPool& pool, std::vector<Job<typename K::Elem>> jobs, int64_t
   int64_t chunk = std::clamp<int64_t>(O * n_jobs / (threads * 8), 16, cached);
   chunk = std::min<int64_t>((chunk + align - 1) / align * align, O);
   const int64_t per_job = (O + chunk - 1) / chunk;
-  auto state = std::make_shared<Units>();
-  state->count = per_job * n_jobs;
-  auto shared_jobs = std::make_shared<std::vector<Job<T>>>(std::move(jobs));
-  auto work = [state, shared_jobs, I, O, chunk, per_job]() {
-    for (;;) {
-      const int64_t u = state->next.fetch_add(1);
-      if (u >= state->count) return;
-      const Job<T>& job = (*shared_jobs)[u / per_job];
-      const int64_t o0 = (u % per_job) * chunk, o1 = std::min(O, o0 + chunk);
-      if (job.rows >= kGemmRows) {
-        gemm<K>(job.x, job.w, job.y, job.rows, I, O, o0, o1);
-        state->done.fetch_add(1);
-        continue;
-      }
-      for (int64_t r0 = 0; r0 < job.rows; r0 += kMaxRows) {
-        const int64_t rows = std::min<int64_t>(kMaxRows, job.rows - r0);
-        pick_rows<K>(rows)(job.x + r0 * I, job.w, job.y + r0 * O, I, O, o0, o1);
-      }
-      state->done.fetch_add(1);
-    }
-  };
   // Below about 64K weights in all a helper costs more than it saves.
-  if (O * I * n_jobs >= (int64_t(1) << 16)) {
-    const int64_t helpers = std::min(threads, state->count) - 1;
-    for (int64_t h = 0; h < helpers; ++h) {
-      auto task = work;
-      pool.Schedule(std::move(task));
+  for_units(pool, per_job * n_jobs, O * I * n_jobs >= (int64_t(1) << 16), [&](int64_t u) {
+    const Job<T>& job = jobs[u / per_job];
+    const int64_t o0 = (u % per_job) * chunk, o1 = std::min(O, o0 + chunk);
+    if (job.rows >= kGemmRows) {
+      gemm<K>(job.x, job.w, job.y, job.rows, I, O, o0, o1);
+      return;
+    }
+    for (int64_t r0 = 0; r0 < job.rows; r0 += kMaxRows) {
+      const int64_t rows = std::min<int64_t>(kMaxRows, job.rows - r0);
+      pick_rows<K>(rows)(job.x + r0 * I, job.w, job.y + r0 * O, I, O, o0, o1);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// grok_attention: causal grouped-query attention with Grok's logits, for any number of queries
+// (prefill, decode) against keys and values [B, S, K, H]: per query row (b, t, kv head k,
+// group member g),
+//   s_j = cap * tanh(q . k_j * scale / cap) * tau[b, t]  for keys j < min(pos[b, t] + 1,
+//   len[b], S), the rest masked; p = softmax(s); out = p . v,
+// with p rounded to v's dtype before the product, as grok.attention's XLA path does (and, like
+// it, a row that sees no key averages all S values). XLA:CPU spent most of a bf16 prefill's
+// attention time on layout copies around its two batched products and on elementwise passes
+// over the [B, K, G, T, S] scores; here the scores of a tile of query rows live in one cache-
+// resident buffer, keys are packed into the GEMM panels above and the causal mask skips the
+// key panels past a tile's last position.
+
+// exp for float32 lanes: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by its Taylor series to r^7
+// (relative error under 2e-7), times 2^n by vscalefps. Inputs are clamped to [-88, 88].
+inline __m512 exp512(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-88.0f)), _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);  // ln 2, high bits
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);        // ln 2, the rest
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// tanh(x) = sign(x) (1 - 2 / (exp(2|x|) + 1)): absolute error about 1e-7.
+inline __m512 tanh512(__m512 x) {
+  const __m512 a = _mm512_abs_ps(x);
+  const __m512 e = exp512(_mm512_add_ps(a, a));
+  const __m512 t = _mm512_sub_ps(_mm512_set1_ps(1.0f),
+                                 _mm512_div_ps(_mm512_set1_ps(2.0f),
+                                               _mm512_add_ps(e, _mm512_set1_ps(1.0f))));
+  return _mm512_castsi512_ps(_mm512_or_si512(
+      _mm512_castps_si512(t),
+      _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(int32_t(0x80000000u)))));
+}
+
+inline __mmask16 head_mask(int64_t n) {  // the first n of 16 lanes
+  return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+}
+
+constexpr int64_t kAttnRows = 12;    // query rows per score block (the panel kernel's rows)
+constexpr int64_t kAttnPvRows = 6;   // rows per probabilities-times-values block
+constexpr int64_t kAttnPvVecs = 4;   // 64 outputs of H per block: 24 accumulators
+
+// out[r, h0 : h0 + 16 * nv] (+)= sum over keys j < n of p[r, j] v[j, h0 ...] for RB rows.
+// float32: v rows at stride vs; bfloat16: vp holds key pairs, each H 32-bit (v[2i], v[2i+1]).
+template <int RB>
+void pv_rows_f32(const float* p, int64_t ps, const float* v, int64_t vs, int64_t n, int64_t H,
+                 int64_t h0, float* out, int64_t os) {
+  const int64_t nv = std::min<int64_t>(kAttnPvVecs, (H - h0 + 15) / 16);
+  __m512 acc[RB][kAttnPvVecs];
+  __mmask16 m[kAttnPvVecs];
+  for (int c = 0; c < kAttnPvVecs; ++c) {
+    m[c] = c < nv ? head_mask(H - h0 - 16 * c) : __mmask16(0);
+    for (int r = 0; r < RB; ++r) acc[r][c] = _mm512_setzero_ps();
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    __m512 vv[kAttnPvVecs];
+    for (int c = 0; c < kAttnPvVecs; ++c)
+      vv[c] = _mm512_maskz_loadu_ps(m[c], v + j * vs + h0 + 16 * c);
+    for (int r = 0; r < RB; ++r) {
+      const __m512 pb = _mm512_set1_ps(p[r * ps + j]);
+      for (int c = 0; c < kAttnPvVecs; ++c) acc[r][c] = _mm512_fmadd_ps(vv[c], pb, acc[r][c]);
     }
   }
-  work();
-  while (state->done.load() < state->count) std::this_thread::yield();
+  for (int r = 0; r < RB; ++r)
+    for (int c = 0; c < nv; ++c) _mm512_mask_storeu_ps(out + r * os + h0 + 16 * c, m[c], acc[r][c]);
+}
+
+#if defined(__AVX512BF16__)
+template <int RB>
+void pv_rows_bf16(const uint16_t* p, int64_t ps, const uint32_t* vp, int64_t n, int64_t H,
+                  int64_t h0, float* out, int64_t os) {
+  const int64_t nv = std::min<int64_t>(kAttnPvVecs, (H - h0 + 15) / 16);
+  __m512 acc[RB][kAttnPvVecs];
+  __mmask16 m[kAttnPvVecs];
+  for (int c = 0; c < kAttnPvVecs; ++c) {
+    m[c] = c < nv ? head_mask(H - h0 - 16 * c) : __mmask16(0);
+    for (int r = 0; r < RB; ++r) acc[r][c] = _mm512_setzero_ps();
+  }
+  const int64_t pairs = (n + 1) / 2;  // p is 0 past n (the buffer is padded to pairs)
+  for (int64_t i = 0; i < pairs; ++i) {
+    __m512i vv[kAttnPvVecs];
+    for (int c = 0; c < kAttnPvVecs; ++c)
+      vv[c] = _mm512_maskz_loadu_epi32(m[c], vp + i * H + h0 + 16 * c);
+    for (int r = 0; r < RB; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, p + r * ps + 2 * i, sizeof pair);
+      const __m512i pb = _mm512_set1_epi32(pair);
+      for (int c = 0; c < kAttnPvVecs; ++c)
+        acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)vv[c], (__m512bh)pb);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int c = 0; c < nv; ++c) _mm512_mask_storeu_ps(out + r * os + h0 + 16 * c, m[c], acc[r][c]);
+}
+
+// Value rows j and j + 1 (at v0, v1; v1 null past the keys) interleaved: vp[h] = (v0[h], v1[h]).
+void pack_value_pair(const uint16_t* v0, const uint16_t* v1, int64_t H, uint32_t* vp) {
+  for (int64_t h = 0; h < H; h += 32) {
+    const __mmask32 m = H - h >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << (H - h)) - 1);
+    const __m512i a = _mm512_maskz_loadu_epi16(m, v0 + h);
+    const __m512i b = v1 ? _mm512_maskz_loadu_epi16(m, v1 + h) : _mm512_setzero_si512();
+    // 16-bit lanes: lo = a0 b0 a1 b1 ... a15 b15, hi = a16 b16 ... a31 b31.
+    const __m512i lo_idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9,
+                                            40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33,
+                                            1, 32, 0);
+    const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
+    const int64_t left = H - h;  // 32-bit units of this step: min(32, left), 16 per vector
+    _mm512_mask_storeu_epi32(vp + h, head_mask(left), _mm512_permutex2var_epi16(a, lo_idx, b));
+    if (left > 16)
+      _mm512_mask_storeu_epi32(vp + h + 16, head_mask(left - 16),
+                               _mm512_permutex2var_epi16(a, hi_idx, b));
+  }
+}
+#endif
+
+// Per dtype: the products' element, the probabilities' element, and how a tile's rows of
+// probabilities times values are summed (float32: one value row per key; bfloat16: key pairs,
+// values interleaved by pairs for vdpbf16ps).
+template <typename T>
+struct AttnTraits;
+
+template <>
+struct AttnTraits<float> {
+  using K = KernelsF32;
+  using Prob = float;
+  static constexpr int64_t kKeysPerStep = 1;
+  static void store_probs(float* dst, __m512 p, __mmask16 m) { _mm512_mask_storeu_ps(dst, m, p); }
+  static void zero_probs(float* dst, int64_t n) { std::fill(dst, dst + n, 0.0f); }
+  static void store_out(float* dst, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(dst, m, v); }
+  static float to_float(float v) { return v; }
+  static float round_prob(float v) { return v; }
+  template <int RB>
+  static void pv(const float* p, int64_t ps, const float* v, int64_t vs, const uint32_t*,
+                 int64_t n, int64_t H, int64_t h0, float* out, int64_t os) {
+    pv_rows_f32<RB>(p, ps, v, vs, n, H, h0, out, os);
+  }
+};
+
+#if defined(__AVX512BF16__)
+template <>
+struct AttnTraits<uint16_t> {
+  using K = KernelsBf16;
+  using Prob = uint16_t;
+  static constexpr int64_t kKeysPerStep = 2;
+  static void store_probs(uint16_t* dst, __m512 p, __mmask16 m) {
+    _mm256_mask_storeu_epi16(dst, m, (__m256i)_mm512_cvtneps_pbh(p));
+  }
+  static void zero_probs(uint16_t* dst, int64_t n) { std::fill(dst, dst + n, uint16_t(0)); }
+  static void store_out(uint16_t* dst, __m512 v, __mmask16 m) {
+    _mm256_mask_storeu_epi16(dst, m, (__m256i)_mm512_cvtneps_pbh(v));
+  }
+  static float to_float(uint16_t v) { return bf16_to_float(v); }
+  static float round_prob(float v) {  // to bfloat16 and back, nearest even (as cvtneps)
+    uint32_t u;
+    std::memcpy(&u, &v, sizeof u);
+    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000u;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+  }
+  template <int RB>
+  static void pv(const uint16_t* p, int64_t ps, const uint16_t*, int64_t, const uint32_t* vp,
+                 int64_t n, int64_t H, int64_t h0, float* out, int64_t os) {
+    pv_rows_bf16<RB>(p, ps, vp, n, H, h0, out, os);
+  }
+};
+#endif
+
+// One unit: batch row b, kv head kh, query positions [t0, t1).
+template <typename T>
+void attention_unit(const AttnShape& sh, const T* q, const T* k, const T* v, const float* tau,
+                    const int32_t* pos, const int32_t* lens, T* out, int64_t b, int64_t kh,
+                    int64_t t0, int64_t t1) {
+  using Tr = AttnTraits<T>;
+  using K = typename Tr::K;
+  using Packed = typename K::Packed;
+  using Prob = typename Tr::Prob;
+  const int64_t S = sh.S, Kh = sh.Kh, G = sh.G, H = sh.H;
+  const int64_t len = std::clamp<int64_t>(lens[b], 0, S);
+  auto visible = [&](int64_t t) {  // keys j < visible(t) are seen by position t
+    return std::clamp<int64_t>(std::min<int64_t>(int64_t(pos[b * sh.T + t]) + 1, len), 0, S);
+  };
+  int64_t key_end = 0;
+  for (int64_t t = t0; t < t1; ++t) key_end = std::max(key_end, visible(t));
+  const int64_t units = (H * int64_t(sizeof(T))) / 4;  // 32-bit units of a key row
+  const int64_t panel = units * kPanelOut;             // packed elements per 32 keys
+  const int64_t n_panels = (key_end + kPanelOut - 1) / kPanelOut;
+  const int64_t key_stride = Kh * H;                   // elements between consecutive keys
+  const T* kb = k + (b * S * Kh + kh) * H;
+  const T* vb = v + (b * S * Kh + kh) * H;
+
+  thread_local std::vector<Packed> kp_store;
+  thread_local std::vector<uint32_t> vp_store;
+  thread_local std::vector<T> q_store;
+  thread_local std::vector<float> s_store, o_store;
+  thread_local std::vector<Prob> p_store;
+  kp_store.resize(n_panels * panel + 64);
+  Packed* kp = reinterpret_cast<Packed*>((reinterpret_cast<uintptr_t>(kp_store.data()) + 63) &
+                                         ~uintptr_t(63));
+  for (int64_t i = 0; i < n_panels; ++i)
+    pack_units(reinterpret_cast<const char*>(kb + i * kPanelOut * key_stride),
+               key_stride * int64_t(sizeof(T)), std::min<int64_t>(kPanelOut, key_end - i * kPanelOut),
+               units, reinterpret_cast<uint32_t*>(kp + i * panel));
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    const int64_t pairs = (key_end + 1) / 2;
+    vp_store.resize(pairs * H);
+    for (int64_t i = 0; i < pairs; ++i)
+      pack_value_pair(vb + 2 * i * key_stride,
+                      2 * i + 1 < key_end ? vb + (2 * i + 1) * key_stride : nullptr, H,
+                      vp_store.data() + i * H);
+  }
+#endif
+
+  // Query tiles: whole positions (their G rows share a mask and a temperature), ~12 rows.
+  const int64_t tile_t = std::max<int64_t>(1, kAttnRows / G);
+  const int64_t max_rows = tile_t * G;
+  const int64_t width = n_panels * kPanelOut + 2;  // score / probability row stride
+  q_store.resize(max_rows * H);
+  s_store.resize(max_rows * width);
+  p_store.resize(max_rows * width);
+  o_store.resize(max_rows * H);
+  using RowsFn = void (*)(const T*, int64_t, const Packed*, int64_t, float*, int64_t, int64_t,
+                          bool);
+  static const RowsFn score_fns[] = {nullptr,
+                                     K::template rows<1>, K::template rows<2>,
+                                     K::template rows<3>, K::template rows<4>,
+                                     K::template rows<5>, K::template rows<6>,
+                                     K::template rows<7>, K::template rows<8>,
+                                     K::template rows<9>, K::template rows<10>,
+                                     K::template rows<11>, K::template rows<12>};
+  for (int64_t ta = t0; ta < t1; ta += tile_t) {
+    const int64_t tb = std::min(t1, ta + tile_t);
+    const int64_t rows = (tb - ta) * G;
+    int64_t tile_end = 0;
+    for (int64_t t = ta; t < tb; ++t) tile_end = std::max(tile_end, visible(t));
+    // The tile's query rows, contiguous (row (t, g) of q is ((b T + t) Kh + kh) G + g).
+    for (int64_t t = ta; t < tb; ++t)
+      std::memcpy(q_store.data() + (t - ta) * G * H, q + ((b * sh.T + t) * Kh + kh) * G * H,
+                  G * H * sizeof(T));
+    // Scores against the key panels the tile sees.
+    const int64_t tile_panels = (tile_end + kPanelOut - 1) / kPanelOut;
+    for (int64_t i = 0; i < tile_panels; ++i)
+      for (int64_t r0 = 0; r0 < rows; r0 += kAttnRows) {
+        const int64_t rn = std::min<int64_t>(kAttnRows, rows - r0);
+        score_fns[rn](q_store.data() + r0 * H, H, kp + i * panel, H,
+                      s_store.data() + r0 * width + i * kPanelOut, width, kPanelOut, true);
+      }
+    // Logits, mask and softmax, row by row; probabilities rounded to T.
+    const __m512 scale = _mm512_set1_ps(sh.scale);
+    const __m512 cap = _mm512_set1_ps(sh.cap), inv_cap = _mm512_set1_ps(sh.cap ? 1.0f / sh.cap : 0.0f);
+    int64_t pv_end = 0;  // keys the tile's probabilities times values must cover
+    std::vector<int64_t> blind;  // rows that see no key
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t t = ta + r / G;
+      const int64_t n = visible(t);
+      float* s = s_store.data() + r * width;
+      Prob* p = p_store.data() + r * width;
+      Tr::zero_probs(p, width);
+      if (n == 0) {
+        blind.push_back(r);
+        continue;
+      }
+      const __m512 temp = _mm512_set1_ps(tau[b * sh.T + t]);
+      __m512 mx = _mm512_set1_ps(-INFINITY);
+      for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 m = head_mask(n - j);
+        __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + j), scale);
+        if (sh.cap) x = _mm512_mul_ps(cap, tanh512(_mm512_mul_ps(x, inv_cap)));
+        x = _mm512_mul_ps(x, temp);
+        _mm512_mask_storeu_ps(s + j, m, x);
+        mx = _mm512_mask_max_ps(mx, m, mx, x);
+      }
+      const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 m = head_mask(n - j);
+        const __m512 e = _mm512_maskz_mov_ps(m, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), top)));
+        _mm512_mask_storeu_ps(s + j, m, e);
+        sum = _mm512_add_ps(sum, e);
+      }
+      const __m512 total = _mm512_set1_ps(_mm512_reduce_add_ps(sum));
+      for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 m = head_mask(n - j);
+        Tr::store_probs(p + j, _mm512_div_ps(_mm512_maskz_loadu_ps(m, s + j), total), m);
+      }
+      pv_end = std::max(pv_end, n);
+    }
+    // Probabilities times values, into float32 rows, then rounded into out.
+    float* o = o_store.data();
+    for (int64_t r0 = 0; r0 < rows; r0 += kAttnPvRows) {
+      const int64_t rn = std::min<int64_t>(kAttnPvRows, rows - r0);
+      for (int64_t h0 = 0; h0 < H; h0 += 16 * kAttnPvVecs) {
+#define GROK_PV_CASE(RB)                                                                  \
+  case RB:                                                                                 \
+    Tr::template pv<RB>(p_store.data() + r0 * width, width, vb, key_stride, vp_store.data(), \
+                        pv_end, H, h0, o + r0 * H, H);                                     \
+    break;
+        switch (rn) {
+          GROK_PV_CASE(1)
+          GROK_PV_CASE(2)
+          GROK_PV_CASE(3)
+          GROK_PV_CASE(4)
+          GROK_PV_CASE(5)
+          GROK_PV_CASE(6)
+        }
+#undef GROK_PV_CASE
+      }
+    }
+    // A row that sees no key: the mean of all S values, each weight 1/S rounded like p.
+    for (int64_t r : blind) {
+      const float w = Tr::round_prob(1.0f / float(S));
+      for (int64_t h = 0; h < H; ++h) {
+        float acc = 0.0f;
+        for (int64_t j = 0; j < S; ++j) acc += w * Tr::to_float(vb[j * key_stride + h]);
+        o[r * H + h] = acc;
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t t = ta + r / G, g = r % G;
+      T* dst = out + (((b * sh.T + t) * Kh + kh) * G + g) * H;
+      for (int64_t h = 0; h < H; h += 16)
+        Tr::store_out(dst + h, _mm512_loadu_ps(o + r * H + h), head_mask(H - h));
+    }
+  }
+}
+
+// Units of (batch row, kv head, chunk of query positions): about 4 per thread, chunks of at
+// least 48 query rows (each unit packs the keys and values it sees).
+template <typename T>
+void attention(ffi::ThreadPool& pool, const AttnShape& sh, const T* q, const T* k, const T* v,
+               const float* tau, const int32_t* pos, const int32_t* lens, T* out) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t bk = sh.B * sh.Kh;
+  const int64_t most = std::max<int64_t>(1, sh.T * sh.G / 48);
+  const int64_t want = std::clamp<int64_t>((4 * threads + bk - 1) / bk, 1, most);
+  const int64_t per = (sh.T + want - 1) / want;
+  const int64_t chunks = (sh.T + per - 1) / per;
+  for_units(pool, bk * chunks, bk * chunks > 1, [&](int64_t u) {
+    const int64_t b = u / (sh.Kh * chunks), kh = (u / chunks) % sh.Kh, c = u % chunks;
+    attention_unit<T>(sh, q, k, v, tau, pos, lens, out, b, kh, c * per,
+                      std::min(sh.T, (c + 1) * per));
+  });
 }
 
 #endif  // __AVX512F__
@@ -564,6 +938,52 @@ ffi::Error GroupedMatvec(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer 
   return dispatch(pool, x, w, out, parts, I, O);
 }
 
+
+// out [B, T, K, G, H] = attention of q [B, T, K, G, H] over k, v [B, S, K, H] (one dtype), with
+// tau [B, T] float32, positions [B, T] and lengths [B] int32 (see grok_attention above).
+ffi::Error Attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                     ffi::Buffer<ffi::F32> tau, ffi::Buffer<ffi::S32> pos,
+                     ffi::Buffer<ffi::S32> lens, ffi::Result<ffi::AnyBuffer> out, float scale,
+                     float cap) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  if (qd.size() != 5 || kd.size() != 4 || vd.size() != 4)
+    return ffi::Error::InvalidArgument("grok_attention: q [B, T, K, G, H], k and v [B, S, K, H]");
+  const AttnShape sh{qd[0], qd[1], kd[1], qd[2], qd[3], qd[4], scale, cap};
+  for (int i = 0; i < 4; ++i)
+    if (kd[i] != vd[i]) return ffi::Error::InvalidArgument("grok_attention: k and v differ");
+  if (kd[0] != sh.B || kd[2] != sh.Kh || kd[3] != sh.H || sh.H % 2 != 0)
+    return ffi::Error::InvalidArgument("grok_attention: k does not match q (or H is odd)");
+  if (tau.element_count() != size_t(sh.B * sh.T) || pos.element_count() != size_t(sh.B * sh.T) ||
+      lens.element_count() != size_t(sh.B))
+    return ffi::Error::InvalidArgument("grok_attention: tau, positions [B, T], lengths [B]");
+  const auto dt = q.element_type();
+  if (k.element_type() != dt || v.element_type() != dt || out->element_type() != dt)
+    return ffi::Error::InvalidArgument("grok_attention: q, k, v and out dtypes differ");
+#if defined(__AVX512F__)
+  switch (dt) {
+    case ffi::DataType::F32:
+      attention<float>(pool, sh, static_cast<const float*>(q.untyped_data()),
+                       static_cast<const float*>(k.untyped_data()),
+                       static_cast<const float*>(v.untyped_data()), tau.typed_data(),
+                       pos.typed_data(), lens.typed_data(),
+                       static_cast<float*>(out->untyped_data()));
+      return ffi::Error::Success();
+#if defined(__AVX512BF16__)
+    case ffi::DataType::BF16:
+      attention<uint16_t>(pool, sh, static_cast<const uint16_t*>(q.untyped_data()),
+                          static_cast<const uint16_t*>(k.untyped_data()),
+                          static_cast<const uint16_t*>(v.untyped_data()), tau.typed_data(),
+                          pos.typed_data(), lens.typed_data(),
+                          static_cast<uint16_t*>(out->untyped_data()));
+      return ffi::Error::Success();
+#endif
+    default:
+      return ffi::Error::InvalidArgument("grok_attention: no kernel for this dtype");
+  }
+#else
+  return ffi::Error::Internal("grok_attention: built without AVX-512");
+#endif
+}
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GrokMatvec, Matvec,
@@ -582,3 +1002,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GrokGroupedMatvec, GroupedMatvec,
                                   .Arg<ffi::Buffer<ffi::S32>>()  // index [len(lead)]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // sizes [G]
                                   .Ret<ffi::Buffer<ffi::F32>>());  // y [A, O]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GrokAttention, Attention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()         // q [B, T, K, G, H]
+                                  .Arg<ffi::AnyBuffer>()         // k [B, S, K, H]
+                                  .Arg<ffi::AnyBuffer>()         // v [B, S, K, H]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // tau [B, T]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // positions [B, T]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // lengths [B]
+                                  .Ret<ffi::AnyBuffer>()         // out [B, T, K, G, H]
+                                  .Attr<float>("scale")
+                                  .Attr<float>("cap"));
