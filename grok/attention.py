@@ -20,7 +20,17 @@ import jax.numpy as jnp
 from grok import native
 from grok.config import GrokConfig
 from grok.kv_cache import LayerView, write_layer
-from grok.layers import as_bits, dequant, from_bits, get_weight, native_enabled, project, soft_cap
+from grok.layers import (
+    Stacked,
+    as_bits,
+    dense,
+    dequant,
+    from_bits,
+    get_weight,
+    native_enabled,
+    project,
+    soft_cap,
+)
 from grok.rope import apply_rope
 
 NEG_INF = -1e30  # large negative for masked logits (finite: avoids NaN on empty rows)
@@ -215,25 +225,49 @@ def _native_attend_bwd(config, res, g):
 _native_attend.defvjp(_native_attend_fwd, _native_attend_bwd)
 
 
+def _native_in_place(q, keys: Stacked, values: Stacked, positions, kv_lengths, config):
+    """The kernel on a cache read where it lies (a layer of the whole cache: no copy of it);
+    bfloat16 as uint16 bits where the cache holds them. Not differentiable (a cache step)."""
+    bits = keys.array.dtype == jnp.uint16
+    out = native.attention(
+        as_bits(q) if bits else q,
+        keys.array,
+        values.array,
+        attention_temperature(positions, config.attn_temperature_len),
+        positions,
+        kv_lengths,
+        scale=config.attn_scale,
+        cap=config.attn_logit_softcapping,
+        index=keys.index,
+    )
+    return from_bits(out, keys.dtype)
+
+
 def attend(
     q: jax.Array,
-    keys: jax.Array,
-    values: jax.Array,
+    keys: jax.Array | Stacked,
+    values: jax.Array | Stacked,
     positions: jax.Array,
     kv_lengths: jax.Array,
     config: GrokConfig,
 ) -> jax.Array:
     """Attention output: the native kernel where the traced function may use it (one CPU
     device, ``grok.layers.native_kernels``) for its dtype, else ``xla_attend``. Same
-    arguments and result as ``xla_attend``."""
+    arguments and result as ``xla_attend``; ``keys`` and ``values`` may also be ``Stacked``
+    views at one index (a layer of the whole KV cache, ``LayerView.views``), which the kernel
+    reads in place and the XLA path slices out."""
     if (
         native_enabled()
         and q.dtype == keys.dtype == values.dtype
         and q.shape[-1] % 2 == 0
         and native.available(q.dtype)
     ):
+        if isinstance(keys, Stacked):
+            if any(a is not b for a, b in zip(keys.index, values.index, strict=True)):
+                raise ValueError("attend: keys and values at different indices")
+            return _native_in_place(q, keys, values, positions, kv_lengths, config)
         return _native_attend(q, keys, values, positions, kv_lengths, config)
-    return xla_attend(q, keys, values, positions, kv_lengths, config)
+    return xla_attend(q, dense(keys), dense(values), positions, kv_lengths, config)
 
 
 def _matrix(w: jax.Array, in_ndim: int) -> jax.Array:
@@ -315,7 +349,7 @@ class Attention(hk.Module):
             keys, values, new_cache = k, v, None  # [B, S=T, K, H]
         elif isinstance(layer_cache, LayerView):
             new_cache = layer_cache.write(k, v, positions[:, 0])
-            keys, values = new_cache.read()  # [B, S, K, H]
+            keys, values = new_cache.views()  # [B, S, K, H] each, not sliced out
         else:
             cache_k, cache_v = layer_cache  # [B, S, K, H]
             start = positions[:, 0]  # [B]

@@ -352,16 +352,27 @@ def _decode(
     def cond(s: DecodeState) -> jax.Array:
         return (s.step < limit) & ~jnp.all(s.done)
 
+    # The loop carries the cache as uint16 bits where they apply (``KVCache.as_bits``).
+    dtype = state.cache.k.dtype
+
     def body(s: DecodeState) -> DecodeState:
         logits, cache = apply_fn(
-            params, s.token[:, None], s.position[:, None], rope, s.cache, s.position + 1
+            params,
+            s.token[:, None],
+            s.position[:, None],
+            rope,
+            s.cache.from_bits(dtype),
+            s.position + 1,
         )  # [B, 1, V]
         token = _sample_rows(sampler, logits[:, 0], s.keys, s.num_new)  # [B]
         advanced = jnp.where(s.done, s.position, s.position + 1)  # the new token's position
-        s = dataclasses.replace(s, cache=cache, position=advanced, step=s.step + 1)
+        s = dataclasses.replace(s, cache=cache.as_bits(), position=advanced, step=s.step + 1)
         return _record(s, token, logits[:, 0], stop_mask, max_new, context)
 
-    return _pin_state(jax.lax.while_loop(cond, body, state), cache_sharding, host_sharding)
+    state = dataclasses.replace(state, cache=state.cache.as_bits())
+    final = jax.lax.while_loop(cond, body, state)
+    final = dataclasses.replace(final, cache=final.cache.from_bits(dtype))
+    return _pin_state(final, cache_sharding, host_sharding)
 
 
 def _check_prompts(prompts: Any, vocab: int, context: int) -> list[list[int]]:

@@ -164,3 +164,29 @@ def test_attention_rejects_bad_shapes():
         native.attention(odd, k[..., :15], v[..., :15], tau, positions, lengths, **kw)
     with pytest.raises(ValueError, match="attention"):
         native.attention(q, k, v.astype(jnp.bfloat16), tau, positions, lengths, **kw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_reads_a_stacked_cache_in_place(dtype):
+    """k, v inside [L, B, S, K, H] at a traced index equal the layer sliced out; bfloat16 as
+    uint16 bits gives the same bits; an index past the end is clamped (lax.dynamic_slice)."""
+    q, k, v, positions, lengths, config = _inputs(CASES[1], dtype, 0)
+    rng = np.random.default_rng(5)
+    ks = jnp.asarray(rng.standard_normal((3, *k.shape)), dtype).at[1].set(k)
+    vs = jnp.asarray(rng.standard_normal((3, *v.shape)), dtype).at[1].set(v)
+    tau = attention_temperature(positions, config.attn_temperature_len)
+    kw = {"scale": config.attn_scale, "cap": config.attn_logit_softcapping}
+
+    @jax.jit
+    def in_place(q, ks, vs, layer):
+        return native.attention(q, ks, vs, tau, positions, lengths, index=(layer,), **kw)
+
+    want = native.attention(q, k, v, tau, positions, lengths, **kw)
+    np.testing.assert_array_equal(in_place(q, ks, vs, jnp.int32(1)), want)
+    last = native.attention(q, ks[2], vs[2], tau, positions, lengths, **kw)
+    np.testing.assert_array_equal(in_place(q, ks, vs, jnp.int32(7)), last)
+    if dtype == jnp.bfloat16:
+        bits = jax.lax.bitcast_convert_type
+        got = in_place(bits(q, jnp.uint16), bits(ks, jnp.uint16), bits(vs, jnp.uint16), 1)
+        assert got.dtype == jnp.uint16
+        np.testing.assert_array_equal(got, bits(want, jnp.uint16))

@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -468,3 +469,33 @@ def test_token_id_prompts_go_through_the_library_token_check():
         ) as e:
             _prompt_ids({"prompt": prompt}, None, 256)
         assert e.value.param == "prompt"
+
+
+def test_bfloat16_engine_greedy_equals_generate():
+    """The engine holds a bf16 cache as uint16 bits between steps (``KVCache.as_bits``): two
+    prompts decoded side by side give Model.generate's greedy tokens."""
+    model = grok.load_pretrained("builtin", dtype=jnp.bfloat16, quiet=True)
+    tok = load_tokenizer(builtin_dir())
+    prompts = [tok.encode(p) for p in PROMPTS[:2]]
+    want = model.generate(prompts, max_new_tokens=8).tokens
+    engine = Engine(model, tok, max_batch=2, max_queue=2)
+    assert engine._state.cache.k.dtype == jnp.uint16  # the bits, not a bf16 copy
+    got: dict[int, list[int]] = {0: [], 1: []}
+    done = threading.Event()
+
+    def sink_for(i):
+        def sink(update):
+            got[i].extend(t.token for t in update.tokens)
+            if update.finish_reason is not None and all(len(v) == 8 for v in got.values()):
+                done.set()
+
+        return sink
+
+    params = SamplingParams(max_tokens=8, temperature=0, logprobs=0)
+    engine.start()
+    try:
+        engine.submit([SequenceRequest(p, params, sink_for(i), tok) for i, p in enumerate(prompts)])
+        assert done.wait(120)
+    finally:
+        engine.stop()
+    assert [got[0], got[1]] == [list(w) for w in want]

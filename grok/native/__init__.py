@@ -306,6 +306,7 @@ def attention(
     *,
     scale: float,
     cap: float | None,
+    index: tuple[jax.Array | int, ...] = (),
 ) -> jax.Array:
     """Causal grouped-query attention with capped, tempered logits, by the native kernel.
 
@@ -317,23 +318,36 @@ def attention(
 
     Args:
       q: [B, T, K, G, H] queries (RoPE applied); H even.
-      k, v: [B, S, K, H] keys (RoPE applied) and values, of ``q``'s dtype; key s sits at
-        position s.
+      k, v: [*lead, B, S, K, H] keys (RoPE applied) and values of ``q``'s dtype (uint16: the
+        bits of bfloat16 ones, with ``q`` likewise), read in place at ``index`` (one int32
+        per leading axis, clamped like ``lax.dynamic_slice``); key s sits at position s.
       tau: [B, T] float32 temperature per query.
       positions: [B, T] int32 query positions; lengths: [B] int32 valid keys per row.
     Returns:
       [B, T, K, G, H] in ``v``'s dtype.
     """
     b, t, kh, g, h = q.shape
-    if k.shape != v.shape or k.ndim != 4 or (k.shape[0], k.shape[2], k.shape[3]) != (b, kh, h):
-        raise ValueError(f"attention: q {q.shape} with k {k.shape} and v {v.shape}")
-    if h % 2 or not (q.dtype == k.dtype == v.dtype) or not available(q.dtype):
+    lead = len(index)
+    if (
+        k.shape != v.shape
+        or k.ndim != 4 + lead
+        or (k.shape[lead], *k.shape[lead + 2 :])
+        != (
+            b,
+            kh,
+            h,
+        )
+    ):
+        raise ValueError(f"attention: q {q.shape} with k {k.shape}, v {v.shape}, {lead} indices")
+    dtype = jnp.bfloat16 if q.dtype == jnp.uint16 else q.dtype
+    if h % 2 or not (q.dtype == k.dtype == v.dtype) or not available(dtype):
         raise ValueError(f"attention: no kernel for {q.dtype} with head dim {h}")
     out = jax.ShapeDtypeStruct(q.shape, v.dtype)
     return jax.ffi.ffi_call(ATTENTION_TARGET, out, vmap_method="sequential")(
         q,
         k,
         v,
+        _indices(index),
         tau.astype(jnp.float32),
         positions.astype(jnp.int32),
         lengths.astype(jnp.int32),

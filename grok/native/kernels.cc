@@ -939,19 +939,22 @@ ffi::Error GroupedMatvec(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer 
 }
 
 
-// out [B, T, K, G, H] = attention of q [B, T, K, G, H] over k, v [B, S, K, H] (one dtype), with
-// tau [B, T] float32, positions [B, T] and lengths [B] int32 (see grok_attention above).
+// out [B, T, K, G, H] = attention of q [B, T, K, G, H] over k, v [*lead, B, S, K, H] at
+// lead index `index` (read in place), with tau [B, T] float32, positions [B, T] and lengths
+// [B] int32 (see grok_attention above). q, k, v and out share one dtype (uint16: bf16 bits).
 ffi::Error Attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
-                     ffi::Buffer<ffi::F32> tau, ffi::Buffer<ffi::S32> pos,
-                     ffi::Buffer<ffi::S32> lens, ffi::Result<ffi::AnyBuffer> out, float scale,
-                     float cap) {
+                     ffi::Buffer<ffi::S32> index, ffi::Buffer<ffi::F32> tau,
+                     ffi::Buffer<ffi::S32> pos, ffi::Buffer<ffi::S32> lens,
+                     ffi::Result<ffi::AnyBuffer> out, float scale, float cap) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
-  if (qd.size() != 5 || kd.size() != 4 || vd.size() != 4)
-    return ffi::Error::InvalidArgument("grok_attention: q [B, T, K, G, H], k and v [B, S, K, H]");
-  const AttnShape sh{qd[0], qd[1], kd[1], qd[2], qd[3], qd[4], scale, cap};
-  for (int i = 0; i < 4; ++i)
+  const int64_t n_lead = index.element_count();
+  if (qd.size() != 5 || int64_t(kd.size()) != 4 + n_lead || kd.size() != vd.size())
+    return ffi::Error::InvalidArgument(
+        "grok_attention: q [B, T, K, G, H], k and v [*lead, B, S, K, H], one index per lead");
+  for (size_t i = 0; i < kd.size(); ++i)
     if (kd[i] != vd[i]) return ffi::Error::InvalidArgument("grok_attention: k and v differ");
-  if (kd[0] != sh.B || kd[2] != sh.Kh || kd[3] != sh.H || sh.H % 2 != 0)
+  const AttnShape sh{qd[0], qd[1], kd[n_lead + 1], qd[2], qd[3], qd[4], scale, cap};
+  if (kd[n_lead] != sh.B || kd[n_lead + 2] != sh.Kh || kd[n_lead + 3] != sh.H || sh.H % 2 != 0)
     return ffi::Error::InvalidArgument("grok_attention: k does not match q (or H is odd)");
   if (tau.element_count() != size_t(sh.B * sh.T) || pos.element_count() != size_t(sh.B * sh.T) ||
       lens.element_count() != size_t(sh.B))
@@ -959,21 +962,24 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, f
   const auto dt = q.element_type();
   if (k.element_type() != dt || v.element_type() != dt || out->element_type() != dt)
     return ffi::Error::InvalidArgument("grok_attention: q, k, v and out dtypes differ");
+  const int64_t offset =
+      lead_offset(kd, index.typed_data(), n_lead, sh.B * sh.S * sh.Kh * sh.H);
 #if defined(__AVX512F__)
   switch (dt) {
     case ffi::DataType::F32:
       attention<float>(pool, sh, static_cast<const float*>(q.untyped_data()),
-                       static_cast<const float*>(k.untyped_data()),
-                       static_cast<const float*>(v.untyped_data()), tau.typed_data(),
+                       static_cast<const float*>(k.untyped_data()) + offset,
+                       static_cast<const float*>(v.untyped_data()) + offset, tau.typed_data(),
                        pos.typed_data(), lens.typed_data(),
                        static_cast<float*>(out->untyped_data()));
       return ffi::Error::Success();
 #if defined(__AVX512BF16__)
     case ffi::DataType::BF16:
+    case ffi::DataType::U16:  // bfloat16 bits (grok.layers.as_bits)
       attention<uint16_t>(pool, sh, static_cast<const uint16_t*>(q.untyped_data()),
-                          static_cast<const uint16_t*>(k.untyped_data()),
-                          static_cast<const uint16_t*>(v.untyped_data()), tau.typed_data(),
-                          pos.typed_data(), lens.typed_data(),
+                          static_cast<const uint16_t*>(k.untyped_data()) + offset,
+                          static_cast<const uint16_t*>(v.untyped_data()) + offset,
+                          tau.typed_data(), pos.typed_data(), lens.typed_data(),
                           static_cast<uint16_t*>(out->untyped_data()));
       return ffi::Error::Success();
 #endif
@@ -984,6 +990,7 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, f
   return ffi::Error::Internal("grok_attention: built without AVX-512");
 #endif
 }
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GrokMatvec, Matvec,
@@ -1007,8 +1014,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GrokAttention, Attention,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()         // q [B, T, K, G, H]
-                                  .Arg<ffi::AnyBuffer>()         // k [B, S, K, H]
-                                  .Arg<ffi::AnyBuffer>()         // v [B, S, K, H]
+                                  .Arg<ffi::AnyBuffer>()         // k [*lead, B, S, K, H]
+                                  .Arg<ffi::AnyBuffer>()         // v [*lead, B, S, K, H]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // index [len(lead)]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // tau [B, T]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // positions [B, T]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // lengths [B]

@@ -161,7 +161,8 @@ class SlotState:
     """The device state of all B slots (a pytree, donated to every step).
 
     Attributes:
-      cache: the shared KV cache, k/v [L, B, S, K, H].
+      cache: the shared KV cache, k/v [L, B, S, K, H] (as uint16 bits where
+        ``KVCache.as_bits`` applies).
       token: i32 [B], each slot's last sampled token (the next step's input).
       position: i32 [B], that token's position.
       num_new: i32 [B], tokens sampled so far (the counter folded into the key).
@@ -185,7 +186,7 @@ def _set_rows(array: jax.Array, slots: jax.Array, values: jax.Array) -> jax.Arra
 
 
 @functools.partial(
-    jax.jit, static_argnames=("apply_fn", "prompt_logprobs"), donate_argnames=("state",)
+    jax.jit, static_argnames=("apply_fn", "dtype", "prompt_logprobs"), donate_argnames=("state",)
 )
 def _prefill(
     params: Any,
@@ -199,9 +200,11 @@ def _prefill(
     choices: jax.Array,
     *,
     apply_fn: Callable,
+    dtype: jnp.dtype,
     prompt_logprobs: bool,
 ) -> tuple[SlotState, Draw, tuple[jax.Array, jax.Array, jax.Array] | None]:
-    """Prefills n prompts tokens [n, T] (row i valid up to lengths[i]) into slots [n].
+    """Prefills n prompts tokens [n, T] (row i valid up to lengths[i]) into slots [n] (``dtype``:
+    the cache's own, as the state may hold it as bits).
 
     Returns the new state, the first token's ``Draw`` [n], and with ``prompt_logprobs`` the
     prompt tokens' logprobs [n, T] (entry t: token t given tokens < t; entry 0 is unused) with
@@ -211,8 +214,8 @@ def _prefill(
     layers, _, _, kv_heads, head_dim = state.cache.k.shape
     small_shape = (layers, n, t, kv_heads, head_dim)
     small = KVCache(
-        k=jnp.zeros(small_shape, state.cache.k.dtype),
-        v=jnp.zeros(small_shape, state.cache.v.dtype),
+        k=jnp.zeros(small_shape, dtype),
+        v=jnp.zeros(small_shape, dtype),
         lengths=jnp.zeros((n,), jnp.int32),
     )
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))  # [n, T]
@@ -235,7 +238,7 @@ def _prefill(
     zeros = jnp.zeros((n,), jnp.int32)
     draw = sample_rows(last, jnp.zeros((n, vocab), jnp.int32), settings, keys, zeros)
 
-    cache = state.cache
+    cache, small = state.cache, small.as_bits()  # the state holds the cache as bits
     cache = KVCache(
         k=cache.k.at[:, slots, :t].set(small.k, mode="drop"),
         v=cache.v.at[:, slots, :t].set(small.v, mode="drop"),
@@ -255,14 +258,22 @@ def _prefill(
     return state, draw, prompt
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn",), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("apply_fn", "dtype"), donate_argnames=("state",))
 def _decode_step(
-    params: Any, rope: Any, state: SlotState, active: jax.Array, *, apply_fn: Callable
+    params: Any,
+    rope: Any,
+    state: SlotState,
+    active: jax.Array,
+    *,
+    apply_fn: Callable,
+    dtype: jnp.dtype,
 ) -> tuple[SlotState, Draw]:
     """One token for every slot; only ``active`` [B] slots advance."""
+    cache = state.cache.from_bits(dtype)
     logits, cache = apply_fn(
-        params, state.token[:, None], state.position[:, None], rope, state.cache, state.position + 1
+        params, state.token[:, None], state.position[:, None], rope, cache, state.position + 1
     )  # [B, 1, V]
+    cache = cache.as_bits()
     keys = jax.random.wrap_key_data(state.keys)
     draw = sample_rows(logits[:, 0], state.counts, state.settings, keys, state.num_new)
     step = active.astype(jnp.int32)  # [B]
@@ -338,7 +349,8 @@ class Engine:
 
     def _initial_state(self) -> SlotState:
         b, cfg = self.max_batch, self.model.config
-        cache = KVCache.create(cfg, b, self.max_context, self.model.dtype)
+        # Held as bits between steps (KVCache.as_bits): the cache is never copied whole.
+        cache = KVCache.create(cfg, b, self.max_context, self.model.dtype).as_bits()
 
         def zeros() -> jax.Array:  # a new buffer each: the state is donated, field by field
             return jnp.zeros((b,), jnp.int32)
@@ -509,6 +521,7 @@ class Engine:
             jnp.asarray(seeds),
             jnp.asarray(choices),
             apply_fn=self._apply,
+            dtype=self.model.dtype,
             prompt_logprobs=want_prompt,
         )
         draw, prompt = jax.device_get((draw, prompt))
@@ -543,6 +556,7 @@ class Engine:
             self._state,
             jnp.asarray(active),
             apply_fn=self._apply,
+            dtype=self.model.dtype,
         )
         return draw, seqs
 
