@@ -340,7 +340,8 @@ def compile_child(args: argparse.Namespace) -> dict:
 
 
 def long_child(args: argparse.Namespace) -> dict:
-    """One prefill of ``--long-prompt`` tokens; the process's peak resident memory."""
+    """One prefill of ``--long-prompt`` tokens, then ``--long-decode`` greedy tokens after it
+    (the decode against a long cache); the process's peak resident memory."""
     import resource
 
     import jax.numpy as jnp
@@ -351,17 +352,24 @@ def long_child(args: argparse.Namespace) -> dict:
 
     config = resolve(args.shape)
     config = config.replace(
-        max_position_embeddings=max(config.max_position_embeddings, args.long_prompt + 1)
+        max_position_embeddings=max(
+            config.max_position_embeddings, args.long_prompt + 1 + args.long_decode
+        )
     )
     dtype = jnp.dtype(args.dtype)
     model = Model(config, random_params(config, dtype), dtype=dtype)
     rows = np.random.default_rng(0).integers(0, config.vocab_size, (1, args.long_prompt))
-    res = generate(model, rows.tolist(), max_new_tokens=1)
-    return {
+    res = generate(model, rows.tolist(), max_new_tokens=1 + args.long_decode)
+    out = {
         "tokens": args.long_prompt,
         "ttft_s": res.time_to_first_token_s,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
+    if args.long_decode:  # the first call includes compiling: time a second one
+        res = generate(model, rows.tolist(), max_new_tokens=1 + args.long_decode)
+        out["ttft_s_compiled"] = res.time_to_first_token_s
+        out["decode_ms_per_token"] = 1e3 / res.decode_tokens_per_s
+    return out
 
 
 CHILDREN = {
@@ -401,6 +409,8 @@ def run_child(kind: str, dtype: str, args: argparse.Namespace) -> dict:
         str(args.full_width_tokens),
         "--long-prompt",
         str(args.long_prompt),
+        "--long-decode",
+        str(args.long_decode),
     ]
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(
@@ -485,6 +495,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--full-width-tokens", type=int, default=8)
     p.add_argument("--compile-ratio", action="store_true", help="compile time, 64 vs 2 layers")
     p.add_argument("--long-prompt", type=int, default=0, help="peak memory of this prefill")
+    p.add_argument(
+        "--long-decode", type=int, default=0, help="new tokens timed after --long-prompt"
+    )
     p.add_argument("--json", default="benchmark.json")
     p.add_argument("--report", help="re-check and print a saved --json file instead of running")
     p.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
