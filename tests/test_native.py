@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_params
+from conftest import NATIVE_DTYPES as DTYPES
+from conftest import needs_bf16, needs_f32, random_params
 
 from grok import native
 from grok.config import GrokConfig
@@ -42,18 +43,6 @@ from grok.rope import rope_table
 
 REPO = Path(__file__).resolve().parents[1]
 RTOL = 1e-5  # of the largest |reference| entry
-
-needs_f32 = pytest.mark.skipif(
-    not native.available(jnp.float32), reason=f"no native kernel: {native.why_unavailable()}"
-)
-needs_bf16 = pytest.mark.skipif(
-    not native.available(jnp.bfloat16),
-    reason=f"no native bfloat16 kernel: {native.why_unavailable() or 'no AVX512-BF16'}",
-)
-DTYPES = [
-    pytest.param(jnp.float32, marks=needs_f32, id="float32"),
-    pytest.param(jnp.bfloat16, marks=needs_bf16, id="bfloat16"),
-]
 
 
 # Helpers.

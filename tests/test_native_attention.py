@@ -16,23 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import NATIVE_DTYPES as DTYPES
+from conftest import needs_f32
 
 from grok import native
 from grok.attention import attend, attention_temperature, xla_attend
 from grok.layers import native_kernels
 from grok.presets import TINY_GROK2
-
-needs_f32 = pytest.mark.skipif(
-    not native.available(jnp.float32), reason=f"no native kernel: {native.why_unavailable()}"
-)
-needs_bf16 = pytest.mark.skipif(
-    not native.available(jnp.bfloat16),
-    reason=f"no native bfloat16 kernel: {native.why_unavailable() or 'no AVX512-BF16'}",
-)
-DTYPES = [
-    pytest.param(jnp.float32, marks=needs_f32, id="float32"),
-    pytest.param(jnp.bfloat16, marks=needs_bf16, id="bfloat16"),
-]
 
 # (B, T, S, K, G, H, cap, temperature_len, a row of length 0)
 CASES = [
