@@ -10,7 +10,8 @@ with the kernel on against the same model through XLA's dot.
 - The tiny Grok-2 and Grok-1 models: a prefill and a decode step with a KV cache, kernel on and
   off (float32: equal logits and caches, for each expert path; bfloat16: no worse than XLA
   against the float32 model), and the kernel really in the lowered program.
-- The fallbacks, in fresh interpreters: ``GROK_NATIVE=0`` and a missing compiler.
+- The fallbacks, in fresh interpreters: ``GROK_NATIVE=0`` and a missing compiler; the source
+  builds for CPUs without AVX-512 and without AVX512-BF16.
 
 The kernel tests skip where ``native.available`` is False (no AVX-512, no compiler, ...).
 """
@@ -20,6 +21,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import platform
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -507,6 +510,34 @@ def test_fallback_without_compiler(tmp_path):
     ours = [w for w in report["warnings"] if "grok.native" in w]
     assert len(ours) == 1 and "compiler" in ours[0], report["warnings"]
     assert not build.exists() or not list(build.glob("*.so"))
+
+
+# The kernels must build where they cannot run too: a CPU without AVX-512 (or without
+# AVX512-BF16) gets the library's own "no kernels" answer, not a compiler error (which once
+# happened: the non-AVX-512 build referred to an ffi::Error that does not exist).
+@pytest.mark.slow
+@pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64") or shutil.which("c++") is None,
+    reason="needs an x86-64 C++ compiler",
+)
+@pytest.mark.parametrize(("march", "isa"), [("x86-64-v3", 0), ("skylake-avx512", 1)])
+def test_kernels_build_for_other_cpus(tmp_path, march, isa):
+    import ctypes
+    from importlib import resources
+
+    src = tmp_path / "kernels.cc"
+    src.write_bytes(resources.files("grok.native").joinpath("kernels.cc").read_bytes())
+    lib = tmp_path / f"lib-{march}.so"
+    flags = ["-O1", f"-march={march}", "-std=c++17", "-shared", "-fPIC", "-w"]
+    done = subprocess.run(
+        ["c++", *flags, f"-I{jax.ffi.include_dir()}", str(src), "-o", str(lib)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    if isa == 0 or "avx512f" in Path("/proc/cpuinfo").read_text():  # loadable here
+        assert ctypes.CDLL(str(lib)).grok_native_isa() == isa
 
 
 # grouped_matvec: rows sorted by group, each times its group's matrix (the MoE's path).
