@@ -33,6 +33,35 @@ def greedy(logits: jax.Array) -> jax.Array:
     return jnp.where(first < logits.shape[-1], first, 0).astype(jnp.int32)
 
 
+# The filter maths, in one place for ``Sampler`` (Python settings, fixed at trace time) and the
+# server's per-row sampler (``grok.serve.sampler``, settings as [B, 1] arrays): each takes its
+# setting as a number or as an array that broadcasts against the logits.
+
+
+def tempered(logits: jax.Array, temperature) -> jax.Array:
+    """f32 logits [B, V] shifted so each row's maximum is 0, then divided by ``temperature``
+    (> 0). Shifting first means a tiny temperature cannot overflow to inf (inf - inf = NaN)."""
+    logits = logits.astype(jnp.float32)
+    return (logits - jnp.max(logits, axis=-1, keepdims=True)) / temperature
+
+
+def nucleus(sorted_logits: jax.Array, top_p) -> jax.Array:
+    """Top-p on logits [B, C] sorted in descending order: a token stays while the probability
+    mass of the tokens above it is below ``top_p``; the first always stays. -inf elsewhere."""
+    probs = jax.nn.softmax(sorted_logits, axis=-1)  # [B, C]
+    mass_above = jnp.cumsum(probs, axis=-1) - probs  # [B, C]
+    first = jax.lax.broadcasted_iota(jnp.int32, sorted_logits.shape, 1) == 0
+    return jnp.where((mass_above < top_p) | first, sorted_logits, -jnp.inf)
+
+
+def min_p_filter(shifted_logits: jax.Array, min_p) -> jax.Array:
+    """Min-p on logits whose row maximum is 0 (``tempered``): p_i >= min_p * p_max, that is
+    l_i >= log(min_p) whatever the normaliser, needs no sort. ``min_p`` 0 keeps everything."""
+    min_p = jnp.asarray(min_p, jnp.float32)
+    floor = jnp.where(min_p > 0, jnp.log(jnp.maximum(min_p, 1e-30)), -jnp.inf)
+    return jnp.where(shifted_logits >= floor, shifted_logits, -jnp.inf)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Sampler:
     """How to pick the next token.
@@ -117,11 +146,7 @@ class Sampler:
     def _candidates(self, logits: jax.Array) -> tuple[jax.Array, jax.Array | None]:
         """Tempered, filtered logits f32[B, C] and their ids int32[B, C] (None when C = V in
         vocabulary order). Excluded tokens are -inf; the highest-scoring one always stays."""
-        logits = logits.astype(jnp.float32)  # [B, V]
-        # Subtract the row maximum before dividing, so a tiny temperature cannot overflow to
-        # inf (inf - inf would make NaN); the maximum becomes 0 and the rest are <= 0.
-        shifted = logits - jnp.max(logits, axis=-1, keepdims=True)  # [B, V]
-        scaled = shifted / self.temperature  # [B, V]
+        scaled = tempered(logits, self.temperature)  # [B, V], row maxima 0
         vocab = logits.shape[-1]
 
         use_top_p = self.top_p is not None and self.top_p < 1
@@ -133,16 +158,10 @@ class Sampler:
             scaled, ids = jax.lax.top_k(scaled, vocab)  # a full descending sort, [B, V]
 
         if use_top_p:
-            # `scaled` is sorted: keep a token while the mass of the tokens above it is below
-            # top_p. The first token has nothing above it, so it always stays.
-            probs = jax.nn.softmax(scaled, axis=-1)  # [B, C]
-            mass_above = jnp.cumsum(probs, axis=-1) - probs  # [B, C]
-            scaled = jnp.where(mass_above < self.top_p, scaled, -jnp.inf)
+            scaled = nucleus(scaled, self.top_p)
         if self.min_p is not None and self.min_p > 0:
-            # p_i >= min_p * p_max  <=>  l_i - l_max >= log(min_p), whatever the normaliser;
-            # l_max is 0 after the shift. The earlier filters never drop the maximum.
-            scaled = jnp.where(scaled >= math.log(self.min_p), scaled, -jnp.inf)
+            scaled = min_p_filter(scaled, self.min_p)  # the earlier filters keep the maximum
         return scaled, ids
 
 
-__all__ = ["Sampler", "greedy"]
+__all__ = ["Sampler", "greedy", "min_p_filter", "nucleus", "tempered"]

@@ -84,25 +84,18 @@ def _filtered(scores: jax.Array, s: RowSettings) -> tuple[jax.Array, jax.Array, 
     they were sorted ([] bool: when not, the scores are in vocabulary order and the ids are
     unused)."""
     vocab = scores.shape[-1]
-    shifted = scores - jnp.max(scores, axis=-1, keepdims=True)  # the maximum becomes 0
-    temperature = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]  # [B, 1]
-    scaled = shifted / temperature  # [B, V], <= 0
-    min_score = jnp.where(s.min_p > 0, jnp.log(jnp.maximum(s.min_p, 1e-30)), -jnp.inf)  # [B]
+    scaled = sampling.tempered(scores, jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None])
+    min_p = s.min_p[:, None]  # [B, 1]
 
     def unsorted(x):
-        # min-p needs no sort: p_i >= min_p * p_max  <=>  l_i - l_max >= log(min_p).
-        return jnp.where(x >= min_score[:, None], x, -jnp.inf), jnp.zeros(x.shape, jnp.int32)
+        return sampling.min_p_filter(x, min_p), jnp.zeros(x.shape, jnp.int32)
 
     def by_rank(x):
         values, ids = jax.lax.top_k(x, vocab)  # [B, V] descending, ties lower id first
-        rank = jnp.arange(vocab)[None, :]
         k = jnp.where(s.top_k > 0, s.top_k, vocab)[:, None]  # [B, 1]
-        values = jnp.where(rank < k, values, -jnp.inf)
-        probs = jax.nn.softmax(values, axis=-1)  # renormalised over the top k
-        mass_above = jnp.cumsum(probs, axis=-1) - probs
-        keep = (mass_above < s.top_p[:, None]) | (rank == 0)  # the first always stays
-        values = jnp.where(keep, values, -jnp.inf)
-        return jnp.where(values >= min_score[:, None], values, -jnp.inf), ids
+        values = jnp.where(jnp.arange(vocab)[None, :] < k, values, -jnp.inf)
+        values = sampling.nucleus(values, s.top_p[:, None])  # renormalised over the top k
+        return sampling.min_p_filter(values, min_p), ids
 
     needs_sort = jnp.any(((s.top_k > 0) & (s.top_k < vocab)) | (s.top_p < 1))
     values, ids = jax.lax.cond(needs_sort, by_rank, unsorted, scaled)
