@@ -163,9 +163,13 @@ constexpr int64_t kGemmRows = 64;
 // Rows per pass over the packed panels: the rows' inputs stay in L2 while the panels change.
 constexpr int64_t kRowChunk = 256;
 
-inline void masks(int64_t on, __mmask16& m0, __mmask16& m1) {
-  m0 = on >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << on) - 1);
-  m1 = on >= 32 ? __mmask16(0xFFFF) : on > 16 ? __mmask16((1u << (on - 16)) - 1) : __mmask16(0);
+inline __mmask16 head_mask(int64_t n) {  // the first n (0..16, more is all) of 16 lanes
+  return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+}
+
+inline void masks(int64_t on, __mmask16& m0, __mmask16& m1) {  // the first on of 32 lanes
+  m0 = head_mask(on);
+  m1 = on > 16 ? head_mask(on - 16) : __mmask16(0);
 }
 
 // A row block's accumulators: 2 vectors (kPanelOut outputs) per row, the first `on` valid;
@@ -223,7 +227,7 @@ void pack_units(const char* w, int64_t row_bytes, int64_t on, int64_t units, uin
   for (int h = 0; h < kPanelOut / 16; ++h) {
     for (int64_t u0 = 0; u0 < units; u0 += 16) {
       const int64_t un = std::min<int64_t>(16, units - u0);
-      const __mmask16 m = un >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << un) - 1);
+      const __mmask16 m = head_mask(un);
       __m512i r[16];
       for (int i = 0; i < 16; ++i) {
         const int64_t o = 16 * h + i;  // masked loads: nothing past the row's units is read
@@ -349,17 +353,31 @@ struct KernelsBf16 {
 };
 #endif  // __AVX512BF16__
 
+// A panel kernel: rows of x (row stride I) times a packed panel, into rows of y (stride O).
+template <typename K>
+using PanelFn = void (*)(const typename K::Elem*, int64_t, const typename K::Packed*, int64_t,
+                         float*, int64_t, int64_t, bool);
+
+template <typename K, int... RB>
+const PanelFn<K>* panel_table(std::integer_sequence<int, RB...>) {
+  static const PanelFn<K> fns[] = {nullptr, K::template rows<RB + 1>...};
+  return fns;
+}
+
+// The panel kernels for 1 .. kRowBlock rows, by row count (entry 0 unused): the GEMM's and
+// the attention's scores.
+template <typename K>
+const PanelFn<K>* panel_rows() {
+  return panel_table<K>(std::make_integer_sequence<int, kRowBlock>());
+}
+
 // The panel path for one unit (outputs [o0, o1), all R rows): rows in chunks of kRowChunk, and
 // for each chunk, panel by panel, every row block of kRowBlock rows over the packed panel.
-template <typename K, int... RB>
-void gemm_panels(const typename K::Elem* x, const typename K::Elem* w, float* y, int64_t R,
-                 int64_t I, int64_t O, int64_t o0, int64_t o1,
-                 std::integer_sequence<int, RB...>) {
-  using Elem = typename K::Elem;
+template <typename K>
+void gemm(const typename K::Elem* x, const typename K::Elem* w, float* y, int64_t R, int64_t I,
+          int64_t O, int64_t o0, int64_t o1) {
   using Packed = typename K::Packed;
-  using Fn = void (*)(const Elem*, int64_t, const Packed*, int64_t, float*, int64_t, int64_t,
-                      bool);
-  static const Fn fns[] = {nullptr, K::template rows<RB + 1>...};
+  const PanelFn<K>* fns = panel_rows<K>();
   thread_local std::vector<Packed> storage;
   storage.resize(K::kPackedRows * kPanelOut + 64 / sizeof(Packed));
   Packed* P = reinterpret_cast<Packed*>(
@@ -379,12 +397,6 @@ void gemm_panels(const typename K::Elem* x, const typename K::Elem* w, float* y,
       }
     }
   }
-}
-
-template <typename K>
-void gemm(const typename K::Elem* x, const typename K::Elem* w, float* y, int64_t R, int64_t I,
-          int64_t O, int64_t o0, int64_t o1) {
-  gemm_panels<K>(x, w, y, R, I, O, o0, o1, std::make_integer_sequence<int, kRowBlock>());
 }
 
 // Output rows per block: 4 for up to 4 activation rows, 2 above (16 accumulators at most,
@@ -525,11 +537,7 @@ inline __m512 tanh512(__m512 x) {
       _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(int32_t(0x80000000u)))));
 }
 
-inline __mmask16 head_mask(int64_t n) {  // the first n of 16 lanes
-  return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
-}
-
-constexpr int64_t kAttnRows = 12;    // query rows per score block (the panel kernel's rows)
+constexpr int64_t kAttnRows = kRowBlock;  // query rows per score block (the panel kernel's)
 constexpr int64_t kAttnPvRows = 6;   // rows per probabilities-times-values block
 constexpr int64_t kAttnPvVecs = 4;   // 64 outputs of H per block: 24 accumulators
 
@@ -616,7 +624,6 @@ template <>
 struct AttnTraits<float> {
   using K = KernelsF32;
   using Prob = float;
-  static constexpr int64_t kKeysPerStep = 1;
   static void store_probs(float* dst, __m512 p, __mmask16 m) { _mm512_mask_storeu_ps(dst, m, p); }
   static void zero_probs(float* dst, int64_t n) { std::fill(dst, dst + n, 0.0f); }
   static void store_out(float* dst, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(dst, m, v); }
@@ -634,7 +641,6 @@ template <>
 struct AttnTraits<uint16_t> {
   using K = KernelsBf16;
   using Prob = uint16_t;
-  static constexpr int64_t kKeysPerStep = 2;
   static void store_probs(uint16_t* dst, __m512 p, __mmask16 m) {
     _mm256_mask_storeu_epi16(dst, m, (__m256i)_mm512_cvtneps_pbh(p));
   }
@@ -713,15 +719,7 @@ void attention_unit(const AttnShape& sh, const T* q, const T* k, const T* v, con
   s_store.resize(max_rows * width);
   p_store.resize(max_rows * width);
   o_store.resize(max_rows * H);
-  using RowsFn = void (*)(const T*, int64_t, const Packed*, int64_t, float*, int64_t, int64_t,
-                          bool);
-  static const RowsFn score_fns[] = {nullptr,
-                                     K::template rows<1>, K::template rows<2>,
-                                     K::template rows<3>, K::template rows<4>,
-                                     K::template rows<5>, K::template rows<6>,
-                                     K::template rows<7>, K::template rows<8>,
-                                     K::template rows<9>, K::template rows<10>,
-                                     K::template rows<11>, K::template rows<12>};
+  const PanelFn<K>* score_fns = panel_rows<K>();
   for (int64_t ta = t0; ta < t1; ta += tile_t) {
     const int64_t tb = std::min(t1, ta + tile_t);
     const int64_t rows = (tb - ta) * G;
@@ -962,9 +960,9 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, f
   const auto dt = q.element_type();
   if (k.element_type() != dt || v.element_type() != dt || out->element_type() != dt)
     return ffi::Error::InvalidArgument("grok_attention: q, k, v and out dtypes differ");
+#if defined(__AVX512F__)
   const int64_t offset =
       lead_offset(kd, index.typed_data(), n_lead, sh.B * sh.S * sh.Kh * sh.H);
-#if defined(__AVX512F__)
   switch (dt) {
     case ffi::DataType::F32:
       attention<float>(pool, sh, static_cast<const float*>(q.untyped_data()),
