@@ -191,22 +191,27 @@ def xla_attend(
     return jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(values.dtype), values)
 
 
+def _kernel(q, keys, values, positions, kv_lengths, config, index=()):
+    """``native.attention`` with ``config``'s scale, cap and temperature."""
+    return native.attention(
+        q,
+        keys,
+        values,
+        attention_temperature(positions, config.attn_temperature_len),  # [B, T]
+        positions,
+        kv_lengths,
+        scale=config.attn_scale,
+        cap=config.attn_logit_softcapping,
+        index=index,
+    )
+
+
 # The native kernel computes the same attention with its scores in cache-sized tiles (bench-
 # grok1, bf16, T 128: XLA spent about a fifth of the prefill on layout copies and elementwise
 # passes over the [B, K, G, T, S] scores); its gradient is the XLA path's.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _native_attend(q, keys, values, positions, kv_lengths, config):
-    tau = attention_temperature(positions, config.attn_temperature_len)  # [B, T]
-    return native.attention(
-        q,
-        keys,
-        values,
-        tau,
-        positions,
-        kv_lengths,
-        scale=config.attn_scale,
-        cap=config.attn_logit_softcapping,
-    )
+    return _kernel(q, keys, values, positions, kv_lengths, config)
 
 
 def _native_attend_fwd(q, keys, values, positions, kv_lengths, config):
@@ -229,17 +234,8 @@ def _native_in_place(q, keys: Stacked, values: Stacked, positions, kv_lengths, c
     """The kernel on a cache read where it lies (a layer of the whole cache: no copy of it);
     bfloat16 as uint16 bits where the cache holds them. Not differentiable (a cache step)."""
     bits = keys.array.dtype == jnp.uint16
-    out = native.attention(
-        as_bits(q) if bits else q,
-        keys.array,
-        values.array,
-        attention_temperature(positions, config.attn_temperature_len),
-        positions,
-        kv_lengths,
-        scale=config.attn_scale,
-        cap=config.attn_logit_softcapping,
-        index=keys.index,
-    )
+    q = as_bits(q) if bits else q
+    out = _kernel(q, keys.array, values.array, positions, kv_lengths, config, keys.index)
     return from_bits(out, keys.dtype)
 
 

@@ -109,7 +109,8 @@ def dense(w):
     return w
 
 
-# Whether ``project`` may call the native kernel: set around tracing by the model's apply
+# Whether the function being traced may call the native kernels (``project``, the MoE's
+# grouped product, ``grok.attention.attend``): set around tracing by the model's apply
 # (``grok.model.forward_fns``), off on a mesh (a custom call would need the whole weight on
 # every device) and for training.
 _NATIVE = contextvars.ContextVar("grok_native_kernels", default=False)
@@ -117,8 +118,9 @@ _NATIVE = contextvars.ContextVar("grok_native_kernels", default=False)
 
 @contextlib.contextmanager
 def native_kernels(enabled: bool) -> Iterator[None]:
-    """Within this block (while a function is traced) ``project`` uses ``grok.native.matvec``
-    for products of at most ``native.MAX_ROWS`` rows, where the kernel exists."""
+    """Within this block (while a function is traced) the layers use ``grok.native`` where a
+    kernel exists: ``project`` for decode-sized products (and bf16 views of any size), the
+    MoE's grouped product and the attention."""
     token = _NATIVE.set(enabled)
     try:
         yield
