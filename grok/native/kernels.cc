@@ -65,56 +65,46 @@ inline float bf16_to_float(uint16_t b) {
 
 #if defined(__AVX512F__)
 
-// Output rows [o0, o1) for R activation rows, OB output rows at a time: every weight cache
-// line is loaded once and used for all R rows.
-template <int R, int OB>
-void rows_f32(const float* x, const float* w, float* y, int64_t I, int64_t O, int64_t o0,
-              int64_t o1) {
-  const int64_t I16 = I & ~int64_t(15);
-  int64_t o = o0;
-  for (; o + OB <= o1; o += OB) {
-    __m512 acc[OB][R];
-    for (int j = 0; j < OB; ++j)
-      for (int r = 0; r < R; ++r) acc[j][r] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < I16; i += 16) {
-      __m512 wv[OB];
-      for (int j = 0; j < OB; ++j) {
-        wv[j] = _mm512_loadu_ps(w + (o + j) * I + i);
-        if constexpr (R > 1)
-          _mm_prefetch(reinterpret_cast<const char*>(w + (o + 4 * OB + j) * I + i), _MM_HINT_T0);
-      }
-      for (int r = 0; r < R; ++r) {
-        const __m512 xv = _mm512_loadu_ps(x + r * I + i);
-        for (int j = 0; j < OB; ++j) acc[j][r] = _mm512_fmadd_ps(wv[j], xv, acc[j][r]);
-      }
-    }
-    for (int j = 0; j < OB; ++j)
-      for (int r = 0; r < R; ++r) {
-        float s = _mm512_reduce_add_ps(acc[j][r]);
-        for (int64_t i = I16; i < I; ++i) s += w[(o + j) * I + i] * x[r * I + i];
-        y[r * O + o + j] = s;
-      }
-  }
-  if constexpr (OB > 1) {
-    if (o < o1) rows_f32<R, 1>(x, w, y, I, O, o, o1);
-  }
-}
+// The row kernels' per-dtype steps: a 64-byte load of weights or inputs, and the product
+// that adds it into float32 lanes (FMA; vdpbf16ps multiplies bfloat16 pairs exactly).
+struct DotF32 {
+  using Elem = float;
+  using Vec = __m512;
+  static constexpr int64_t kStep = 16;  // elements per load
+  static Vec load(const float* p) { return _mm512_loadu_ps(p); }
+  static __m512 madd(__m512 acc, Vec w, Vec x) { return _mm512_fmadd_ps(w, x, acc); }
+  static float value(float v) { return v; }
+};
 
 #if defined(__AVX512BF16__)
-// bfloat16 (as its uint16 bits): vdpbf16ps multiplies pairs exactly and adds in float32.
-template <int R, int OB>
-void rows_bf16(const uint16_t* x, const uint16_t* w, float* y, int64_t I, int64_t O,
-               int64_t o0, int64_t o1) {
-  const int64_t I32 = I & ~int64_t(31);
+struct DotBf16 {  // bfloat16 as its uint16 bits
+  using Elem = uint16_t;
+  using Vec = __m512i;
+  static constexpr int64_t kStep = 32;
+  static Vec load(const uint16_t* p) { return _mm512_loadu_si512(static_cast<const void*>(p)); }
+  static __m512 madd(__m512 acc, Vec w, Vec x) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)x);
+  }
+  static float value(uint16_t v) { return bf16_to_float(v); }
+};
+#endif
+
+// Output rows [o0, o1) for R activation rows, OB output rows at a time: every weight cache
+// line is loaded once and used for all R rows.
+template <typename D, int R, int OB>
+void rows_dot(const typename D::Elem* x, const typename D::Elem* w, float* y, int64_t I,
+              int64_t O, int64_t o0, int64_t o1) {
+  using Vec = typename D::Vec;
+  const int64_t I_vec = I & ~(D::kStep - 1);  // whole loads (kStep is a power of two)
   int64_t o = o0;
   for (; o + OB <= o1; o += OB) {
     __m512 acc[OB][R];
     for (int j = 0; j < OB; ++j)
       for (int r = 0; r < R; ++r) acc[j][r] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < I32; i += 32) {
-      __m512i wv[OB];
+    for (int64_t i = 0; i < I_vec; i += D::kStep) {
+      Vec wv[OB];
       for (int j = 0; j < OB; ++j) {
-        wv[j] = _mm512_loadu_si512(static_cast<const void*>(w + (o + j) * I + i));
+        wv[j] = D::load(w + (o + j) * I + i);
         // The line four blocks ahead at the same offset, for two rows and more: the first pass
         // over a unit then streams from memory while it computes (expert GEMMs 300 -> 550
         // GFLOPS; batch-8 decode +12%). One row is bandwidth-bound already: there it cost 10%.
@@ -122,24 +112,22 @@ void rows_bf16(const uint16_t* x, const uint16_t* w, float* y, int64_t I, int64_
           _mm_prefetch(reinterpret_cast<const char*>(w + (o + 4 * OB + j) * I + i), _MM_HINT_T0);
       }
       for (int r = 0; r < R; ++r) {
-        const __m512i xv = _mm512_loadu_si512(static_cast<const void*>(x + r * I + i));
-        for (int j = 0; j < OB; ++j)
-          acc[j][r] = _mm512_dpbf16_ps(acc[j][r], (__m512bh)wv[j], (__m512bh)xv);
+        const Vec xv = D::load(x + r * I + i);
+        for (int j = 0; j < OB; ++j) acc[j][r] = D::madd(acc[j][r], wv[j], xv);
       }
     }
     for (int j = 0; j < OB; ++j)
       for (int r = 0; r < R; ++r) {
         float s = _mm512_reduce_add_ps(acc[j][r]);
-        for (int64_t i = I32; i < I; ++i)
-          s += bf16_to_float(w[(o + j) * I + i]) * bf16_to_float(x[r * I + i]);
+        for (int64_t i = I_vec; i < I; ++i)
+          s += D::value(w[(o + j) * I + i]) * D::value(x[r * I + i]);
         y[r * O + o + j] = s;
       }
   }
   if constexpr (OB > 1) {
-    if (o < o1) rows_bf16<R, 1>(x, w, y, I, O, o, o1);
+    if (o < o1) rows_dot<D, R, 1>(x, w, y, I, O, o, o1);
   }
 }
-#endif  // __AVX512BF16__
 
 template <typename T>
 using RowsFn = void (*)(const T*, const T*, float*, int64_t, int64_t, int64_t, int64_t);
@@ -284,7 +272,7 @@ struct KernelsF32 {
   template <int R, int OB>
   static void dot(const float* x, const float* w, float* y, int64_t I, int64_t O, int64_t o0,
                   int64_t o1) {
-    rows_f32<R, OB>(x, w, y, I, O, o0, o1);
+    rows_dot<DotF32, R, OB>(x, w, y, I, O, o0, o1);
   }
 };
 
@@ -348,7 +336,7 @@ struct KernelsBf16 {
   template <int R, int OB>
   static void dot(const uint16_t* x, const uint16_t* w, float* y, int64_t I, int64_t O,
                   int64_t o0, int64_t o1) {
-    rows_bf16<R, OB>(x, w, y, I, O, o0, o1);
+    rows_dot<DotBf16, R, OB>(x, w, y, I, O, o0, o1);
   }
 };
 #endif  // __AVX512BF16__
