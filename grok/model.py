@@ -200,7 +200,8 @@ def _view_loop(layer_views, decoder_layer, h, layer_ids, caches):
     parameters through ``Stacked`` views (``project`` multiplies them in place) and write and
     read the whole cache, carried through the loop, through a ``LayerView``: the same
     parameters and results as ``_stacked_loop`` without a copy of every weight per step, and
-    with one copy of a layer's cache instead of the whole cache's restacking."""
+    with each layer's cache read where it lies (the attention kernel) instead of the whole
+    cache's restacking."""
     inner = hk.transform(lambda *args: decoder_layer(*args))
 
     def step(carry, layer_id):
@@ -294,10 +295,11 @@ def forward_fns(
     ``layers.get_weight``). ``activation_sharding`` (e.g. ``grok.sharding.activation_sharding``)
     pins the residual stream at every block boundary on a mesh.
 
-    ``native_kernels_on``: whether apply reads the layers' weights in place through
-    ``grok.native`` (decode-sized products); None (default) turns it on where the kernel
-    exists for ``dtype`` on the CPU backend, with no mesh and no quantisation. The parameters
-    and the results are the same either way (float32 rounding aside).
+    ``native_kernels_on``: whether apply reads the layers' weights and the cache in place
+    through ``grok.native`` (its weight products, grouped MoE product and attention); None
+    (default) turns it on where the kernel exists for ``dtype`` on the CPU backend, with no
+    mesh and no quantisation. The parameters and the results are the same either way (float32
+    rounding aside).
     """
 
     def fn(tokens, positions, rope, cache, kv_lengths, logits_at=None, layer_views=None):
