@@ -156,7 +156,7 @@ def why_unavailable() -> str:
 
 
 def available(dtype: jnp.dtype) -> bool:
-    """Whether ``matvec`` runs for ``dtype`` (float32, or bfloat16 on CPUs with AVX512-BF16)
+    """Whether the kernels run for ``dtype`` (float32, or bfloat16 on CPUs with AVX512-BF16)
     on the default backend. The first call may compile the kernel (a few seconds, once)."""
     if jax.default_backend() != "cpu":
         return False
@@ -209,12 +209,16 @@ def _matvec_bwd(res, g):  # g [R, O] float32
 _matvec.defvjp(_matvec_fwd, _matvec_bwd)
 
 
-def _check(x: jax.Array, w: jax.Array) -> None:
-    if x.dtype != w.dtype:
-        raise ValueError(f"matvec: x is {x.dtype} and w {w.dtype}")
+def _check(kernel: str, **operands: jax.Array) -> None:
+    """ValueError unless the operands share a dtype with a kernel here (uint16: the bits of
+    bfloat16); the first operand names the dtype the others must have."""
+    (first, x), *others = operands.items()
+    for name, o in others:
+        if o.dtype != x.dtype:
+            raise ValueError(f"{kernel}: {first} is {x.dtype} and {name} {o.dtype}")
     logical = jnp.bfloat16 if x.dtype == jnp.uint16 else x.dtype
     if not available(logical):
-        raise ValueError(f"matvec: no kernel for {x.dtype} here ({why_unavailable() or 'dtype'})")
+        raise ValueError(f"{kernel}: no kernel for {x.dtype} here ({why_unavailable() or 'dtype'})")
 
 
 def _indices(index: tuple[jax.Array | int, ...]) -> jax.Array:
@@ -237,7 +241,7 @@ def matvec(x: jax.Array, w: jax.Array, index: tuple[jax.Array | int, ...] = ()) 
     """
     if x.ndim != 2 or w.ndim != 2 + len(index) or x.shape[1] != w.shape[-1]:
         raise ValueError(f"matvec: x {x.shape} and w {w.shape} with {len(index)} indices")
-    _check(x, w)
+    _check("matvec", x=x, w=w)
     return _matvec(x, w, _indices(index))
 
 
@@ -292,7 +296,7 @@ def grouped_matvec(
         raise ValueError(f"grouped_matvec: x {x.shape} and w {w.shape} with {lead} indices")
     if sizes.shape != (w.shape[-3],):
         raise ValueError(f"grouped_matvec: sizes {sizes.shape} for {w.shape[-3]} groups")
-    _check(x, w)
+    _check("grouped_matvec", x=x, w=w)
     return _grouped(x, w, _indices(index), sizes.astype(jnp.int32))
 
 
@@ -328,20 +332,12 @@ def attention(
     """
     b, t, kh, g, h = q.shape
     lead = len(index)
-    if (
-        k.shape != v.shape
-        or k.ndim != 4 + lead
-        or (k.shape[lead], *k.shape[lead + 2 :])
-        != (
-            b,
-            kh,
-            h,
-        )
-    ):
+    kv = k.shape[lead:]  # [B, S, K, H]
+    if k.shape != v.shape or len(kv) != 4 or (kv[0], kv[2], kv[3]) != (b, kh, h):
         raise ValueError(f"attention: q {q.shape} with k {k.shape}, v {v.shape}, {lead} indices")
-    dtype = jnp.bfloat16 if q.dtype == jnp.uint16 else q.dtype
-    if h % 2 or not (q.dtype == k.dtype == v.dtype) or not available(dtype):
-        raise ValueError(f"attention: no kernel for {q.dtype} with head dim {h}")
+    if h % 2:
+        raise ValueError(f"attention: no kernel for an odd head dim {h}")
+    _check("attention", q=q, k=k, v=v)
     out = jax.ShapeDtypeStruct(q.shape, v.dtype)
     return jax.ffi.ffi_call(ATTENTION_TARGET, out, vmap_method="sequential")(
         q,
