@@ -257,6 +257,7 @@ void pack_f32(const float* w, int64_t I, int64_t ob, int64_t on, int64_t k0, int
 // path's packing and row blocks.
 struct KernelsF32 {
   using Elem = float;
+  using Dot = DotF32;  // the row kernels' steps
   using Packed = float;
   static constexpr int64_t kIn = kPanelInF32;
   static constexpr int64_t kPackedRows = kIn;
@@ -272,7 +273,7 @@ struct KernelsF32 {
   template <int R, int OB>
   static void dot(const float* x, const float* w, float* y, int64_t I, int64_t O, int64_t o0,
                   int64_t o1) {
-    rows_dot<DotF32, R, OB>(x, w, y, I, O, o0, o1);
+    rows_dot<Dot, R, OB>(x, w, y, I, O, o0, o1);
   }
 };
 
@@ -321,6 +322,7 @@ void pack_bf16(const uint16_t* w, int64_t I, int64_t ob, int64_t on, int64_t k0,
 
 struct KernelsBf16 {
   using Elem = uint16_t;
+  using Dot = DotBf16;
   using Packed = uint32_t;
   static constexpr int64_t kIn = kPanelInBf16;
   static constexpr int64_t kPackedRows = kIn / 2;
@@ -336,7 +338,7 @@ struct KernelsBf16 {
   template <int R, int OB>
   static void dot(const uint16_t* x, const uint16_t* w, float* y, int64_t I, int64_t O,
                   int64_t o0, int64_t o1) {
-    rows_dot<DotBf16, R, OB>(x, w, y, I, O, o0, o1);
+    rows_dot<Dot, R, OB>(x, w, y, I, O, o0, o1);
   }
 };
 #endif  // __AVX512BF16__
@@ -615,7 +617,6 @@ struct AttnTraits<float> {
   static void store_probs(float* dst, __m512 p, __mmask16 m) { _mm512_mask_storeu_ps(dst, m, p); }
   static void zero_probs(float* dst, int64_t n) { std::fill(dst, dst + n, 0.0f); }
   static void store_out(float* dst, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(dst, m, v); }
-  static float to_float(float v) { return v; }
   static float round_prob(float v) { return v; }
   template <int RB>
   static void pv(const float* p, int64_t ps, const float* v, int64_t vs, const uint32_t*,
@@ -636,7 +637,6 @@ struct AttnTraits<uint16_t> {
   static void store_out(uint16_t* dst, __m512 v, __mmask16 m) {
     _mm256_mask_storeu_epi16(dst, m, (__m256i)_mm512_cvtneps_pbh(v));
   }
-  static float to_float(uint16_t v) { return bf16_to_float(v); }
   static float round_prob(float v) {  // to bfloat16 and back, nearest even (as cvtneps)
     uint32_t u;
     std::memcpy(&u, &v, sizeof u);
@@ -791,7 +791,7 @@ void attention_unit(const AttnShape& sh, const T* q, const T* k, const T* v, con
       const float w = Tr::round_prob(1.0f / float(S));
       for (int64_t h = 0; h < H; ++h) {
         float acc = 0.0f;
-        for (int64_t j = 0; j < S; ++j) acc += w * Tr::to_float(vb[j * key_stride + h]);
+        for (int64_t j = 0; j < S; ++j) acc += w * K::Dot::value(vb[j * key_stride + h]);
         o[r * H + h] = acc;
       }
     }
