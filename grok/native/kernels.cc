@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <string>
 #include <thread>
 #include <type_traits>
 #include <utility>
@@ -847,36 +848,43 @@ struct Part {
   int64_t rows;
 };
 
+#if defined(__AVX512F__)
+// Calls f(K{}) with the kernels for dtype dt (float32; bfloat16, or its uint16 bits), or says
+// that there are none: the one dtype switch of every handler.
+template <typename F>
+ffi::Error for_dtype(const char* name, ffi::DataType dt, F f) {
+  switch (dt) {
+    case ffi::DataType::F32:
+      f(KernelsF32{});
+      return ffi::Error::Success();
+#if defined(__AVX512BF16__)
+    case ffi::DataType::BF16:
+    case ffi::DataType::U16:  // bfloat16 bits (grok.layers.as_bits)
+      f(KernelsBf16{});
+      return ffi::Error::Success();
+#endif
+    default:
+      return ffi::Error::InvalidArgument(std::string(name) + ": no kernel for this dtype");
+  }
+}
+#endif
+
 // Runs `parts` in the buffers' dtype.
 ffi::Error dispatch(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::AnyBuffer w, float* y,
                     const std::vector<Part>& parts, int64_t I, int64_t O) {
 #if defined(__AVX512F__)
   if (w.element_type() != x.element_type())
     return ffi::Error::InvalidArgument("grok_matvec: x and w dtypes differ");
-  auto build = [&](auto* xp, auto* wp) {
-    using T = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
+  return for_dtype("grok_matvec", w.element_type(), [&](auto kernels) {
+    using K = decltype(kernels);
+    using T = typename K::Elem;
+    const T* xp = static_cast<const T*>(x.untyped_data());
+    const T* wp = static_cast<const T*>(w.untyped_data());
     std::vector<Job<T>> jobs;
     for (const Part& p : parts)
       jobs.push_back({xp + p.row * I, wp + p.w_elem, y + p.row * O, p.rows});
-    return jobs;
-  };
-  switch (w.element_type()) {
-    case ffi::DataType::F32:
-      run<KernelsF32>(pool, build(static_cast<const float*>(x.untyped_data()),
-                                  static_cast<const float*>(w.untyped_data())),
-                      I, O);
-      return ffi::Error::Success();
-#if defined(__AVX512BF16__)
-    case ffi::DataType::BF16:
-    case ffi::DataType::U16:  // bfloat16 bits (grok.layers.as_bits)
-      run<KernelsBf16>(pool, build(static_cast<const uint16_t*>(x.untyped_data()),
-                                   static_cast<const uint16_t*>(w.untyped_data())),
-                       I, O);
-      return ffi::Error::Success();
-#endif
-    default:
-      return ffi::Error::InvalidArgument("grok_matvec: no kernel for this dtype");
-  }
+    run<K>(pool, std::move(jobs), I, O);
+  });
 #else
   return ffi::Error::Internal("grok_matvec: built without AVX-512");
 #endif
@@ -951,27 +959,13 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, f
 #if defined(__AVX512F__)
   const int64_t offset =
       lead_offset(kd, index.typed_data(), n_lead, sh.B * sh.S * sh.Kh * sh.H);
-  switch (dt) {
-    case ffi::DataType::F32:
-      attention<float>(pool, sh, static_cast<const float*>(q.untyped_data()),
-                       static_cast<const float*>(k.untyped_data()) + offset,
-                       static_cast<const float*>(v.untyped_data()) + offset, tau.typed_data(),
-                       pos.typed_data(), lens.typed_data(),
-                       static_cast<float*>(out->untyped_data()));
-      return ffi::Error::Success();
-#if defined(__AVX512BF16__)
-    case ffi::DataType::BF16:
-    case ffi::DataType::U16:  // bfloat16 bits (grok.layers.as_bits)
-      attention<uint16_t>(pool, sh, static_cast<const uint16_t*>(q.untyped_data()),
-                          static_cast<const uint16_t*>(k.untyped_data()) + offset,
-                          static_cast<const uint16_t*>(v.untyped_data()) + offset,
-                          tau.typed_data(), pos.typed_data(), lens.typed_data(),
-                          static_cast<uint16_t*>(out->untyped_data()));
-      return ffi::Error::Success();
-#endif
-    default:
-      return ffi::Error::InvalidArgument("grok_attention: no kernel for this dtype");
-  }
+  return for_dtype("grok_attention", dt, [&](auto kernels) {
+    using T = typename decltype(kernels)::Elem;
+    attention<T>(pool, sh, static_cast<const T*>(q.untyped_data()),
+                 static_cast<const T*>(k.untyped_data()) + offset,
+                 static_cast<const T*>(v.untyped_data()) + offset, tau.typed_data(),
+                 pos.typed_data(), lens.typed_data(), static_cast<T*>(out->untyped_data()));
+  });
 #else
   return ffi::Error::Internal("grok_attention: built without AVX-512");
 #endif
