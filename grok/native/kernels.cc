@@ -75,6 +75,12 @@ struct DotF32 {
   static Vec load(const float* p) { return _mm512_loadu_ps(p); }
   static __m512 madd(__m512 acc, Vec w, Vec x) { return _mm512_fmadd_ps(w, x, acc); }
   static float value(float v) { return v; }
+  // Attention's probabilities times values: a step of kKeys keys, its values (rows of Unit)
+  // loaded under a mask and its probabilities broadcast.
+  using Unit = float;
+  static constexpr int64_t kKeys = 1;
+  static Vec load_masked(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+  static Vec broadcast(const float* p) { return _mm512_set1_ps(*p); }
 };
 
 #if defined(__AVX512BF16__)
@@ -87,6 +93,14 @@ struct DotBf16 {  // bfloat16 as its uint16 bits
     return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)x);
   }
   static float value(uint16_t v) { return bf16_to_float(v); }
+  using Unit = uint32_t;  // two keys' values interleaved (pack_value_pair)
+  static constexpr int64_t kKeys = 2;
+  static Vec load_masked(const uint32_t* p, __mmask16 m) { return _mm512_maskz_loadu_epi32(m, p); }
+  static Vec broadcast(const uint16_t* p) {  // a pair of probabilities
+    int32_t pair;
+    std::memcpy(&pair, p, sizeof pair);
+    return _mm512_set1_epi32(pair);
+  }
 };
 #endif
 
@@ -532,11 +546,12 @@ constexpr int64_t kAttnRows = kRowBlock;  // query rows per score block (the pan
 constexpr int64_t kAttnPvRows = 6;   // rows per probabilities-times-values block
 constexpr int64_t kAttnPvVecs = 4;   // 64 outputs of H per block: 24 accumulators
 
-// out[r, h0 : h0 + 16 * nv] (+)= sum over keys j < n of p[r, j] v[j, h0 ...] for RB rows.
-// float32: v rows at stride vs; bfloat16: vp holds key pairs, each H 32-bit (v[2i], v[2i+1]).
-template <int RB>
-void pv_rows_f32(const float* p, int64_t ps, const float* v, int64_t vs, int64_t n, int64_t H,
-                 int64_t h0, float* out, int64_t os) {
+// out[r, h0 : h0 + 16 * nv] = sum over keys j < n of p[r, j] v[j, h0 ...] for RB rows, D::kKeys
+// keys a step: float32 value rows vs apart, or bfloat16 key pairs interleaved (vs = H; p is 0
+// past n, its buffer padded to whole pairs).
+template <typename D, int RB>
+void pv_rows(const typename D::Elem* p, int64_t ps, const typename D::Unit* v, int64_t vs,
+             int64_t n, int64_t H, int64_t h0, float* out, int64_t os) {
   const int64_t nv = std::min<int64_t>(kAttnPvVecs, (H - h0 + 15) / 16);
   __m512 acc[RB][kAttnPvVecs];
   __mmask16 m[kAttnPvVecs];
@@ -544,13 +559,13 @@ void pv_rows_f32(const float* p, int64_t ps, const float* v, int64_t vs, int64_t
     m[c] = c < nv ? head_mask(H - h0 - 16 * c) : __mmask16(0);
     for (int r = 0; r < RB; ++r) acc[r][c] = _mm512_setzero_ps();
   }
-  for (int64_t j = 0; j < n; ++j) {
-    __m512 vv[kAttnPvVecs];
-    for (int c = 0; c < kAttnPvVecs; ++c)
-      vv[c] = _mm512_maskz_loadu_ps(m[c], v + j * vs + h0 + 16 * c);
+  const int64_t steps = (n + D::kKeys - 1) / D::kKeys;
+  for (int64_t i = 0; i < steps; ++i) {
+    typename D::Vec vv[kAttnPvVecs];
+    for (int c = 0; c < kAttnPvVecs; ++c) vv[c] = D::load_masked(v + i * vs + h0 + 16 * c, m[c]);
     for (int r = 0; r < RB; ++r) {
-      const __m512 pb = _mm512_set1_ps(p[r * ps + j]);
-      for (int c = 0; c < kAttnPvVecs; ++c) acc[r][c] = _mm512_fmadd_ps(vv[c], pb, acc[r][c]);
+      const typename D::Vec pb = D::broadcast(p + r * ps + D::kKeys * i);
+      for (int c = 0; c < kAttnPvVecs; ++c) acc[r][c] = D::madd(acc[r][c], vv[c], pb);
     }
   }
   for (int r = 0; r < RB; ++r)
@@ -558,33 +573,6 @@ void pv_rows_f32(const float* p, int64_t ps, const float* v, int64_t vs, int64_t
 }
 
 #if defined(__AVX512BF16__)
-template <int RB>
-void pv_rows_bf16(const uint16_t* p, int64_t ps, const uint32_t* vp, int64_t n, int64_t H,
-                  int64_t h0, float* out, int64_t os) {
-  const int64_t nv = std::min<int64_t>(kAttnPvVecs, (H - h0 + 15) / 16);
-  __m512 acc[RB][kAttnPvVecs];
-  __mmask16 m[kAttnPvVecs];
-  for (int c = 0; c < kAttnPvVecs; ++c) {
-    m[c] = c < nv ? head_mask(H - h0 - 16 * c) : __mmask16(0);
-    for (int r = 0; r < RB; ++r) acc[r][c] = _mm512_setzero_ps();
-  }
-  const int64_t pairs = (n + 1) / 2;  // p is 0 past n (the buffer is padded to pairs)
-  for (int64_t i = 0; i < pairs; ++i) {
-    __m512i vv[kAttnPvVecs];
-    for (int c = 0; c < kAttnPvVecs; ++c)
-      vv[c] = _mm512_maskz_loadu_epi32(m[c], vp + i * H + h0 + 16 * c);
-    for (int r = 0; r < RB; ++r) {
-      int32_t pair;
-      std::memcpy(&pair, p + r * ps + 2 * i, sizeof pair);
-      const __m512i pb = _mm512_set1_epi32(pair);
-      for (int c = 0; c < kAttnPvVecs; ++c)
-        acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)vv[c], (__m512bh)pb);
-    }
-  }
-  for (int r = 0; r < RB; ++r)
-    for (int c = 0; c < nv; ++c) _mm512_mask_storeu_ps(out + r * os + h0 + 16 * c, m[c], acc[r][c]);
-}
-
 // Value rows j and j + 1 (at v0, v1; v1 null past the keys) interleaved: vp[h] = (v0[h], v1[h]).
 void pack_value_pair(const uint16_t* v0, const uint16_t* v1, int64_t H, uint32_t* vp) {
   for (int64_t h = 0; h < H; h += 32) {
@@ -622,7 +610,7 @@ struct AttnTraits<float> {
   template <int RB>
   static void pv(const float* p, int64_t ps, const float* v, int64_t vs, const uint32_t*,
                  int64_t n, int64_t H, int64_t h0, float* out, int64_t os) {
-    pv_rows_f32<RB>(p, ps, v, vs, n, H, h0, out, os);
+    pv_rows<DotF32, RB>(p, ps, v, vs, n, H, h0, out, os);
   }
 };
 
@@ -649,7 +637,7 @@ struct AttnTraits<uint16_t> {
   template <int RB>
   static void pv(const uint16_t* p, int64_t ps, const uint16_t*, int64_t, const uint32_t* vp,
                  int64_t n, int64_t H, int64_t h0, float* out, int64_t os) {
-    pv_rows_bf16<RB>(p, ps, vp, n, H, h0, out, os);
+    pv_rows<DotBf16, RB>(p, ps, vp, H, n, H, h0, out, os);
   }
 };
 #endif
