@@ -242,3 +242,31 @@ def test_nan_payload_is_caught_through_the_bfloat16_cast(tmp_path, hf_tensors):
     model = load_pretrained(path, dtype=jnp.bfloat16, quiet=True)
     got = np.asarray(model.params["grok"]["embed_tokens"]).view(np.uint16)
     np.testing.assert_array_equal(got, ok[EMBED].astype(jnp.bfloat16).view(np.uint16))
+
+
+@pytest.mark.parametrize(
+    "dtype", [jnp.bfloat16, jnp.float16, jnp.float8_e4m3fn, jnp.float8_e5m2, np.float32, np.float64]
+)
+def test_finiteness_check_agrees_with_isfinite(dtype):
+    """The loader's bit test against numpy's isfinite: every code of the 1- and 2-byte types,
+    and the edges of float32 / float64, alone and in arrays longer than one check chunk."""
+    from grok.checkpoint.reader import _CHECK_CHUNK, _finite
+
+    dtype = np.dtype(dtype)
+    if dtype.itemsize <= 2:
+        values = np.arange(1 << (8 * dtype.itemsize), dtype=f"u{dtype.itemsize}").view(dtype)
+    else:
+        info = np.finfo(dtype)
+        values = np.array([0, -0.0, info.max, -info.max, info.tiny, np.inf, -np.inf, np.nan], dtype)
+        values = np.concatenate([values, -values])
+    with np.errstate(invalid="ignore"):  # NaN codes cast
+        finite = np.isfinite(values.astype(np.float64))
+    assert (~finite).any() and finite.any()
+    for value, want in zip(values, finite, strict=True):
+        assert _finite(np.array([value])) == want, (dtype, value)
+    long = np.zeros(_CHECK_CHUNK + 7, dtype)
+    for value, want in zip(values[::61], finite[::61], strict=True):
+        long[-1] = value  # in the second chunk
+        assert _finite(long) == want, (dtype, value)
+    long[-1] = values[~finite][0]
+    assert not _finite(long)
