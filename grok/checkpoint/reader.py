@@ -9,17 +9,22 @@ shape is what the weight table says.
 Then each parameter is built device shard by device shard. A shard is one host buffer in
 the parameter's own layout, which is the release's ``[out, in]`` reshaped (``grok.params``),
 so filling it is a copy of file bytes, split into (file, row range) units that a thread
-pool runs in parallel (copies out of a memory map release the GIL). The finished buffer is
-placed on its device(s) before the next shard is read, so the host holds about one device
-shard at a time; on the CPU backend ``device_put`` of a page-aligned buffer takes it
-without a copy. FP8 weights travel as their 1-byte codes, copied like any bytes, and are
-dequantised on the device after placement (``_build_fp8``, ``grok.quant.dequantize``); on the
-CPU backend, sharded ones needing a layer at a time are dequantised unit by unit on the way
-into the buffer instead (``_fp8_on_device`` says why).
+pool runs in parallel (copies out of a memory map release the GIL); the next shard's units
+are queued before a finished shard is placed on its device(s) (``HostBuffers``). On the CPU
+backend ``device_put`` adopts a page-aligned buffer without a copy, so each shard is read
+into new memory that becomes the array; on an accelerator shards are read into one or two
+reused host buffers, the next read overlapping the last transfer, so the host holds at most
+two device shards beyond the arrays. FP8 weights travel as their 1-byte codes, copied like
+any bytes, and are dequantised on the device after placement (``_build_fp8``,
+``grok.quant.dequantize``); on the CPU backend, sharded ones needing a layer at a time are
+dequantised unit by unit on the way into the buffer instead (``_fp8_on_device`` says why).
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import dataclasses
 import functools
 import itertools
 import math
@@ -79,6 +84,7 @@ class ReleasedCheckpoint:
         self.specs = weight_specs(config)
         self._scales: dict[str, str] = {}  # FP8 weight name -> its scale tensor's name
         self._check_finite, self._non_finite = True, []  # set by load_params; filled by _copy
+        self._buffers = HostBuffers(staged=False)  # set by load_params
         self._validate()
 
     def close(self) -> None:
@@ -421,7 +427,7 @@ class ReleasedCheckpoint:
             g = grid if layer is None else grid[layer : layer + 1]
             w = _dequantize_fn(spec.lead, out_dtype, sharding)(codes, g, rows, cols)
             w.block_until_ready()  # the codes freed before the next parameter's are read
-            codes.delete()
+            self._buffers.delete(codes)
             return w
         out = _zeros(spec.shape, out_dtype, sharding)
         update = _dequantize_into_fn(spec.lead, out_dtype, sharding)
@@ -429,7 +435,7 @@ class ReleasedCheckpoint:
             for i in range(spec.shape[0]):
                 codes = self._build_host(spec, sharding, codes_dtype, pool, counted, i)
                 out = update(out, codes, grid[i : i + 1], rows, cols, i)
-                codes.delete()
+                self._buffers.delete(codes)
         except BaseException:
             out.delete()
             raise
@@ -443,30 +449,52 @@ class ReleasedCheckpoint:
         )
 
     def _build_host(self, spec, sharding, buffer_dtype, pool, on_bytes, layer) -> jax.Array:
-        """``spec`` (``layer``'s [1, ...] only if given) as ``buffer_dtype``, shard by shard."""
+        """``spec`` (``layer``'s [1, ...] only if given) as ``buffer_dtype``, shard by shard.
+
+        Pipelined: the next shard's copy units are queued before the previous shard is
+        placed, so the pool never idles at a shard's tail, and (accelerators) a shard's
+        transfer overlaps the next one's reads.
+        """
         shape = spec.shape if layer is None else (1, *spec.shape[1:])
         groups: dict[tuple, tuple[tuple[slice, ...], list]] = {}
         for device, index in sharding.addressable_devices_indices_map(shape).items():
             key = tuple(s.indices(n) for s, n in zip(index, shape, strict=True))
             groups.setdefault(key, (index, []))[1].append(device)
-        arrays = []
-        for index, devices in groups.values():
-            index = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape, strict=True))
-            if layer is not None:
-                index = (slice(layer, layer + 1), *index[1:])
-            buffer = aligned_empty(tuple(s.stop - s.start for s in index), buffer_dtype)
-            for future in [pool.submit(job) for job in self.shard_units(spec, index, buffer)]:
-                future.result()
-            if self._non_finite:
-                self._raise_non_finite()
-            if on_bytes is not None:
-                on_bytes(buffer.nbytes)
-            placed = [jax.device_put(buffer, d) for d in devices]
-            if devices[0].platform != "cpu":  # host memory: one shard in flight
-                jax.block_until_ready(placed)
-            arrays += placed
-            del buffer
+        buffers = self._buffers
+        arrays: list[jax.Array] = []
+        pending: collections.deque[_Shard] = collections.deque()
+        try:
+            for index, devices in groups.values():
+                index = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape, strict=True))
+                if layer is not None:
+                    index = (slice(layer, layer + 1), *index[1:])
+                if len(pending) == buffers.window:
+                    arrays += self._place(pending.popleft(), on_bytes)
+                buffer, slot = buffers.take(tuple(s.stop - s.start for s in index), buffer_dtype)
+                jobs = self.shard_units(spec, index, buffer)
+                pending.append(_Shard(buffer, slot, devices, [pool.submit(j) for j in jobs]))
+            while pending:
+                arrays += self._place(pending.popleft(), on_bytes)
+        except BaseException:
+            # No copy may still be writing into a buffer that is reused or freed.
+            futures = [f for shard in pending for f in shard.futures]
+            for future in futures:
+                future.cancel()
+            concurrent.futures.wait(futures)
+            for array in arrays:
+                array.delete()
+            raise
         return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+    def _place(self, shard: _Shard, on_bytes: Callable[[int], None] | None) -> list[jax.Array]:
+        """Waits for ``shard``'s copies, then puts its buffer on its devices."""
+        for future in shard.futures:
+            future.result()
+        if self._non_finite:
+            self._raise_non_finite()
+        if on_bytes is not None:
+            on_bytes(shard.buffer.nbytes)
+        return self._buffers.place(shard.buffer, shard.slot, shard.devices)
 
     def load_params(
         self,
@@ -500,6 +528,7 @@ class ReleasedCheckpoint:
 
         sharding_for = sharding_for or default
         scale_sharding_for = scale_sharding_for or sharding_for
+        self._buffers = self._host_buffers(dtype, sharding_for, quantize)
         params: dict[str, dict[str, jax.Array]] = {}
         workers = workers or os.cpu_count() or 1
         try:
@@ -517,7 +546,27 @@ class ReleasedCheckpoint:
             for array in jax.tree_util.tree_leaves(params):
                 array.delete()
             raise
+        finally:
+            self._buffers.drain()
+            self._buffers = HostBuffers(staged=False)  # the staging memory freed
         return params
+
+    def _host_buffers(self, dtype, sharding_for, quantize) -> HostBuffers:
+        """The load's ``HostBuffers``: staged off the CPU backend, with a second slot (reads
+        overlapping transfers) only where it fits the memory budget, 5% of the checkpoint."""
+        first = sharding_for(self.specs[0])
+        if not stages_on_host(next(iter(first.device_set))):
+            return HostBuffers(staged=False)
+        largest = 0
+        for spec in self.specs:
+            sharding = sharding_for(spec)
+            if quantize is not None and spec.quantized:  # float32, a layer at a time
+                shape, item = (1, *spec.shape[1:]), 4
+            else:
+                shape, item = spec.shape, jnp.dtype(spec.dtype(dtype)).itemsize
+            largest = max(largest, math.prod(sharding.shard_shape(shape)) * item)
+        checkpoint = sum(path.stat().st_size for path in self.files.files)
+        return HostBuffers(staged=True, count=2 if largest <= 0.05 * checkpoint else 1)
 
     def _load_quantized(self, spec, sharding, scale_sharding, pool, on_bytes):
         """(float8 weight, float32 per-output-channel scale), one layer at a time."""
@@ -527,7 +576,7 @@ class ReleasedCheckpoint:
         for layer in range(spec.shape[0]):
             w = self.build(spec, sharding, jnp.float32, pool, on_bytes, layer=layer)
             qs, ss = update(qs, ss, w, layer)
-            w.delete()
+            self._buffers.delete(w)
         return qs, ss
 
 
@@ -544,6 +593,95 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux
         memory.madvise(mmap.MADV_NOHUGEPAGE)
     return np.frombuffer(memory, np.uint8, nbytes).view(dtype).reshape(shape)
+
+
+def stages_on_host(device: jax.Device) -> bool:
+    """Whether shards bound for ``device`` are copied to it out of reused host buffers.
+
+    Everywhere but the CPU backend, which adopts each (page-aligned) shard buffer as the
+    device array without a copy: there the buffer is the loaded array and must be new memory.
+    """
+    return device.platform != "cpu"
+
+
+@dataclasses.dataclass
+class _Shard:
+    """One device shard being read: its buffer, ring slot, devices and copy jobs."""
+
+    buffer: np.ndarray
+    slot: int | None
+    devices: list[jax.Device]
+    futures: list[concurrent.futures.Future]
+
+
+class HostBuffers:
+    """Where shards are read on the host before ``device_put``.
+
+    ``staged=False`` (CPU backend): every shard gets fresh page-aligned memory, adopted as
+    the device array, so no memory is held beyond the arrays; ``window`` 2 only lets the
+    next shard's copies start before this one is placed.
+
+    ``staged=True`` (accelerators): a ring of ``count`` buffers, reused for the whole load,
+    so reads run at page-cache copy speed instead of paying fresh memory's page faults, and
+    host memory stays at ``count`` x the largest shard. A slot is handed out again only once
+    the arrays last placed from it are ready: their transfer has finished reading it. With
+    two slots the next shard's reads overlap this shard's transfer. An array placed from a
+    slot is deleted through ``delete``, which waits for its transfer first (a deleted array
+    can no longer be waited on).
+    """
+
+    def __init__(self, staged: bool, count: int = 2):
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
+        self.staged = staged
+        self.window = count if staged else 2
+        self._memory: list[np.ndarray | None] = [None] * count
+        self._in_flight: list[list[jax.Array]] = [[] for _ in range(count)]
+        self._next = 0
+
+    def take(self, shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarray, int | None]:
+        """An uninitialised ``shape`` array to read a shard into, and its ring slot."""
+        if not self.staged:
+            return aligned_empty(shape, dtype), None
+        slot, self._next = self._next, (self._next + 1) % len(self._memory)
+        _wait(self._in_flight[slot])  # its last transfer has read it
+        self._in_flight[slot] = []
+        nbytes = math.prod(shape) * dtype.itemsize
+        memory = self._memory[slot]
+        if memory is None or memory.nbytes < nbytes:
+            self._memory[slot] = None  # the old one freed before the new one is touched
+            memory = self._memory[slot] = aligned_empty((nbytes,), np.dtype(np.uint8))
+        return memory[:nbytes].view(dtype).reshape(shape), slot
+
+    def place(
+        self, buffer: np.ndarray, slot: int | None, devices: list[jax.Device]
+    ) -> list[jax.Array]:
+        """``buffer`` on each of ``devices``; a staged slot is busy until they are ready."""
+        if slot is None:
+            return [jax.device_put(buffer, d) for d in devices]
+        # may_alias=False: a reused buffer must never be an array's memory. (XLA:CPU aliases
+        # an aligned numpy buffer even so, in jax 0.10: one reason the CPU never stages.)
+        placed = [jax.device_put(buffer, d, may_alias=False) for d in devices]
+        self._in_flight[slot] = placed
+        return placed
+
+    def delete(self, array: jax.Array) -> None:
+        """Deletes ``array`` (built from ``place``'s arrays) once no transfer reads for it."""
+        if self.staged:
+            array.block_until_ready()
+        array.delete()
+
+    def drain(self) -> None:
+        """Waits for every transfer still reading a staged buffer."""
+        for arrays in self._in_flight:
+            _wait(arrays)
+        self._in_flight = [[] for _ in self._in_flight]
+
+
+def _wait(arrays: list[jax.Array]) -> None:
+    """Blocks until ``arrays`` are ready; deleted ones were waited for by ``delete`` (or
+    deleted on an error, after which no buffer is reused)."""
+    jax.block_until_ready([a for a in arrays if not a.is_deleted()])
 
 
 def _to_bfloat16(x: np.ndarray, out: np.ndarray) -> None:
