@@ -11,6 +11,8 @@ Steps, each recorded in the JSON:
    full precision (``JAX_DEFAULT_MATMUL_PRECISION=highest``: accelerators otherwise use
    reduced-precision float32 matmuls, which the 1e-4 reference tolerances do not allow).
    Skipped with ``--tests none`` or when pytest is not installed.
+   Then loading (``--no-load`` skips it): ``scripts/bench_load.py``'s bf16 checkpoint read
+   onto this device, against a plain read of the same files (``measure_loading``).
 2. Rooflines measured on this device: the copy bandwidth (``y = x + 1`` over a large bfloat16
    array: 2 * bytes / t) and the bfloat16 matmul rate ([n, n] x [n, n], float32
    accumulation: 2 n^3 / t).
@@ -46,6 +48,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -165,6 +168,37 @@ def run_tests(modules: Sequence[str]) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - start, 1),
         "failures": [ln for ln in lines if ln.startswith(("FAILED", "ERROR"))][:20],
     }
+
+
+# Step 1b: loading.
+LOAD_TIMEOUT_S = 240
+
+
+def measure_loading(small: bool, skip: str | None) -> dict[str, Any]:
+    """``scripts/bench_load.py`` on its bf16 checkpoint (1e9 parameters; ``--small``: 2e7),
+    onto this device: GB/s against a plain read of the same page-cached files, and host
+    memory above the arrays. The accelerator path (``HostBuffers``: reused host buffers,
+    reads overlapping transfers) runs nowhere else. In a subprocess, before this process
+    takes the device."""
+    if skip:
+        return {"skipped": skip}
+    with tempfile.TemporaryDirectory(prefix="grok_device_load_") as tmp:
+        out = Path(tmp) / "load.json"
+        command = [sys.executable, str(ROOT / "scripts" / "bench_load.py"), "--kinds", "bf16"]
+        command += ["--loads", "single", "--dir", str(Path(tmp) / "ckpt"), "--json", str(out)]
+        try:
+            proc = subprocess.run(
+                command + (["--small"] if small else []),
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=LOAD_TIMEOUT_S,
+            )
+        except subprocess.TimeoutExpired:
+            return {"timed_out_s": LOAD_TIMEOUT_S}
+        if proc.returncode != 0:
+            return {"returncode": proc.returncode, "tail": proc.stderr[-2000:]}
+        return json.loads(out.read_text())
 
 
 # Step 2: rooflines.
@@ -484,6 +518,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="'default' (DEVICE_TEST_MODULES), 'none', or comma-separated test files",
     )
     p.add_argument("--quantize", default="none,fp8", help="weight formats: none and/or fp8")
+    p.add_argument("--no-load", action="store_true", help="skip the loading benchmark")
     p.add_argument("--prefill", default=None, help="prompt lengths, e.g. 2048,8192")
     p.add_argument("--decode-batches", default=None, help="decode batch sizes, e.g. 1,8,64")
     p.add_argument("--repeats", type=int, default=3, help="timed calls after the compiling one")
@@ -505,6 +540,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if modules is None:
         modules = tuple(args.tests.split(","))
     tests = run_tests(modules)  # first: its process needs the device before this one holds it
+    loading = measure_loading(args.small, "--no-load" if args.no_load else None)  # likewise
 
     base = SMALL_SHAPES if args.small else FULL_SHAPES
     shapes = dataclasses.replace(
@@ -528,6 +564,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "python": platform.python_version(),
         "small": args.small,
         "tests": tests,
+        "loading": loading,
     }
     repeats = max(args.repeats, ROOFLINE_REPEATS)
     rates = {

@@ -56,6 +56,12 @@ def _positive(x) -> bool:
 def test_small_run_reports_every_figure(report):
     assert report["platform"] == "cpu" and report["small"] is True
     assert report["tests"] == {"skipped": "--tests none"}
+    loading = report["loading"]
+    assert loading["small"] is True and list(loading["kinds"]) == ["bf16"], loading
+    bf16 = loading["kinds"]["bf16"]
+    assert _positive(bf16["plain_read_gb_s"]) and _positive(bf16["new_memory_copy_gb_s"])
+    assert bf16["single"]["device"] == "cpu" and "mesh" not in bf16
+    assert _positive(bf16["single"]["gb_s"]) and _positive(bf16["single"]["of_plain_read"])
     assert _positive(report["copy_bandwidth_bytes_per_s"])
     assert _positive(report["bf16_matmul_flops_per_s"])
     assert report["model"]["layers"] == 2  # the small run's fixed depth
