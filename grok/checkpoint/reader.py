@@ -289,7 +289,11 @@ class ReleasedCheckpoint:
                 continue
             n_rows = rows.stop - rows.start
             dst2 = dst.reshape(n_rows, -1) if matrix_2d else dst.reshape(-1)
-            for entry, r, c, r_into, c_into in self._pieces(name, spec, rows, cols):
+            pieces = list(self._pieces(name, spec, rows, cols))
+            if matrix_2d and len(pieces) > 1 and spec.tp_dim == 1:
+                jobs += self._column_units(pieces, dst2)
+                continue
+            for entry, r, c, r_into, c_into in pieces:
                 target = dst2[r_into, c_into] if matrix_2d else dst2[r_into]
                 row_bytes = max(1, target[0].nbytes if target.ndim > 1 else target.itemsize)
                 step = max(1, UNIT_BYTES // row_bytes)
@@ -298,6 +302,26 @@ class ReleasedCheckpoint:
                     local = slice(r.start + r0, r.start + r1)
                     jobs.append(functools.partial(self._copy, entry, local, c, target[r0:r1]))
         return jobs
+
+    def _column_units(self, pieces, dst2: np.ndarray) -> list[Callable[[], None]]:
+        """Jobs filling ``dst2`` [R, C] from TP slices side by side in its columns: each job a
+        block of whole rows, every slice's part of them in turn. One job per slice wrote a
+        fraction of every row across the whole buffer: 2.2 against 3.3 GB/s for row blocks
+        (8 slices of [2048, 256] bf16 into fresh memory, two threads, this machine)."""
+        step = max(1, UNIT_BYTES // max(1, dst2[0].nbytes))
+        jobs: list[Callable[[], None]] = []
+        for r0 in range(0, dst2.shape[0], step):
+            r1 = min(dst2.shape[0], r0 + step)
+            parts = [
+                (entry, slice(r.start + r0, r.start + r1), c, dst2[r0:r1, c_into])
+                for entry, r, c, _, c_into in pieces
+            ]
+            jobs.append(functools.partial(self._copy_parts, parts))
+        return jobs
+
+    def _copy_parts(self, parts) -> None:
+        for entry, rows, cols, dst in parts:
+            self._copy(entry, rows, cols, dst)
 
     def _copy_sliced(self, spec, name, rows, cols, post, dst) -> None:
         k = len(spec.unit_shape) - spec.in_axes if spec.matrix else len(spec.unit_shape)
