@@ -684,7 +684,8 @@ class HostBuffers:
         if slot is None:
             return [jax.device_put(buffer, d) for d in devices]
         # may_alias=False: a reused buffer must never be an array's memory. (XLA:CPU aliases
-        # an aligned numpy buffer even so, in jax 0.10: one reason the CPU never stages.)
+        # a numpy buffer even so, jax-ml/jax#37830: one reason the CPU never stages.) Off the
+        # CPU, PJRT reads the host buffer until the transfer completes, hence ``take``'s wait.
         placed = [jax.device_put(buffer, d, may_alias=False) for d in devices]
         self._in_flight[slot] = placed
         return placed
