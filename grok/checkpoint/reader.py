@@ -493,12 +493,14 @@ class ReleasedCheckpoint:
                 if layer is not None:
                     index = (slice(layer, layer + 1), *index[1:])
                 if len(pending) == buffers.window:
-                    arrays += self._place(pending.popleft(), on_bytes)
+                    arrays += self._place(pending[0], on_bytes)
+                    pending.popleft()  # only once placed: a failure cancels its copies too
                 buffer, slot = buffers.take(tuple(s.stop - s.start for s in index), buffer_dtype)
                 jobs = self.shard_units(spec, index, buffer)
                 pending.append(_Shard(buffer, slot, devices, [pool.submit(j) for j in jobs]))
             while pending:
-                arrays += self._place(pending.popleft(), on_bytes)
+                arrays += self._place(pending[0], on_bytes)
+                pending.popleft()
         except BaseException:
             # No copy may still be writing into a buffer that is reused or freed.
             futures = [f for shard in pending for f in shard.futures]
