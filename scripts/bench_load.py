@@ -170,10 +170,10 @@ def copy_into_new_memory(directory: Path) -> tuple[int, float]:
     """Every file copied into new memory that stays allocated to the end: a CPU-backend load's
     floor, since its arrays are such memory (page faults included; memory freed and taken
     again, as a file-by-file read into throwaway arrays does, would hide them). One thread
-    per core over 8 MiB units, into the loader's own kind of buffer (``aligned_empty``)."""
+    per core over the loader's copy units, into its own kind of buffer (``aligned_empty``)."""
+    from grok.checkpoint.reader import UNIT_BYTES as unit
     from grok.checkpoint.reader import aligned_empty
 
-    unit = 8 << 20
     kept, jobs = [], []
     start = time.perf_counter()
     for path in sorted(directory.glob("*.safetensors")):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from grok import memory_plan
 from grok.builtin import builtin_dir
 from grok.checkpoint.grok1 import is_grok1_checkpoint, load_grok1_params
-from grok.checkpoint.reader import ReleasedCheckpoint, shard_read_bytes
+from grok.checkpoint.reader import ReleasedCheckpoint, build_itemsize, shard_read_bytes
 from grok.config import GrokConfig, load_config
 from grok.errors import ConfigError
 from grok.memory_plan import check_fits, plan_memory
@@ -99,8 +99,7 @@ def load(
     with ReleasedCheckpoint(path, config) as ckpt:
         total = 0
         for spec in ckpt.specs:
-            quantized = quantize is not None and spec.quantized
-            item = 4 if quantized else jnp.dtype(spec.dtype(dtype)).itemsize  # f32 layers
+            item = build_itemsize(spec, jnp.dtype(dtype), quantize)
             total += shard_read_bytes(spec.shape, sharding_for(spec), item)
         with progress_bar(total, desc=f"loading {os.fspath(path)}", quiet=quiet) as bar:
             params = ckpt.load_params(

@@ -295,10 +295,8 @@ class ReleasedCheckpoint:
                 continue
             for entry, r, c, r_into, c_into in pieces:
                 target = dst2[r_into, c_into] if matrix_2d else dst2[r_into]
-                row_bytes = max(1, target[0].nbytes if target.ndim > 1 else target.itemsize)
-                step = max(1, UNIT_BYTES // row_bytes)
-                for r0 in range(0, target.shape[0], step):
-                    r1 = min(target.shape[0], r0 + step)
+                row_bytes = target[0].nbytes if target.ndim > 1 else target.itemsize
+                for r0, r1 in _row_blocks(target.shape[0], row_bytes):
                     local = slice(r.start + r0, r.start + r1)
                     jobs.append(functools.partial(self._copy, entry, local, c, target[r0:r1]))
         return jobs
@@ -308,10 +306,8 @@ class ReleasedCheckpoint:
         block of whole rows, every slice's part of them in turn. One job per slice wrote a
         fraction of every row across the whole buffer: 2.2 against 3.3 GB/s for row blocks
         (8 slices of [2048, 256] bf16 into fresh memory, two threads, this machine)."""
-        step = max(1, UNIT_BYTES // max(1, dst2[0].nbytes))
         jobs: list[Callable[[], None]] = []
-        for r0 in range(0, dst2.shape[0], step):
-            r1 = min(dst2.shape[0], r0 + step)
+        for r0, r1 in _row_blocks(dst2.shape[0], dst2[0].nbytes):
             parts = [
                 (entry, slice(r.start + r0, r.start + r1), c, dst2[r0:r1, c_into])
                 for entry, r, c, _, c_into in pieces
@@ -585,12 +581,10 @@ class ReleasedCheckpoint:
             return HostBuffers(staged=False)
         largest = 0
         for spec in self.specs:
-            sharding = sharding_for(spec)
-            if quantize is not None and spec.quantized:  # float32, a layer at a time
-                shape, item = (1, *spec.shape[1:]), 4
-            else:
-                shape, item = spec.shape, jnp.dtype(spec.dtype(dtype)).itemsize
-            largest = max(largest, math.prod(sharding.shard_shape(shape)) * item)
+            layered = quantize is not None and spec.quantized  # built a layer at a time
+            shape = (1, *spec.shape[1:]) if layered else spec.shape
+            item = build_itemsize(spec, dtype, quantize)
+            largest = max(largest, math.prod(sharding_for(spec).shard_shape(shape)) * item)
         checkpoint = sum(path.stat().st_size for path in self.files.files)
         return HostBuffers(staged=True, count=2 if largest <= 0.05 * checkpoint else 1)
 
@@ -619,6 +613,21 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux
         memory.madvise(mmap.MADV_NOHUGEPAGE)
     return np.frombuffer(memory, np.uint8, nbytes).view(dtype).reshape(shape)
+
+
+def _row_blocks(n_rows: int, row_bytes: int):
+    """(start, stop) of consecutive row ranges of about ``UNIT_BYTES`` each: copy units."""
+    step = max(1, UNIT_BYTES // max(1, row_bytes))
+    for r0 in range(0, n_rows, step):
+        yield r0, min(n_rows, r0 + step)
+
+
+def build_itemsize(spec: WeightSpec, dtype: jnp.dtype, quantize: str | None) -> int:
+    """Bytes per element that ``load_params`` builds ``spec`` in: float32 where it is
+    quantised on the device (a layer at a time), else ``spec``'s dtype under ``dtype``."""
+    if quantize is not None and spec.quantized:
+        return 4
+    return jnp.dtype(spec.dtype(dtype)).itemsize
 
 
 def stages_on_host(device: jax.Device) -> bool:
