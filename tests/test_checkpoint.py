@@ -270,6 +270,9 @@ def test_finiteness_check_agrees_with_isfinite(dtype):
         assert _finite(long) == want, (dtype, value)
     long[-1] = values[~finite][0]
     assert not _finite(long)
+    wide = np.zeros((_CHECK_CHUNK // 8 + 3, 16), dtype)  # a strided column block, as TP
+    wide[-1, 9] = values[~finite][0]  # slices side by side give the check
+    assert _finite(wide[:, :8]) and not _finite(wide[:, 8:])
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

@@ -749,16 +749,19 @@ def _finite(x: np.ndarray) -> bool:
     """
     if x.dtype not in _NON_FINITE_FROM:
         return bool(np.all(np.isfinite(x)))
-    bits = x.view(np.dtype(f"u{x.dtype.itemsize}")).reshape(-1)
+    bits = x.view(np.dtype(f"u{x.dtype.itemsize}"))
+    # Rows, so that a strided unit (TP slices side by side) is not copied flat first.
+    rows = bits.reshape(len(bits), -1) if bits.ndim else bits.reshape(1, 1)
     no_sign = np.array((1 << (8 * x.dtype.itemsize - 1)) - 1, bits.dtype)
+    step = max(1, _CHECK_CHUNK // max(1, rows.shape[1]))
     scratch = getattr(_scratch, bits.dtype.name, None)
-    if scratch is None:
-        scratch = np.empty(_CHECK_CHUNK, bits.dtype)
+    if scratch is None or scratch.size < step * rows.shape[1]:
+        scratch = np.empty(max(_CHECK_CHUNK, step * rows.shape[1]), bits.dtype)
         setattr(_scratch, bits.dtype.name, scratch)
-    for start in range(0, bits.size, _CHECK_CHUNK):
-        part = bits[start : start + _CHECK_CHUNK]
-        magnitude = np.bitwise_and(part, no_sign, out=scratch[: part.size])
-        if magnitude.max() >= _NON_FINITE_FROM[x.dtype]:
+    for start in range(0, len(rows), step):
+        part = rows[start : start + step]
+        magnitude = np.bitwise_and(part, no_sign, out=scratch[: part.size].reshape(part.shape))
+        if magnitude.max(initial=0) >= _NON_FINITE_FROM[x.dtype]:
             return False
     return True
 
