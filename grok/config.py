@@ -1,7 +1,7 @@
 """Model configuration: one frozen dataclass with the Hugging Face field names.
 
 The field names are those of the released Grok-2 ``config.json`` (see
-``../shared/spec/grok2.md`` section 1), plus the few knobs that only Grok-1 needs
+``docs/spec.md`` section 1), plus the few knobs that only Grok-1 needs
 (``attn_output_multiplier``, ``tie_word_embeddings``, ``hidden_act``). Caps and the
 attention temperature length are ``None`` when off; in a JSON file a value that is
 absent, 0 or negative also means off, as the reference engine reads it. The named configs
@@ -14,7 +14,6 @@ F dense MLP width, Fe expert width, E experts, k experts per token, L layers.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import math
 import os
@@ -267,7 +266,8 @@ class GrokConfig:
                             f"got {_shown(value)}"
                         ) from None
             elif field.name == "hidden_act":
-                if value not in _HIDDEN_ACT_ALIASES:
+                # A string is checked first: a list or dict here would not hash.
+                if not isinstance(value, str) or value not in _HIDDEN_ACT_ALIASES:
                     raise ConfigError(
                         f"{source}: field 'hidden_act' must be one of "
                         f"{sorted(_HIDDEN_ACT_ALIASES)}, got {value!r}"
@@ -408,18 +408,3 @@ def _type_name(hint: Any) -> str:
     if isinstance(hint, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(hint))
     return getattr(hint, "__name__", str(hint))
-
-
-# The presets moved to ``grok.presets``; ``from grok.config import GROK2`` (and the other old
-# names) keeps working through this module hook (PEP 562). The import happens on first use,
-# not at the top, because ``grok.presets`` is built from this module's ``GrokConfig``: an
-# import at the top would be a circle.
-_MOVED_TO_PRESETS = frozenset(
-    {"GROK2", "GROK1", "TINY_GROK2", "TINY_GROK1", "PRESETS", "get_preset"}
-)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_PRESETS:
-        return getattr(importlib.import_module("grok.presets"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

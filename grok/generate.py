@@ -383,6 +383,11 @@ def _check_prompts(prompts: Any, vocab: int, context: int) -> list[list[int]]:
         raise GenerationError(
             f"prompts must be a sequence of token-id sequences, got {type(prompts).__name__}"
         )
+    if isinstance(prompts, np.ndarray) and prompts.ndim != 2 and prompts.dtype != object:
+        raise GenerationError(
+            f"prompts must be a sequence of token-id sequences ([B, T] for an array), got an "
+            f"array of shape {prompts.shape}"
+        )
     if len(prompts) == 0:
         raise GenerationError("prompts is empty: give at least one prompt")
     return [

@@ -26,7 +26,7 @@ Facts of the release (xai-org/grok-1 ``model.py``, ``checkpoint.py``, ``run.py``
   (attention linear, moe/linear_1) it is ``[..., 8, out]``, one scale row per block of in/8
   rows. The weight is ``weight * scales`` with each scale row spread over its block.
 
-Here each leaf becomes the Hugging Face tensor(s) of ``../shared/spec/grok2.md`` section 4, in
+Here each leaf becomes the Hugging Face tensor(s) of ``docs/spec.md`` section 4, in
 PyTorch ``[out, in]`` layout, experts split per expert. Quantised matrices stay quantised: a
 ``QuantizedWeight8bit`` whose int8 ``weight`` is ``[out, in]`` and whose ``scales`` follow the
 block rule below, so ``o_proj`` has scales [D, 8] and ``w2`` [D, 8] (blocks of the input axis),

@@ -1,7 +1,7 @@
 """Named configs: Grok-2 and Grok-1 as released, tiny test shapes, and the resolver that turns
 a command line's "preset or path" into a ``GrokConfig``.
 
-Every number is the one in ``../shared/spec/grok2.md`` (section 1 for Grok-2, section 3 for
+Every number is the one in ``docs/spec.md`` (section 1 for Grok-2, section 3 for
 Grok-1), written as the expression it is where it is one (``8192**0.5``, not 90.50966799187809).
 
 Shape letters: V vocab, D model width, N query heads, K kv heads, H head dim, F dense MLP width,

@@ -5,7 +5,7 @@ Both tokenizers sit behind one interface, :class:`Tokenizer`: ``encode`` text to
 ``separator_id``). Every id handed to ``decode`` is checked: an id outside ``[0, V)`` or one
 that names no token raises :class:`~grok.errors.TokenizerError` with the id and the range.
 
-Grok-2's file (``../shared/spec/grok2.md`` section 5) is a byte-level BPE run by ``tiktoken``.
+Grok-2's file (``docs/spec.md`` section 5) is a byte-level BPE run by ``tiktoken``.
 What this module requires of a file's ``regular_tokens`` so that tiktoken runs it correctly:
 
 - every entry has a distinct, non-empty byte string and a distinct id; the id is the token's

@@ -23,10 +23,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from grok.api import Model  # noqa: E402
-from grok.config import GROK2, TINY_GROK2, GrokConfig  # noqa: E402
+from grok.config import GrokConfig  # noqa: E402
 from grok.generate import bucket_length  # noqa: E402
 from grok.kv_cache import KVCache  # noqa: E402
 from grok.model import forward_fns  # noqa: E402
+from grok.presets import GROK2, TINY_GROK2
 from grok.rope import rope_table  # noqa: E402
 
 # A small Grok-2-shaped model: every feature on (residual MoE, GQA with G = 4, caps,

@@ -44,8 +44,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from grok.api import load_pretrained  # noqa: E402
-from grok.config import TINY_GROK2  # noqa: E402
 from grok.params import weight_specs  # noqa: E402
+from grok.presets import TINY_GROK2  # noqa: E402
 from grok.quant import FP8_BLOCK  # noqa: E402
 from grok.sharding import make_mesh  # noqa: E402
 

@@ -57,12 +57,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from grok.config import GROK2, GrokConfig
+from grok.config import GrokConfig
 from grok.kv_cache import KVCache
 from grok.layers import activation
 from grok.memory_plan import device_bytes_limit
 from grok.model import forward_fns
 from grok.moe import EXPERT_IN_AXIS, moe_blocks, moe_ragged
+from grok.presets import GROK2
 from grok.rope import rope_table
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,6 +1,6 @@
 """An independent float64 numpy reference of the Grok-2 / Grok-1 forward pass: the test oracle.
 
-Written from ``../shared/spec/grok2.md`` sections 1-3 only, never from the library's model
+Written from ``docs/spec.md`` sections 1-3 only, never from the library's model
 code, so that the library can be checked against it. Readability comes before speed: plain
 loops where they are clearer, everything in float64, no batching tricks.
 

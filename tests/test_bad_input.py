@@ -7,6 +7,7 @@ The bounded-cost cases run in one child process whose address space may grow by 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -20,7 +21,7 @@ import pytest
 from grok1_fixtures import quantize_release, release_pickle_bytes
 
 from grok.api import Model
-from grok.config import GROK2, TINY_GROK1, TINY_GROK2, GrokConfig
+from grok.config import GrokConfig
 from grok.errors import (
     CheckpointError,
     ConfigError,
@@ -29,6 +30,7 @@ from grok.errors import (
     UnsafePickleError,
 )
 from grok.grok1_checkpoint import grok1_leaves, load_release_pickle
+from grok.presets import GROK2, TINY_GROK1, TINY_GROK2
 from grok.tokenizer import V1_PAT_STR, TokJsonTokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -232,7 +234,8 @@ _CHILD = textwrap.dedent(
     import json, os, resource, sys, time
     sys.path.insert(0, {repo!r})
     import grok
-    from grok.config import GrokConfig, GROK2, load_config
+    from grok.config import GrokConfig, load_config
+    from grok.presets import GROK2
     from grok.grok1_checkpoint import load_release_pickle
 
     with open("/proc/self/status") as f:
@@ -518,6 +521,9 @@ def test_logits_refuses_tokens_it_would_truncate_or_misread(unloaded_model, toke
         ([[1.5, 2.0]], GenerationError, "prompt 0 must hold integer token ids"),
         ([[3], [1, 2**40]], TokenizerError, f"prompt 1: token id {2**40} is outside"),
         ([[3], [-7]], TokenizerError, "prompt 1: token id -7 is outside"),
+        (np.array(5), GenerationError, r"prompts must be .* got an array of shape \(\)"),
+        (np.array([1, 2]), GenerationError, r"prompts must be .* got an array of shape \(2,\)"),
+        (7, GenerationError, "prompts must be a sequence of token-id sequences, got int"),
     ],
 )
 def test_generate_uses_the_same_check(unloaded_model, prompts, error, match):
@@ -539,3 +545,19 @@ def test_numbers_yarn_would_divide_by_or_cannot_compare_are_refused(changes, mat
     data = {**GROK2.to_dict(), "rope_type": "yarn", **changes}
     with pytest.raises(ConfigError, match=match):
         GrokConfig.from_dict(data, source="cfg.json")
+
+
+@pytest.mark.parametrize("value", [["gelu"], {"gelu": 1}, 1, None])
+def test_a_hidden_act_that_is_not_a_string_names_the_field(value):
+    with pytest.raises(ConfigError, match=r"cfg\.json: field 'hidden_act' must be one of"):
+        GrokConfig.from_dict({**GROK2.to_dict(), "hidden_act": value}, source="cfg.json")
+
+
+@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(GrokConfig)])
+@pytest.mark.parametrize("value", [["x"], {"x": 1}, "x"], ids=["list", "dict", "str"])
+def test_every_field_of_the_wrong_json_type_is_a_config_error(field, value):
+    data = {**GROK2.to_dict(), field: value}
+    try:
+        GrokConfig.from_dict(data, source="cfg.json")
+    except ConfigError as e:
+        assert field in str(e)

@@ -10,8 +10,8 @@ from safetensors.numpy import load_file
 
 from grok.api import load_pretrained
 from grok.checkpoint import ReleasedCheckpoint, read_header, save_file
-from grok.config import TINY_GROK2
 from grok.errors import CheckpointError
+from grok.presets import TINY_GROK2
 from grok.testing import write_checkpoint
 
 CONFIG = TINY_GROK2

@@ -4,9 +4,10 @@ import json
 
 import pytest
 
-from grok.config import GROK1, GROK2, PRESETS, GrokConfig, get_preset, load_config
+from grok.config import GrokConfig, load_config
 from grok.errors import ConfigError
 from grok.params import count_parameters
+from grok.presets import GROK1, GROK2, PRESETS, get_preset
 
 RELEASED = {  # the released config.json values (spec section 1), with extra keys
     "vocab_size": 131072,

@@ -10,10 +10,10 @@ import pytest
 from conftest import random_params
 
 import grok.attention as attention
-from grok.config import TINY_GROK2
 from grok.kv_cache import KVCache
 from grok.model import forward_fns
 from grok.moe import MAX_BLOCK, block_size_for, moe_blocks, moe_dense_reference, moe_gather, route
+from grok.presets import TINY_GROK2
 from grok.rope import rope_table
 
 ACT = jax.nn.gelu

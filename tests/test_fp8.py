@@ -10,8 +10,8 @@ import pytest
 
 from grok.api import load_pretrained
 from grok.checkpoint import hf_to_params, save_file
-from grok.config import TINY_GROK2
 from grok.params import weight_specs
+from grok.presets import TINY_GROK2
 from grok.quant import E4M3_MAX, dequantize, dequantize_blocks, quantize, quantize_blocks
 from grok.sharding import make_mesh
 from grok.testing import write_checkpoint

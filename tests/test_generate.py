@@ -12,9 +12,9 @@ import pytest
 from conftest import random_params
 
 from grok.api import Model
-from grok.config import TINY_GROK2
 from grok.errors import GenerationError, TokenizerError
 from grok.generate import MIN_BUCKET, bucket_length
+from grok.presets import TINY_GROK2
 from grok.sampling import Sampler
 
 CONFIG = TINY_GROK2  # attn_temperature_len 4, context 128

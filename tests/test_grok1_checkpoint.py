@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from grok1_fixtures import release_pickle_bytes, write_grok1_checkpoint
 
-from grok.config import GROK1, TINY_GROK1, TINY_GROK2
 from grok.errors import CheckpointError, ConfigError, UnsafePickleError
 from grok.grok1_checkpoint import (
     QuantizedWeight8bit,
@@ -28,6 +27,7 @@ from grok.grok1_checkpoint import (
     read_grok1_checkpoint,
     release_file_name,
 )
+from grok.presets import GROK1, TINY_GROK1, TINY_GROK2
 
 CONFIG = TINY_GROK1  # D 64, N 4, K 2, H 16, E 8, Fe 48, L 2, V 256
 

@@ -25,7 +25,6 @@ from reference import expected_tensor_shapes, random_tensors, reference_logits
 import grok
 from grok.api import Model
 from grok.checkpoint import CheckpointFiles, hf_to_params
-from grok.config import GROK1, GROK2, TINY_GROK1, TINY_GROK2
 from grok.convert import convert_grok1_checkpoint
 from grok.errors import CheckpointError, ConfigError, UnsafePickleError
 from grok.grok1 import is_grok1_checkpoint, load_grok1, requantize_per_channel
@@ -36,6 +35,7 @@ from grok.grok1_checkpoint import (
     release_file_name,
 )
 from grok.params import hf_to_unit, unit_to_hf, weight_specs
+from grok.presets import GROK1, GROK2, TINY_GROK1, TINY_GROK2
 
 CONFIG = TINY_GROK1  # D 64, N 4, K 2, H 16, E 8, Fe 48, L 2, V 256
 MAX_REL_ERR = 1e-4  # float32 model vs float64 reference on the same weights
@@ -238,7 +238,7 @@ def test_converter_hard_crash_leaves_only_a_hidden_partial_folder(release, tmp_p
     script = textwrap.dedent(f"""
         import os, sys
         sys.path.insert(0, {REPO!r})
-        from grok.config import TINY_GROK1
+        from grok.presets import TINY_GROK1
         from grok.convert import convert_grok1_checkpoint
         def crash(path, count):
             if path.name.endswith("00002-TP-common.safetensors"):

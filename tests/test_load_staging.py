@@ -17,8 +17,8 @@ from test_fp8 import write_fp8_checkpoint
 
 from grok.api import load_pretrained
 from grok.checkpoint import reader
-from grok.config import TINY_GROK2
 from grok.errors import CheckpointError
+from grok.presets import TINY_GROK2
 from grok.sharding import make_mesh
 from grok.testing import write_checkpoint
 

@@ -13,11 +13,11 @@ from reference import random_tensors, reference_logits
 
 import grok
 from grok.attention import attention_temperature
-from grok.config import GROK1, GROK2, TINY_GROK1, TINY_GROK2
 from grok.kv_cache import KVCache
 from grok.model import forward_fns, init_params
 from grok.moe import moe_blocks, moe_dense_reference, moe_gather, route
 from grok.params import weight_specs
+from grok.presets import GROK1, GROK2, TINY_GROK1, TINY_GROK2
 from grok.rope import apply_rope, original_inv_freq, rope_table, rope_table_np, yarn_inv_freq
 from grok.testing import write_checkpoint
 

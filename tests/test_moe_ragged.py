@@ -14,7 +14,6 @@ from reference import random_tensors, reference_logits
 
 import grok
 from grok.api import Model
-from grok.config import TINY_GROK2
 from grok.errors import ConfigError
 from grok.layers import QuantWeight
 from grok.moe import (
@@ -26,6 +25,7 @@ from grok.moe import (
     prefill_impl,
     route,
 )
+from grok.presets import TINY_GROK2
 from grok.sharding import make_mesh
 from grok.testing import write_checkpoint
 

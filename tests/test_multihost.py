@@ -44,7 +44,7 @@ import grok
 from grok import distributed
 from grok.checkpoint import ReleasedCheckpoint
 from grok.cli import sample as cli
-from grok.config import TINY_GROK2
+from grok.presets import TINY_GROK2
 from grok.sharding import make_mesh
 from grok.testing import write_checkpoint
 from grok.tokenizer import load_tokenizer, write_tok_json

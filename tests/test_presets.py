@@ -1,4 +1,4 @@
-"""Presets: the spec's numbers, the old import path, and the one "preset or path" resolver."""
+"""Presets: the spec's numbers, their one home, and the one "preset or path" resolver."""
 
 import pytest
 
@@ -10,7 +10,7 @@ from grok.presets import GROK1, GROK2, TINY_GROK2, resolve_config
 
 
 def test_spec_numbers():
-    # The literals of ../shared/spec/grok2.md sections 1 and 3, against the expressions.
+    # The literals of docs/spec.md sections 1 and 3, against the expressions.
     assert GROK2.embedding_multiplier_scale == 90.50966799187809
     assert GROK1.embedding_multiplier_scale == 78.38367176906169
     assert GROK1.output_multiplier_scale == 0.5773502691896257
@@ -20,19 +20,14 @@ def test_spec_numbers():
     )
 
 
-@pytest.mark.parametrize("name", sorted(config_module._MOVED_TO_PRESETS))
-def test_old_names_still_import_from_grok_config(name):
-    assert getattr(config_module, name) is getattr(presets, name)
-
-
-def test_old_from_import_and_package_names():
-    from grok.config import GROK2 as old_grok2
-    from grok.config import get_preset as old_get_preset
-
-    assert old_grok2 is GROK2 is grok.GROK2
-    assert old_get_preset("tiny-grok2") is TINY_GROK2
-    with pytest.raises(AttributeError, match="no_such_name"):
-        config_module.no_such_name  # noqa: B018
+def test_presets_live_in_grok_presets_only():
+    # One home: grok.config defines GrokConfig and nothing of the presets (no PEP 562 hook
+    # reaching back into grok.presets, which imports grok.config).
+    for name in ("GROK2", "GROK1", "TINY_GROK2", "TINY_GROK1", "PRESETS", "get_preset"):
+        assert not hasattr(config_module, name), name
+        assert getattr(presets, name) is not None
+    assert grok.GROK2 is GROK2
+    assert presets.get_preset("tiny-grok2") is TINY_GROK2
 
 
 def test_resolve_config_name_file_and_directory(tmp_path):

@@ -28,8 +28,9 @@ from reference import (
     yarn_correction_range,
 )
 
-from grok.config import TINY_GROK1, TINY_GROK2, GrokConfig
+from grok.config import GrokConfig
 from grok.errors import CheckpointError, TokenizerError
+from grok.presets import TINY_GROK1, TINY_GROK2
 
 T_LONG = 10  # > TINY_GROK2.attn_temperature_len (4), so the temperature acts
 EXACT = dict(rtol=0.0, atol=1e-12)  # float64 results that must not depend on what changed

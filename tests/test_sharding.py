@@ -13,10 +13,10 @@ from jax.sharding import PartitionSpec as P
 
 from grok.api import load_pretrained
 from grok.checkpoint import ReleasedCheckpoint
-from grok.config import GROK2, TINY_GROK2
 from grok.errors import MemoryPlanError, ShardingError
 from grok.memory_plan import plan_memory
 from grok.params import weight_specs
+from grok.presets import GROK2, TINY_GROK2
 from grok.sharding import (
     ShardingRules,
     kv_cache_sharding,

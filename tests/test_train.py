@@ -11,8 +11,8 @@ import pytest
 
 from grok import data, train
 from grok.api import load_pretrained
-from grok.config import TINY_GROK2
 from grok.errors import CheckpointError, GrokError
+from grok.presets import TINY_GROK2
 
 CONFIG = TINY_GROK2.replace(vocab_size=32, num_local_experts=4)
 TRAIN = train.TrainConfig(

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grok.config import GROK1, GrokConfig, load_config
+from grok.config import GrokConfig, load_config
 from grok.errors import CheckpointError, ConfigError
 from grok.grok1_checkpoint import (
     RELEASE_SUBDIR,
@@ -42,6 +42,7 @@ from grok.grok1_checkpoint import (
     release_file_name,
 )
 from grok.params import WeightSpec, hf_to_unit, weight_specs
+from grok.presets import GROK1
 from grok.quant import quantize, scale_shape
 
 QUANTIZE_MODES = (None, "int8")
