@@ -165,7 +165,7 @@ def load_pretrained(
     (``ShardingError``), the per-device memory is planned and checked (``MemoryPlanError``),
     and every safetensors header is validated (``CheckpointError``). Each process then reads
     only its own devices' shards, in parallel, with a progress bar on a terminal. A Grok-1
-    ``ckpt-0`` folder (or its parent) loads too (see ``grok.checkpoint.grok1``).
+    ``ckpt-0`` folder (or its parent) loads too (see ``grok.grok1``).
 
     Args:
       path: directory with ``config.json`` (or ``config_grok2_like.json``) and safetensors,

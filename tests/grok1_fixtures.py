@@ -21,7 +21,7 @@ import numpy as np
 
 from grok.config import GrokConfig
 from grok.errors import CheckpointError
-from grok.grok1_checkpoint import (
+from grok.grok1 import (
     INT8_MAX,
     RELEASE_MODEL_SHARDS,
     Grok1Leaf,

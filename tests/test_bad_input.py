@@ -29,7 +29,7 @@ from grok.errors import (
     TokenizerError,
     UnsafePickleError,
 )
-from grok.grok1_checkpoint import grok1_leaves, load_release_pickle
+from grok.grok1 import grok1_leaves, load_release_pickle
 from grok.presets import GROK2, TINY_GROK1, TINY_GROK2
 from grok.tokenizer import V1_PAT_STR, TokJsonTokenizer
 
@@ -236,7 +236,7 @@ _CHILD = textwrap.dedent(
     import grok
     from grok.config import GrokConfig, load_config
     from grok.presets import GROK2
-    from grok.grok1_checkpoint import load_release_pickle
+    from grok.grok1 import load_release_pickle
 
     with open("/proc/self/status") as f:
         vm = [int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize")][0]

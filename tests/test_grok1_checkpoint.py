@@ -17,7 +17,7 @@ import pytest
 from grok1_fixtures import release_pickle_bytes, write_grok1_checkpoint
 
 from grok.errors import CheckpointError, ConfigError, UnsafePickleError
-from grok.grok1_checkpoint import (
+from grok.grok1 import (
     QuantizedWeight8bit,
     dequantize,
     grok1_hf_shapes,

@@ -24,16 +24,18 @@ from reference import expected_tensor_shapes, random_tensors, reference_logits
 
 import grok
 from grok.api import Model
+from grok.api import load_pretrained as load_grok1  # reads a ckpt-0 folder (grok.grok1)
 from grok.checkpoint import CheckpointFiles, hf_to_params
-from grok.convert import convert_grok1_checkpoint
 from grok.errors import CheckpointError, ConfigError, UnsafePickleError
-from grok.grok1 import is_grok1_checkpoint, load_grok1, requantize_per_channel
-from grok.grok1_checkpoint import (
+from grok.grok1 import (
     QuantizedWeight8bit,
     dequantize,
+    is_grok1_checkpoint,
     read_grok1_checkpoint,
     release_file_name,
+    requantize_per_channel,
 )
+from grok.grok1.convert import convert_grok1_checkpoint
 from grok.params import hf_to_unit, unit_to_hf, weight_specs
 from grok.presets import GROK1, GROK2, TINY_GROK1, TINY_GROK2
 
@@ -239,7 +241,7 @@ def test_converter_hard_crash_leaves_only_a_hidden_partial_folder(release, tmp_p
         import os, sys
         sys.path.insert(0, {REPO!r})
         from grok.presets import TINY_GROK1
-        from grok.convert import convert_grok1_checkpoint
+        from grok.grok1.convert import convert_grok1_checkpoint
         def crash(path, count):
             if path.name.endswith("00002-TP-common.safetensors"):
                 os._exit(9)  # no cleanup, as a kill or power loss

@@ -255,7 +255,7 @@ def test_convert_bad_flags(ckpt, capsys, tmp_path, extra, status, fragment):
 
 
 def test_convert_library_refuses_a_non_int_file_size(ckpt, tmp_path):
-    from grok.convert import convert_grok1_checkpoint
+    from grok.grok1.convert import convert_grok1_checkpoint
 
     with pytest.raises(ConfigError, match="max_file_bytes"):
         convert_grok1_checkpoint(ckpt, tmp_path / "out", max_file_bytes=float("nan"))

@@ -6,18 +6,10 @@
   headers checked by the ``safetensors`` library (``files``).
 - ``write_checkpoint`` / ``save_file``: the released layout, each file written atomically
   (``writer``).
-- Grok-1 ``ckpt-0`` pickles: ``load_grok1_params`` / ``read_grok1_params`` (``grok1``).
+- Grok-1 ``ckpt-0`` pickles: ``load`` dispatches to ``grok.grok1.load_grok1_params``.
 """
 
 from grok.checkpoint.files import CheckpointFiles, TensorInfo, read_header, tp_rank
-from grok.checkpoint.grok1 import (
-    find_ckpt_dir,
-    grok1_config_for,
-    is_grok1_checkpoint,
-    load_grok1_params,
-    read_grok1_params,
-    requantize_per_channel,
-)
 from grok.checkpoint.load import load
 from grok.checkpoint.reader import ReleasedCheckpoint, shard_read_bytes, stitched_shape
 from grok.checkpoint.writer import hf_to_params, params_to_hf, save_file, write_checkpoint
@@ -38,18 +30,12 @@ __all__ = [
     "CheckpointFiles",
     "ReleasedCheckpoint",
     "TensorInfo",
-    "find_ckpt_dir",
-    "grok1_config_for",
     "hf_to_params",
-    "is_grok1_checkpoint",
     "is_quantized",
     "load",
-    "load_grok1_params",
     "params_to_hf",
     "quant_in_dims",
-    "read_grok1_params",
     "read_header",
-    "requantize_per_channel",
     "save_file",
     "shard_read_bytes",
     "stitched_shape",

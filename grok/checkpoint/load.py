@@ -10,10 +10,10 @@ import jax.numpy as jnp
 
 from grok import memory_plan
 from grok.builtin import builtin_dir
-from grok.checkpoint.grok1 import is_grok1_checkpoint, load_grok1_params
 from grok.checkpoint.reader import ReleasedCheckpoint, build_itemsize, shard_read_bytes
 from grok.config import GrokConfig, load_config
 from grok.errors import ConfigError
+from grok.grok1 import is_grok1_checkpoint, load_grok1_params
 from grok.memory_plan import check_fits, plan_memory
 from grok.progress import progress_bar
 from grok.sharding import (

@@ -8,7 +8,7 @@ names the Grok-2 release uses, and a ``config.json`` with the Grok-1 settings. L
 ``grok.load_pretrained(out_dir, mesh=...)``: memory-mapped, sharded, no pickle. The output is
 written into a hidden folder beside the target and renamed into place only when complete; an
 output folder that is, contains or lies inside the input is refused (see
-``grok.convert.convert_grok1_checkpoint``).
+``grok.grok1.convert.convert_grok1_checkpoint``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from grok.cli.common import Parser, positive_float, run_program
-from grok.convert import OUTPUT_DTYPES, convert_grok1_checkpoint
+from grok.grok1.convert import OUTPUT_DTYPES, convert_grok1_checkpoint
 from grok.presets import PRESETS, resolve_config
 
 PROG = "grok-convert"

@@ -30,15 +30,14 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from grok.checkpoint.grok1 import find_ckpt_dir, grok1_config_for
 from grok.checkpoint.writer import save_file
 from grok.config import GrokConfig
 from grok.errors import CheckpointError, ConfigError
-from grok.grok1_checkpoint import QuantizedWeight8bit, dequantize, iter_grok1_tensors
+from grok.grok1.folder import CONFIG_FILE, find_ckpt_dir, grok1_config_for, iter_grok1_tensors
+from grok.grok1.release import QuantizedWeight8bit, dequantize
 
 OUTPUT_DTYPES: dict[str, Any] = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
 DEFAULT_MAX_FILE_BYTES = 4 * 2**30  # 4 GiB: the host buffers at most one file
-CONFIG_FILE = "config.json"
 PARTIAL_MARK = ".partial-"
 
 

@@ -1,8 +1,8 @@
 """Loading Grok-1's released ``ckpt-0`` pickles into this library's parameter tree.
 
-The files are read one leaf at a time by ``grok.grok1_checkpoint`` (every shape checked,
-no pickle code run) and placed into the stacked parameter tree (``grok.params``). Two ways
-to hold the matrices:
+The files are read one leaf at a time by ``grok.grok1.folder`` (every shape checked, no
+pickle code run: ``grok.grok1.pickle_parser``) and placed into the stacked parameter tree
+(``grok.params``). Two ways to hold the matrices:
 
 - ``quantize=None``: every int8 matrix is dequantised (``weight * scales``, exact in float32)
   and cast to ``dtype``.
@@ -31,49 +31,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grok.config import GrokConfig, load_config
+from grok.config import GrokConfig
 from grok.errors import CheckpointError, ConfigError
-from grok.grok1_checkpoint import (
-    RELEASE_SUBDIR,
+from grok.grok1.folder import find_ckpt_dir, grok1_config_for, iter_grok1_tensors
+from grok.grok1.release import (
     QuantizedWeight8bit,
     check_grok1_config,
     dequantize,
-    iter_grok1_tensors,
     release_file_name,
 )
 from grok.params import WeightSpec, hf_to_unit, weight_specs
-from grok.presets import GROK1
 from grok.quant import quantize, scale_shape
 
 QUANTIZE_MODES = (None, "int8")
-CONFIG_FILE = "config.json"
-
-
-def find_ckpt_dir(path: str | os.PathLike[str]) -> str | None:
-    """The folder holding ``tensor00000_000`` (``path`` or ``path/ckpt-0``), or None."""
-    path = os.fspath(path)
-    for candidate in (path, os.path.join(path, RELEASE_SUBDIR)):
-        if os.path.isfile(os.path.join(candidate, release_file_name(0))):
-            return candidate
-    return None
-
-
-def is_grok1_checkpoint(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a Grok-1 ``ckpt-0`` folder or the folder that contains one."""
-    return find_ckpt_dir(path) is not None
-
-
-def grok1_config_for(path: str | os.PathLike[str]) -> GrokConfig:
-    """The config of a Grok-1 checkpoint: a ``config.json`` beside the pickles or in the folder
-    above ``ckpt-0``, else the ``GROK1`` preset (the release ships no config file)."""
-    ckpt_dir = find_ckpt_dir(path)
-    if ckpt_dir is None:
-        raise CheckpointError(f"{os.fspath(path)}: no Grok-1 {release_file_name(0)} found")
-    for folder in (ckpt_dir, os.path.dirname(os.path.abspath(ckpt_dir))):
-        candidate = os.path.join(folder, CONFIG_FILE)
-        if os.path.isfile(candidate):
-            return load_config(candidate)
-    return GROK1
 
 
 def _scale_to_unit(spec: WeightSpec, scales: np.ndarray) -> np.ndarray:
