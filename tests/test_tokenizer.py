@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import collections
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -469,6 +471,37 @@ def test_load_tokenizer_directory_prefers_tok_json(tok_path, tmp_path):
     (both / "tokenizer.tok.json").unlink()
     assert isinstance(load_tokenizer(both), SentencePieceTokenizer)
     assert isinstance(load_tokenizer(model), SentencePieceTokenizer)
+
+
+_IMPORT_CHILD = """
+import sys
+sys.path.insert(0, {repo!r})
+import grok
+from grok.tokenizer import load_tokenizer
+seen = ["sentencepiece" in sys.modules]
+tok = load_tokenizer({path!r})
+tok.decode(tok.encode("Hello world"))
+seen.append("sentencepiece" in sys.modules)
+print(type(tok).__name__, *seen)
+"""
+
+
+def _child_sees(path: Path) -> list[str]:
+    """What a fresh interpreter reports after ``import grok`` and loading ``path``."""
+    repo = str(Path(__file__).resolve().parents[1])
+    code = _IMPORT_CHILD.format(repo=repo, path=str(path))
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    return run.stdout.split()
+
+
+def test_sentencepiece_is_imported_only_for_a_sentencepiece_model(tok_path):
+    # [type, after import grok, after loading and running the tokenizer]
+    assert _child_sees(tok_path) == ["TokJsonTokenizer", "False", "False"]
+
+
+def test_a_sentencepiece_model_imports_sentencepiece_when_loaded():
+    assert _child_sees(_grok1_model()) == ["SentencePieceTokenizer", "False", "True"]
 
 
 # --- SentencePiece (Grok-1) --------------------------------------------------------------

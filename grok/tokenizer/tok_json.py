@@ -1,11 +1,6 @@
-"""Tokenizers of Grok-2 (``tokenizer.tok.json``) and Grok-1 (``tokenizer.model``); chat format.
+"""Grok-2's tokenizer file ``tokenizer.tok.json``: read, validated, run by ``tiktoken``; written.
 
-Both tokenizers sit behind one interface, :class:`Tokenizer`: ``encode`` text to ids,
-``decode`` ids to text, and the ids generation needs (``eos_id``, ``pad_id``, ``bos_id``,
-``separator_id``). Every id handed to ``decode`` is checked: an id outside ``[0, V)`` or one
-that names no token raises :class:`~grok.errors.TokenizerError` with the id and the range.
-
-Grok-2's file (``docs/spec.md`` section 5) is a byte-level BPE run by ``tiktoken``.
+The file (``docs/spec.md`` section 5) is a byte-level BPE run by ``tiktoken``.
 What this module requires of a file's ``regular_tokens`` so that tiktoken runs it correctly:
 
 - every entry has a distinct, non-empty byte string and a distinct id; the id is the token's
@@ -19,26 +14,23 @@ What this module requires of a file's ``regular_tokens`` so that tiktoken runs i
   of lower rank (the usual BPE property). This is not checked: an unreachable token costs
   nothing but its row in the embedding, and encode/decode stay lossless without it.
 
-Grok-1's file is a SentencePiece model (pad 0, bos 1, eos 2, unk 3) run by ``sentencepiece``
-itself, so ids equal the released tokenizer's ids exactly.
+A file's split pattern (``pat_str``) is probed at load (``_tiktoken_encoding``) so that it can
+neither crash tiktoken nor silently drop characters.
 """
 
 from __future__ import annotations
 
-import abc
 import json
-import operator
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import regex
-import sentencepiece
 import tiktoken
 
-from grok.errors import GenerationError, TokenizerError
+from grok.errors import TokenizerError
 from grok.jsonfile import read_json_file
+from grok.tokenizer.base import Tokenizer
 
 # The "V1" word split of the Grok-2 tokenizer (spec section 5): words with an optional leading
 # non-letter, single digits, punctuation runs, newline runs and whitespace runs.
@@ -52,7 +44,6 @@ EOS_TOKEN = "<|eos|>"
 SEPARATOR_TOKEN = "<|separator|>"
 
 TOK_JSON_NAME = "tokenizer.tok.json"
-SENTENCEPIECE_NAME = "tokenizer.model"
 
 # Token ids go into int32 arrays (and tiktoken's ranks are u32): every id must be below this.
 MAX_TOKEN_ID = 2**31
@@ -68,76 +59,6 @@ PAT_STR_PROBE = (
     "\U0001f642\u200b  \r\n end\u3000.  "
 )
 _PROBE_TIMEOUT_S = 2.0
-
-
-class Tokenizer(abc.ABC):
-    """Text <-> token ids, with the ids generation needs.
-
-    Attributes:
-      vocab_size: V, one more than the largest id the tokenizer can produce or decode.
-      eos_id: end of sequence; generation stops on it.
-      pad_id: the id used to pad prompts in a batch.
-      bos_id: beginning of sequence, or None when the format has none (Grok-2).
-      separator_id: the chat turn separator, or None when the format has none (Grok-1).
-      special_tokens: text of each special (control) token -> its id.
-    """
-
-    vocab_size: int
-    eos_id: int
-    pad_id: int
-    bos_id: int | None
-    separator_id: int | None
-    special_tokens: Mapping[str, int]
-    _special_ids: frozenset[int]  # the values of special_tokens, for fast membership tests
-
-    @abc.abstractmethod
-    def encode(self, text: str, *, allow_special: bool = True) -> list[int]:
-        """Token ids of ``text``.
-
-        Args:
-          text: the text to encode.
-          allow_special: when True, the text of a special token becomes that single token;
-            when False it is encoded as ordinary text. Pass False for text you do not trust.
-        """
-
-    @abc.abstractmethod
-    def decode(self, ids: Sequence[int], *, skip_special: bool = False) -> str:
-        """Text of ``ids`` ([T] ints); bytes that are not valid UTF-8 become U+FFFD.
-
-        Raises TokenizerError for an id outside [0, V) or one that names no token.
-        """
-
-    @abc.abstractmethod
-    def id_to_piece(self, token_id: int) -> str:
-        """The text of one token, as the tokenizer stores it (for display and debugging)."""
-
-    def is_special(self, token_id: int) -> bool:
-        """Whether ``token_id`` is a special (control) token."""
-        return self.check_id(token_id) in self._special_ids
-
-    def check_id(self, token_id: Any) -> int:
-        """``token_id`` as an int, or TokenizerError if it is not an integer in [0, V)."""
-        if isinstance(token_id, bool):
-            raise TokenizerError(f"token id {token_id!r} is a bool, expected an int")
-        try:
-            value = operator.index(token_id)
-        except TypeError:
-            raise TokenizerError(
-                f"token id {token_id!r} is a {type(token_id).__name__}, expected an int"
-            ) from None
-        if not 0 <= value < self.vocab_size:
-            raise TokenizerError(
-                f"token id {value} is out of range: valid ids are 0 <= id < {self.vocab_size}"
-            )
-        return value
-
-    def check_ids(self, ids: Sequence[int]) -> list[int]:
-        """``ids`` ([T]; a list, tuple or 1-D numpy/JAX array) as a list of ints in [0, V)."""
-        if hasattr(ids, "tolist") and hasattr(ids, "ndim"):
-            if ids.ndim != 1:
-                raise TokenizerError(f"expected a 1-D sequence of ids [T], got shape {ids.shape}")
-            ids = ids.tolist()
-        return [self.check_id(i) for i in ids]
 
 
 class TokJsonTokenizer(Tokenizer):
@@ -548,223 +469,3 @@ def write_tok_json(
 
 def _by_id(item: tuple[Any, int]) -> int:
     return item[1]
-
-
-class SentencePieceTokenizer(Tokenizer):
-    """Grok-1's SentencePiece tokenizer (``tokenizer.model``): pad 0, bos 1, eos 2, unk 3.
-
-    Ids are exactly those of ``sentencepiece.SentencePieceProcessor`` on the same file:
-    SentencePiece does not parse its control tokens (``[PAD]``, ``[BOS]``, ``[EOS]``) out of
-    text, so neither does this class (``allow_special`` has nothing to allow), and it decodes
-    them to nothing, as SentencePiece does. The chat separator does not exist
-    (``separator_id`` is None).
-    """
-
-    def __init__(self, processor: sentencepiece.SentencePieceProcessor, *, source: str):
-        """Wraps a loaded processor; ``source`` is the file it came from, for messages."""
-        self.source = source
-        self._sp = processor
-        self.vocab_size = processor.get_piece_size()
-        ids = {
-            "pad": processor.pad_id(),
-            "bos": processor.bos_id(),
-            "eos": processor.eos_id(),
-            "unk": processor.unk_id(),
-        }
-        for name in ("pad", "bos", "eos"):
-            if ids[name] < 0:
-                raise TokenizerError(f"{source}: the SentencePiece model defines no {name} id")
-        self.pad_id, self.bos_id, self.eos_id = ids["pad"], ids["bos"], ids["eos"]
-        self.unk_id = ids["unk"] if ids["unk"] >= 0 else None
-        self.separator_id = None
-        # Every control piece (Grok-1: [PAD], [BOS], [EOS]); a scan of V pieces takes ~40 ms.
-        self.special_tokens = {
-            processor.id_to_piece(i): i for i in range(self.vocab_size) if processor.is_control(i)
-        }
-        self._special_ids = frozenset(self.special_tokens.values())
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike[str]) -> SentencePieceTokenizer:
-        """Loads a SentencePiece ``tokenizer.model``; TokenizerError if missing or unreadable."""
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise TokenizerError(f"{path}: tokenizer file not found")
-        processor = sentencepiece.SentencePieceProcessor()
-        try:
-            processor.Load(model_file=path)
-        except (OSError, RuntimeError) as e:
-            raise TokenizerError(f"{path}: not a readable SentencePiece model: {e}") from e
-        return cls(processor, source=path)
-
-    def encode(self, text: str, *, allow_special: bool = True, add_bos: bool = False) -> list[int]:
-        """Token ids of ``text``, optionally after BOS.
-
-        ``add_bos`` defaults to False because the released Grok-1 runner encoded prompts with
-        SentencePiece's defaults, which add no BOS; pass True for BOS-prefixed documents.
-        ``allow_special`` is accepted for the common interface and changes nothing (see the
-        class docstring).
-        """
-        del allow_special
-        if not isinstance(text, str):
-            raise TokenizerError(f"encode takes a str, got {type(text).__name__}")
-        ids = self._sp.encode(text, out_type=int)
-        return [self.bos_id, *ids] if add_bos else ids
-
-    def decode(self, ids: Sequence[int], *, skip_special: bool = False) -> str:
-        """Text of ``ids`` [T]; control tokens decode to nothing whatever ``skip_special`` is."""
-        del skip_special
-        return self._sp.decode(self.check_ids(ids))
-
-    def id_to_piece(self, token_id: int) -> str:
-        """The SentencePiece piece, e.g. ``"▁Hello"`` or ``"<0xF0>"``."""
-        return self._sp.id_to_piece(self.check_id(token_id))
-
-
-def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
-    """Loads the tokenizer at ``path``.
-
-    A file ending in ``.json`` is read as ``tokenizer.tok.json`` and one ending in ``.model`` as
-    SentencePiece. A directory is searched for ``tokenizer.tok.json``, then ``tokenizer.model``.
-    """
-    p = Path(path)
-    if p.is_dir():
-        for name in (TOK_JSON_NAME, SENTENCEPIECE_NAME):
-            if (p / name).is_file():
-                return load_tokenizer(p / name)
-        raise TokenizerError(
-            f"{p}: no tokenizer in this directory (looked for {TOK_JSON_NAME} and "
-            f"{SENTENCEPIECE_NAME})"
-        )
-    if not p.exists():
-        raise TokenizerError(f"{p}: tokenizer file or directory not found")
-    if p.suffix == ".json":
-        return TokJsonTokenizer.from_file(p)
-    if p.suffix == ".model":
-        return SentencePieceTokenizer.from_file(p)
-    raise TokenizerError(
-        f"{p}: unknown tokenizer file type {p.suffix!r}; expected .json ({TOK_JSON_NAME}) or "
-        f".model ({SENTENCEPIECE_NAME})"
-    )
-
-
-# Chat format (spec section 5). Roles a message may name -> the prefix of its turn.
-_ROLE_PREFIX = {
-    "user": "Human:",
-    "human": "Human:",
-    "system": "System:",
-    "assistant": "Assistant:",
-}
-_TURN_END = SEPARATOR_TOKEN + "\n\n"
-GENERATION_PROMPT = "Assistant:"
-
-
-def _chat_turns(messages: Sequence[tuple[str, str]] | Sequence[Mapping[str, str]]) -> list[str]:
-    """``"{Prefix} {text}"`` of each message, validated; the text of user and system turns is
-    stripped of surrounding whitespace, as the served Grok-2 chat template does."""
-    if isinstance(messages, str | bytes | Mapping):
-        raise GenerationError(
-            f"chat messages must be a sequence of (role, text) pairs or role/content dicts, "
-            f"got {type(messages).__name__}"
-        )
-    turns = []
-    for n, message in enumerate(messages):
-        if isinstance(message, Mapping):
-            if "role" not in message or "content" not in message:
-                raise GenerationError(f"chat message {n} needs 'role' and 'content' keys")
-            role, text = message["role"], message["content"]
-        elif isinstance(message, tuple | list) and len(message) == 2:
-            role, text = message
-        else:
-            raise GenerationError(
-                f"chat message {n} must be a (role, text) pair or a role/content dict, "
-                f"got {message!r}"
-            )
-        if not isinstance(role, str) or role.lower() not in _ROLE_PREFIX:
-            raise GenerationError(
-                f"chat message {n} has role {role!r}; expected one of {sorted(_ROLE_PREFIX)}"
-            )
-        if not isinstance(text, str):
-            raise GenerationError(f"chat message {n} has {type(text).__name__} text, expected str")
-        role = role.lower()
-        if role != "assistant":
-            text = text.strip()
-        turns.append(f"{_ROLE_PREFIX[role]} {text}")
-    return turns
-
-
-def format_chat(
-    messages: Sequence[tuple[str, str]] | Sequence[Mapping[str, str]],
-    *,
-    add_generation_prompt: bool = True,
-) -> str:
-    """The Grok-2 chat prompt for ``messages``.
-
-    Each message becomes ``"Human: {text}<|separator|>\\n\\n"`` (roles ``user``/``human``),
-    ``"System: ..."`` or ``"Assistant: ..."``; with ``add_generation_prompt`` the prompt ends with
-    ``"Assistant:"``. User and system text is stripped of surrounding whitespace, assistant text
-    is kept as is (as in the served template). Messages are ``(role, text)`` pairs or
-    ``{"role": ..., "content": ...}`` dicts.
-
-    The result holds special-token text: encode it with ``allow_special=True``. Text that
-    itself contains special-token text then becomes special tokens too; :func:`encode_chat`
-    encodes message text as plain text instead.
-    """
-    prompt = "".join(turn + _TURN_END for turn in _chat_turns(messages))
-    return prompt + GENERATION_PROMPT if add_generation_prompt else prompt
-
-
-def encode_chat(
-    tokenizer: Tokenizer,
-    messages: Sequence[tuple[str, str]] | Sequence[Mapping[str, str]],
-    *,
-    add_generation_prompt: bool = True,
-) -> list[int]:
-    """Token ids of :func:`format_chat`'s prompt, with message text encoded as plain text.
-
-    Equal to ``tokenizer.encode(format_chat(messages))`` when no message contains
-    special-token text; when one does, that text stays text here, so a user cannot forge a
-    separator or an end of sequence. Needs a tokenizer with a separator (Grok-2's).
-    """
-    separator_id = tokenizer.separator_id
-    if separator_id is None:
-        raise TokenizerError(
-            f"{type(tokenizer).__name__} has no {SEPARATOR_TOKEN} token, so it cannot encode "
-            "the Grok-2 chat format"
-        )
-    ids: list[int] = []
-    # Special tokens split the text for BPE, so each turn's text (with the "\n\n" that follows
-    # the previous separator) encodes on its own exactly as it does inside the whole prompt.
-    pending = ""
-    for turn in _chat_turns(messages):
-        ids += tokenizer.encode(pending + turn, allow_special=False)
-        ids.append(separator_id)
-        pending = "\n\n"
-    tail = pending + (GENERATION_PROMPT if add_generation_prompt else "")
-    if tail:
-        ids += tokenizer.encode(tail, allow_special=False)
-    return ids
-
-
-def chat_stop_ids(tokenizer: Tokenizer) -> list[int]:
-    """Ids that end an assistant turn: ``<|eos|>`` and, where it exists, ``<|separator|>``."""
-    stops = [tokenizer.eos_id]
-    if tokenizer.separator_id is not None:
-        stops.append(tokenizer.separator_id)
-    return stops
-
-
-__all__ = [
-    "EOS_TOKEN",
-    "GENERATION_PROMPT",
-    "PAD_TOKEN",
-    "SEPARATOR_TOKEN",
-    "V1_PAT_STR",
-    "SentencePieceTokenizer",
-    "TokJsonTokenizer",
-    "Tokenizer",
-    "chat_stop_ids",
-    "encode_chat",
-    "format_chat",
-    "load_tokenizer",
-    "write_tok_json",
-]
