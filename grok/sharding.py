@@ -243,16 +243,6 @@ def check_divisible(
     place_weights(weight_specs(config), sizes, rules)
 
 
-def sharding_fn(mesh: Mesh, rules: ShardingRules | None = None):
-    """``spec -> NamedSharding`` of a parameter on ``mesh``."""
-    sizes = mesh_sizes(mesh)
-
-    def sharding_for(spec: WeightSpec) -> NamedSharding:
-        return NamedSharding(mesh, param_partition_spec(spec, sizes, rules))
-
-    return sharding_for
-
-
 def kv_cache_spec(
     config: GrokConfig,
     sizes: Mapping[str, int],
