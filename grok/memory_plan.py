@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -26,10 +26,10 @@ from grok.sharding import (
     DATA,
     MODEL,
     ShardingRules,
+    WeightPlacement,
     kv_cache_spec,
     mesh_sizes,
-    param_partition_spec,
-    scale_partition_spec,
+    place_weights,
 )
 
 GIB = 1 << 30
@@ -94,31 +94,33 @@ def plan_memory(
     context: int = 0,
     kv_dtype: jnp.dtype | None = None,
     rules: ShardingRules | None = None,
+    placements: Sequence[WeightPlacement] | None = None,
 ) -> MemoryPlan:
     """Bytes per device for ``config`` on a mesh of ``mesh_sizes`` ({"data": d, "model": m}).
 
+    ``placements``: ``config``'s weights already placed on this mesh with these ``rules``
+    (``grok.sharding.place_weights``), as the loader's plan holds them; placed here if None.
     Raises MemoryPlanError for a mesh axis below 1, a negative batch or context, or an unknown
     ``quantize``; ShardingError (as the loader would) if the mesh cannot split a dimension.
     """
     sizes = _check_sizes(mesh_sizes, batch, context)
     if quantize not in (None, "fp8"):
         raise MemoryPlanError(f"quantize must be None or 'fp8', got {quantize!r}")
+    if placements is None:
+        placements = place_weights(weight_specs(config), sizes, rules)
     by_dtype: dict[str, int] = {}
 
     def add(dt, n: int) -> None:
         name = jnp.dtype(dt).name
         by_dtype[name] = by_dtype.get(name, 0) + n * jnp.dtype(dt).itemsize
 
-    for spec in weight_specs(config):
-        pspec = param_partition_spec(spec, sizes, rules)
-        n = _shard_elements(spec.shape, pspec, sizes)
-        if quantize == "fp8" and spec.quantized:
+    for placed in placements:
+        spec = placed.spec
+        n = _shard_elements(spec.shape, placed.pspec, sizes)
+        if quantize == "fp8" and placed.scale_pspec is not None:
             add(jnp.float8_e4m3fn, n)
             s_shape = scale_shape(spec.shape, spec.in_dims)
-            add(
-                jnp.float32,
-                _shard_elements(s_shape, scale_partition_spec(spec, sizes, rules), sizes),
-            )
+            add(jnp.float32, _shard_elements(s_shape, placed.scale_pspec, sizes))
         else:
             add(spec.dtype(dtype), n)
 

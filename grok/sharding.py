@@ -16,7 +16,7 @@ Splitting Fe over ``model`` is the release's own 8-way expert split. Three rules
   do; each query head still reads its own kv head, so the logits are unchanged.
 - a dimension of size 1 (the input dims of a per-channel scale) is never split.
 - any other dimension the mesh axis does not divide: for a parameter, a ``ShardingError``
-  raised by ``check_divisible`` before a byte of the checkpoint is read; for the KV cache
+  raised by ``place_weights`` before a byte of the checkpoint is read; for the KV cache
   and the residual stream (``strict=False``), replicated, so generation takes any batch.
 """
 
@@ -187,6 +187,42 @@ def scale_partition_spec(
     return rules.partition_spec(spec.axes, shape, sizes, f"{spec.module}/{spec.name}_scale")
 
 
+@dataclasses.dataclass(frozen=True)
+class WeightPlacement:
+    """One parameter on a mesh of given axis sizes.
+
+    Attributes:
+      spec: the parameter (``grok.params.WeightSpec``).
+      pspec: the PartitionSpec of its array.
+      scale_pspec: the PartitionSpec of its per-output-channel scale where it may be stored
+        quantised (``spec.quantized``), else None.
+    """
+
+    spec: WeightSpec
+    pspec: PartitionSpec
+    scale_pspec: PartitionSpec | None
+
+
+def place_weights(
+    specs: Sequence[WeightSpec], sizes: Mapping[str, int], rules: ShardingRules | None = None
+) -> tuple[WeightPlacement, ...]:
+    """Every parameter of ``specs`` placed on a mesh of axis ``sizes``, in order.
+
+    Raises ShardingError for the first dimension the mesh cannot split: the one check of a
+    mesh against the weights, run before a byte of a checkpoint is read. The loader's plan,
+    the memory plan and ``param_partition_specs`` are all built from this.
+    """
+    rules = rules or ShardingRules()
+    return tuple(
+        WeightPlacement(
+            spec,
+            param_partition_spec(spec, sizes, rules),
+            scale_partition_spec(spec, sizes, rules) if spec.quantized else None,
+        )
+        for spec in specs
+    )
+
+
 def param_partition_specs(
     config: GrokConfig, sizes: Mapping[str, int], rules: ShardingRules | None = None
 ) -> dict[str, dict[str, PartitionSpec]]:
@@ -195,26 +231,16 @@ def param_partition_specs(
     Takes axis sizes, not a mesh, so a plan for 16 devices can be checked on any machine.
     """
     out: dict[str, dict[str, PartitionSpec]] = {}
-    for spec in weight_specs(config):
-        out.setdefault(spec.module, {})[spec.name] = param_partition_spec(spec, sizes, rules)
+    for placed in place_weights(weight_specs(config), sizes, rules):
+        out.setdefault(placed.spec.module, {})[placed.spec.name] = placed.pspec
     return out
 
 
 def check_divisible(
     config: GrokConfig, sizes: Mapping[str, int], rules: ShardingRules | None = None
 ) -> None:
-    """Raises ShardingError if the mesh cannot hold ``config``'s parameters."""
-    param_partition_specs(config, sizes, rules)
-
-
-def sharding_fn(mesh: Mesh, rules: ShardingRules | None = None):
-    """``spec -> NamedSharding`` of a parameter on ``mesh``."""
-    sizes = mesh_sizes(mesh)
-
-    def sharding_for(spec: WeightSpec) -> NamedSharding:
-        return NamedSharding(mesh, param_partition_spec(spec, sizes, rules))
-
-    return sharding_for
+    """Raises ShardingError if the mesh cannot hold ``config``'s parameters (``place_weights``)."""
+    place_weights(weight_specs(config), sizes, rules)
 
 
 def kv_cache_spec(

@@ -171,8 +171,8 @@ def copy_into_new_memory(directory: Path) -> tuple[int, float]:
     floor, since its arrays are such memory (page faults included; memory freed and taken
     again, as a file-by-file read into throwaway arrays does, would hide them). One thread
     per core over the loader's copy units, into its own kind of buffer (``aligned_empty``)."""
-    from grok.checkpoint.reader import UNIT_BYTES as unit
-    from grok.checkpoint.reader import aligned_empty
+    from grok.checkpoint.staging import aligned_empty
+    from grok.checkpoint.units import UNIT_BYTES as unit
 
     kept, jobs = [], []
     start = time.perf_counter()

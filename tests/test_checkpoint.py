@@ -147,10 +147,10 @@ def test_nothing_half_loaded(ckpt, monkeypatch):
     built = []
     real_build = ReleasedCheckpoint.build
 
-    def failing_build(self, spec, *args, **kwargs):
+    def failing_build(self, param, *args, **kwargs):
         if len(built) == 5:
-            raise CheckpointError(f"simulated read failure in {spec.hf_name}")
-        built.append(real_build(self, spec, *args, **kwargs))
+            raise CheckpointError(f"simulated read failure in {param.spec.hf_name}")
+        built.append(real_build(self, param, *args, **kwargs))
         return built[-1]
 
     monkeypatch.setattr(ReleasedCheckpoint, "build", failing_build)
@@ -250,7 +250,8 @@ def test_nan_payload_is_caught_through_the_bfloat16_cast(tmp_path, hf_tensors):
 def test_finiteness_check_agrees_with_isfinite(dtype):
     """The loader's bit test against numpy's isfinite: every code of the 1- and 2-byte types,
     and the edges of float32 / float64, alone and in arrays longer than one check chunk."""
-    from grok.checkpoint.reader import _CHECK_CHUNK, _finite
+    from grok.checkpoint.finite import CHECK_CHUNK as _CHECK_CHUNK
+    from grok.checkpoint.finite import all_finite as _finite
 
     dtype = np.dtype(dtype)
     if dtype.itemsize <= 2:

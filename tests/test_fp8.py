@@ -151,12 +151,16 @@ def test_device_dequantising_matches_the_host_path_bit_for_bit(
     """FP8 codes dequantised on the device (whole, or a layer at a time where sharded) give
     the host path's bfloat16 bits exactly, on one device and on a (1, 8) mesh, plain and with
     ``quantize="fp8"`` on top."""
-    from grok.checkpoint import reader
+    from grok.checkpoint import ReleasedCheckpoint, fp8
 
     config = BIG.replace(num_hidden_layers=2)
     write_fp8_checkpoint(tmp_path, config, hf_tensors(config, 4), convention)
-    ckpt = reader.ReleasedCheckpoint(tmp_path, config)
-    assert all(ckpt._fp8_plan(s) is not None for s in weight_specs(config) if s.quantized)
+    ckpt = ReleasedCheckpoint(tmp_path, config)
+    assert all(
+        fp8.device_scales(ckpt.files, ckpt.scales, s) is not None
+        for s in weight_specs(config)
+        if s.quantized
+    )
 
     def loads():
         return [
@@ -168,9 +172,9 @@ def test_device_dequantising_matches_the_host_path_bit_for_bit(
             )
         ]
 
-    monkeypatch.setattr(reader, "_fp8_on_device", lambda *args: True)  # as on accelerators
+    monkeypatch.setattr(fp8, "on_device", lambda *args: True)  # as on accelerators
     device = loads()
-    monkeypatch.setattr(reader.ReleasedCheckpoint, "_fp8_plan", lambda self, spec: None)
+    monkeypatch.setattr(fp8, "device_scales", lambda *args: None)
     host = loads()
     for got, want in zip(device, host, strict=True):
         for path, x in jax.tree_util.tree_leaves_with_path(want):

@@ -3,10 +3,10 @@
 On the CPU backend ``device_put`` adopts a page-aligned shard buffer as the array, so the
 loader gives every shard fresh memory. Everywhere else a shard is copied to its device and
 the loader reuses a ring of one or two host buffers. These tests force that path on the
-8-device CPU mesh (``stages_on_host`` patched), with ``device_put`` copying numpy input as a
-transfer to an accelerator does (XLA:CPU aliases an aligned numpy buffer even when asked
-not to): a buffer handed out again while still in use would show up as parameters that
-differ from the ordinary load's.
+8-device CPU mesh (``grok.checkpoint.staging.stages_on_host`` patched), with ``device_put``
+copying numpy input as a transfer to an accelerator does (XLA:CPU aliases an aligned numpy
+buffer even when asked not to): a buffer handed out again while still in use would show up
+as parameters that differ from the ordinary load's.
 """
 
 import jax
@@ -16,7 +16,7 @@ import pytest
 from test_fp8 import write_fp8_checkpoint
 
 from grok.api import load_pretrained
-from grok.checkpoint import reader
+from grok.checkpoint import fp8, plan_load, staging
 from grok.errors import CheckpointError
 from grok.presets import TINY_GROK2
 from grok.sharding import make_mesh
@@ -57,7 +57,7 @@ def staged(monkeypatch):
         allocations = []
         rings = []
 
-    real_buffers, real_empty = reader.HostBuffers, reader.aligned_empty
+    real_buffers, real_empty = staging.HostBuffers, staging.aligned_empty
 
     def buffers(staged, count=2):
         ring = real_buffers(staged, Staged.count or count)
@@ -73,9 +73,9 @@ def staged(monkeypatch):
 
     real_device_put = jax.device_put
     monkeypatch.setattr(jax, "device_put", copying_device_put)
-    monkeypatch.setattr(reader, "stages_on_host", lambda device: True)
-    monkeypatch.setattr(reader, "HostBuffers", buffers)
-    monkeypatch.setattr(reader, "aligned_empty", empty)
+    monkeypatch.setattr(staging, "stages_on_host", lambda device: True)
+    monkeypatch.setattr(staging, "HostBuffers", buffers)
+    monkeypatch.setattr(staging, "aligned_empty", empty)
     return Staged
 
 
@@ -122,7 +122,7 @@ def test_staged_fp8_matches_the_ordinary_load(tmp_path, hf_tensors, staged, monk
     at a time, plain and quantised again: the same bits as the ordinary CPU load."""
     config = CONFIG.replace(num_hidden_layers=2)
     write_fp8_checkpoint(tmp_path, config, hf_tensors(config, 4), "block")
-    monkeypatch.setattr(reader, "_fp8_on_device", lambda *args: True)
+    monkeypatch.setattr(fp8, "on_device", lambda *args: True)
     kinds = ({"dtype": jnp.bfloat16}, {"dtype": jnp.bfloat16, "mesh": make_mesh(1, 8)})
     kinds += ({"dtype": jnp.bfloat16, "quantize": "fp8"},)
     got = [host_params(tmp_path, **kw) for kw in kinds]
@@ -145,10 +145,9 @@ def test_staged_load_refuses_a_non_finite_weight(tmp_path, hf_tensors, staged):
 def test_cpu_backend_adopts_fresh_buffers(ckpt):
     """The CPU backend's own path: no ring, each shard its own new memory (the array itself)."""
     device = jax.devices()[0]
-    assert device.platform == "cpu" and not reader.stages_on_host(device)
-    with reader.ReleasedCheckpoint(ckpt, CONFIG) as released:
-        single = jax.sharding.SingleDeviceSharding(device)
-        buffers = released._host_buffers(jnp.float32, lambda spec: single, None)
+    assert device.platform == "cpu" and not staging.stages_on_host(device)
+    size = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
+    buffers = staging.host_buffers(plan_load(CONFIG, dtype=jnp.float32), size)
     assert not buffers.staged and buffers.window == 2
     a, slot = buffers.take((4, 8), np.dtype(np.float32))
     b, _ = buffers.take((4, 8), np.dtype(np.float32))

@@ -42,7 +42,7 @@ import pytest
 
 import grok
 from grok import distributed
-from grok.checkpoint import ReleasedCheckpoint
+from grok.checkpoint.units import Copier
 from grok.cli import sample as cli
 from grok.presets import TINY_GROK2
 from grok.sharding import make_mesh
@@ -84,8 +84,9 @@ def count_reads() -> tuple[list[int], Callable[[], None]]:
     """Counts the bytes of tensor data this process copies out of the checkpoint files.
 
     The counter wraps the one method through which the checkpoint reader takes a tensor
-    region out of a file: ``ReleasedCheckpoint._copy(entry, rows, cols, dst)`` (called from a
-    thread pool, hence the lock). Returns (the running total in a list, a function that unwraps).
+    region out of a file: ``Copier.copy(part, dst)`` (``grok.checkpoint.units``, called from
+    a thread pool, hence the lock). Returns (the running total in a list, a function that
+    unwraps).
     """
     total, lock = [0], threading.Lock()
 
@@ -93,14 +94,14 @@ def count_reads() -> tuple[list[int], Callable[[], None]]:
         with lock:
             total[0] += nbytes
 
-    original = ReleasedCheckpoint._copy
+    original = Copier.copy
 
-    def copy(self, entry, rows, cols, dst):
-        original(self, entry, rows, cols, dst)
-        add(dst.size * entry.dtype.itemsize)
+    def copy(self, part, dst):
+        original(self, part, dst)
+        add(dst.size * part.entry.dtype.itemsize)
 
-    ReleasedCheckpoint._copy = copy
-    return total, lambda: setattr(ReleasedCheckpoint, "_copy", original)
+    Copier.copy = copy
+    return total, lambda: setattr(Copier, "copy", original)
 
 
 def local_shard_bytes(params) -> int:

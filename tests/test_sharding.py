@@ -12,7 +12,7 @@ from jax.sharding import AxisType, Mesh
 from jax.sharding import PartitionSpec as P
 
 from grok.api import load_pretrained
-from grok.checkpoint import ReleasedCheckpoint
+from grok.checkpoint import units
 from grok.errors import MemoryPlanError, ShardingError
 from grok.memory_plan import plan_memory
 from grok.params import weight_specs
@@ -150,13 +150,13 @@ def test_grok2_plan_on_8_by_80gb():
 def test_each_distinct_shard_is_read_once(ckpt, monkeypatch):
     """Replicas over "data" share one read; only addressable devices are asked for."""
     reads = []
-    real = ReleasedCheckpoint.shard_units
+    real = units.shard_units
 
-    def recording(self, spec, index, buffer):
+    def recording(files, scales, spec, index, itemsize):
         reads.append(spec.name)
-        return real(self, spec, index, buffer)
+        return real(files, scales, spec, index, itemsize)
 
-    monkeypatch.setattr(ReleasedCheckpoint, "shard_units", recording)
+    monkeypatch.setattr(units, "shard_units", recording)
     load_pretrained(ckpt, dtype=jnp.float32, mesh=make_mesh(4, 2), quiet=True)
     assert reads.count("w1") == 2  # Fe over model = 2: two distinct shards, each read once
     assert reads.count("k_proj") == 2  # K = 2 over model = 2

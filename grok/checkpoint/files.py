@@ -108,7 +108,11 @@ def read_header(path: str | os.PathLike[str]) -> dict[str, TensorInfo]:
     deep nesting, huge numbers, overlapping or out-of-file offsets, truncation) and for
     dtypes without a numpy equivalent.
     """
-    path = Path(path)
+    return _read_header(Path(path), tp_rank(path))
+
+
+def _read_header(path: Path, rank: int | None) -> dict[str, TensorInfo]:
+    """``read_header`` of a file whose TP rank is known."""
     try:
         with safe_open(str(path), framework="numpy") as f:
             described = {
@@ -124,7 +128,6 @@ def read_header(path: str | os.PathLike[str]) -> dict[str, TensorInfo]:
     except (OSError, ValueError, RecursionError) as err:
         raise CheckpointError(f"{path}: cannot read the header: {err}") from None
     data_start = _HEADER_LEN_BYTES + length
-    rank = tp_rank(path)
     infos = {}
     for name, (dtype_name, shape) in described.items():
         dtype = SAFETENSORS_DTYPES.get(dtype_name)
@@ -158,9 +161,12 @@ class CheckpointFiles:
         self._maps: dict[Path, np.memmap] = {}
         self._lock = threading.Lock()
         found: dict[str, list[TensorInfo]] = {}
-        ranks = {r for r in map(tp_rank, self.files) if r is not None}
+        ranks: set[int] = set()
         for path in self.files:
-            for name, info in read_header(path).items():
+            rank = tp_rank(path)
+            if rank is not None:
+                ranks.add(rank)
+            for name, info in _read_header(path, rank).items():
                 found.setdefault(name, []).append(info)
         self.tp_size = max(ranks) + 1 if ranks else 0
         missing = sorted(set(range(self.tp_size)) - ranks)
@@ -208,6 +214,11 @@ class CheckpointFiles:
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all the files, headers included."""
+        return sum(path.stat().st_size for path in self.files)
 
     @property
     def names(self) -> tuple[str, ...]:
