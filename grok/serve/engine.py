@@ -11,10 +11,15 @@ The engine thread loops:
    into their slots' rows of the big one, and each samples its first token.
 2. Decode one step for all B slots at once (one compiled call; free slots ride along and
    their results are ignored). Each row samples with its own settings (arrays, see
-   ``grok.serve.sampler``) and its own key ``fold_in(fold_in(key(seed), choice), i)`` for its
-   i-th token, so a request's tokens do not depend on what else is running.
+   ``grok.serve.sampler``) and its own key: ``key_b = fold_in(key(seed), choice)``, its i-th
+   token drawn with ``fold_in(key_b, i)`` (the key rule of ``grok.decode``), so a request's
+   tokens do not depend on what else is running.
 3. Hand each row's token to its sequence (text, stop strings, logprobs); a sequence that
-   finished, or whose client went away, leaves its slot at once.
+   finished, whose client went away, or whose logits were not finite (it ends with an
+   error) leaves its slot at once.
+
+Prefill, the step, the sampling hook's place and the cache's carried form are the decode
+core's (``grok.decode``), shared with ``generate``; this module keeps the slots.
 
 Requests are tokenised on the HTTP side and only queued here, so decode keeps running while
 they arrive; a new sequence waits at most one decode step before its prefill. A prefill runs
@@ -37,11 +42,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from grok import decode
 from grok.api import Model
+from grok.decode import FINISH_LENGTH, FINISH_STOP, DenseCache, Drawn, Rows, bucket_length
 from grok.errors import GenerationError
-from grok.generate import bucket_length
-from grok.kv_cache import KVCache
-from grok.serve.sampler import TOP_LOGPROBS, Draw, RowSettings, sample_rows
+from grok.serve.sampler import TOP_LOGPROBS, RowData, RowSampler, RowSettings
 from grok.serve.text import TextTracker
 from grok.sharding import kv_cache_sharding
 from grok.tokenizer import Tokenizer
@@ -52,8 +57,8 @@ log = logging.getLogger("grok.serve")
 # small model, 8192 tokens of a large one (Grok-2's 131072 would need 32 GiB per slot in bf16).
 DEFAULT_MAX_CONTEXT = 8192
 
-FINISH_STOP = "stop"  # a stop token or a stop string
-FINISH_LENGTH = "length"  # max_tokens tokens were produced
+# The sampling hook of every compiled prefill and step (stateless: its data rides in the rows).
+_SAMPLER = RowSampler()
 
 
 class QueueFull(GenerationError):
@@ -155,43 +160,13 @@ class SequenceRequest:
         self.cancelled = True
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class SlotState:
-    """The device state of all B slots (a pytree, donated to every step).
-
-    Attributes:
-      cache: the shared KV cache, k/v [L, B, S, K, H] (as uint16 bits where
-        ``KVCache.as_bits`` applies).
-      token: i32 [B], each slot's last sampled token (the next step's input).
-      position: i32 [B], that token's position.
-      num_new: i32 [B], tokens sampled so far (the counter folded into the key).
-      counts: i32 [B, V], how often each token was generated (for the penalties).
-      keys: u32 [B, 2]-like raw key data of each slot's PRNG key.
-      settings: the slots' ``RowSettings``.
-    """
-
-    cache: KVCache
-    token: jax.Array
-    position: jax.Array
-    num_new: jax.Array
-    counts: jax.Array
-    keys: jax.Array
-    settings: RowSettings
-
-
-def _set_rows(array: jax.Array, slots: jax.Array, values: jax.Array) -> jax.Array:
-    """array[slots] = values along axis 0; slots >= B (padding rows) are dropped."""
-    return array.at[slots].set(values.astype(array.dtype), mode="drop")
-
-
 @functools.partial(
-    jax.jit, static_argnames=("apply_fn", "dtype", "prompt_logprobs"), donate_argnames=("state",)
+    jax.jit, static_argnames=("apply_fn", "store", "prompt_logprobs"), donate_argnames=("state",)
 )
 def _prefill(
     params: Any,
     rope: Any,
-    state: SlotState,
+    state: Rows,
     tokens: jax.Array,
     lengths: jax.Array,
     slots: jax.Array,
@@ -200,94 +175,67 @@ def _prefill(
     choices: jax.Array,
     *,
     apply_fn: Callable,
-    dtype: jnp.dtype,
+    store: DenseCache,
     prompt_logprobs: bool,
-) -> tuple[SlotState, Draw, tuple[jax.Array, jax.Array, jax.Array] | None]:
-    """Prefills n prompts tokens [n, T] (row i valid up to lengths[i]) into slots [n] (``dtype``:
-    the cache's own, as the state may hold it as bits).
+) -> tuple[Rows, Drawn, tuple[jax.Array, jax.Array, jax.Array] | None]:
+    """Prefills n prompts tokens [n, T] (row i valid up to lengths[i]) into slots [n] of the
+    slots' rows ``state`` (slots >= B: padding rows, dropped), with ``settings`` [n] and keys
+    ``fold_in(key(seeds[i]), choices[i])``.
 
-    Returns the new state, the first token's ``Draw`` [n], and with ``prompt_logprobs`` the
-    prompt tokens' logprobs [n, T] (entry t: token t given tokens < t; entry 0 is unused) with
-    the alternatives at each position (ids and logprobs [n, T, R]).
+    Returns the new state, the first token's draw [n] (its report a ``Draw``; logits
+    dropped), and with ``prompt_logprobs`` the prompt tokens' logprobs (``_prompt_logprobs``).
     """
     n, t = tokens.shape
-    layers, _, _, kv_heads, head_dim = state.cache.k.shape
-    small_shape = (layers, n, t, kv_heads, head_dim)
-    small = KVCache(
-        k=jnp.zeros(small_shape, dtype),
-        v=jnp.zeros(small_shape, dtype),
-        lengths=jnp.zeros((n,), jnp.int32),
+    keys = jax.random.key_data(decode.sequence_keys(seeds, choices))  # [n, 2]
+    data = RowData.fresh(settings, state.data.counts.shape[-1])
+    active = jnp.ones((n,), jnp.bool_)
+    hooks = {"apply_fn": apply_fn, "sampler": _SAMPLER, "store": store}
+    rows, drawn, logits = decode.prefill(
+        params,
+        rope,
+        store.empty(n, t),
+        tokens,
+        lengths,
+        keys,
+        data,
+        active,
+        every_position=prompt_logprobs,
+        **hooks,
     )
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))  # [n, T]
-    logits_at = None if prompt_logprobs else lengths - 1
-    logits, small = apply_fn(params, tokens, positions, rope, small, lengths, logits_at)
-    prompt = None
-    if prompt_logprobs:  # logits [n, T, V]
-        lp = jax.nn.log_softmax(logits, axis=-1)
-        given = jnp.take_along_axis(lp[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]  # [n, T-1]
-        given = jnp.pad(given, ((0, 0), (1, 0)))  # [n, T]; entry t is token t's logprob
-        top_lp, top_ids = jax.lax.top_k(lp, TOP_LOGPROBS)  # [n, T, R], predicting t + 1
-        top_lp = jnp.pad(top_lp[:, :-1], ((0, 0), (1, 0), (0, 0)))  # shifted to token t
-        top_ids = jnp.pad(top_ids[:, :-1], ((0, 0), (1, 0), (0, 0)))
-        prompt = (given, top_ids.astype(jnp.int32), top_lp)
-        last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [n, V]
-    else:
-        last = logits[:, 0]  # [n, V]
-    vocab = last.shape[-1]
-    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, choices)
-    zeros = jnp.zeros((n,), jnp.int32)
-    draw = sample_rows(last, jnp.zeros((n, vocab), jnp.int32), settings, keys, zeros)
-
-    cache, small = state.cache, small.as_bits()  # the state holds the cache as bits
-    cache = KVCache(
-        k=cache.k.at[:, slots, :t].set(small.k, mode="drop"),
-        v=cache.v.at[:, slots, :t].set(small.v, mode="drop"),
-        lengths=_set_rows(cache.lengths, slots, lengths),
-    )
-    state = SlotState(
-        cache=cache,
-        token=_set_rows(state.token, slots, draw.token),
-        position=_set_rows(state.position, slots, lengths),
-        num_new=_set_rows(state.num_new, slots, zeros + 1),
-        counts=_set_rows(state.counts, slots, jax.nn.one_hot(draw.token, vocab, dtype=jnp.int32)),
-        keys=_set_rows(state.keys, slots, jax.random.key_data(keys)),
-        settings=jax.tree_util.tree_map(
-            lambda old, new: _set_rows(old, slots, new), state.settings, settings
-        ),
-    )
-    return state, draw, prompt
+    prompt = _prompt_logprobs(logits, tokens) if prompt_logprobs else None
+    state = decode.insert(state, rows, slots, store)
+    return state, dataclasses.replace(drawn, logits=None), prompt
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "dtype"), donate_argnames=("state",))
+def _prompt_logprobs(
+    logits: jax.Array, tokens: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The prompt tokens' logprobs [n, T] from every position's logits [n, T, V] (entry t:
+    token t given tokens < t; entry 0 is unused) with the alternatives at each position (ids
+    and logprobs [n, T, R])."""
+    lp = jax.nn.log_softmax(logits, axis=-1)
+    given = jnp.take_along_axis(lp[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]  # [n, T-1]
+    given = jnp.pad(given, ((0, 0), (1, 0)))  # [n, T]; entry t is token t's logprob
+    top_lp, top_ids = jax.lax.top_k(lp, TOP_LOGPROBS)  # [n, T, R], predicting t + 1
+    top_lp = jnp.pad(top_lp[:, :-1], ((0, 0), (1, 0), (0, 0)))  # shifted to token t
+    top_ids = jnp.pad(top_ids[:, :-1], ((0, 0), (1, 0), (0, 0)))
+    return given, top_ids.astype(jnp.int32), top_lp
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "store"), donate_argnames=("state",))
 def _decode_step(
     params: Any,
     rope: Any,
-    state: SlotState,
+    state: Rows,
     active: jax.Array,
     *,
     apply_fn: Callable,
-    dtype: jnp.dtype,
-) -> tuple[SlotState, Draw]:
-    """One token for every slot; only ``active`` [B] slots advance."""
-    cache = state.cache.from_bits(dtype)
-    logits, cache = apply_fn(
-        params, state.token[:, None], state.position[:, None], rope, cache, state.position + 1
-    )  # [B, 1, V]
-    cache = cache.as_bits()
-    keys = jax.random.wrap_key_data(state.keys)
-    draw = sample_rows(logits[:, 0], state.counts, state.settings, keys, state.num_new)
-    step = active.astype(jnp.int32)  # [B]
-    rows = jnp.arange(step.shape[0])
-    state = SlotState(
-        cache=cache,
-        token=jnp.where(active, draw.token, state.token),
-        position=state.position + step,
-        num_new=state.num_new + step,
-        counts=state.counts.at[rows, draw.token].add(step),
-        keys=state.keys,
-        settings=state.settings,
-    )
-    return state, draw
+    store: DenseCache,
+) -> tuple[Rows, Drawn]:
+    """One token for every slot (``grok.decode.step``); only ``active`` [B] slots advance."""
+    hooks = {"apply_fn": apply_fn, "sampler": _SAMPLER, "store": store}
+    state, drawn = decode.step(params, rope, state, active, **hooks)
+    return state, dataclasses.replace(drawn, logits=None)
 
 
 def _top(ids: np.ndarray, logprobs: np.ndarray, k: int | None) -> tuple[tuple[int, float], ...]:
@@ -337,7 +285,9 @@ class Engine:
         self.max_context = max_context
         self.max_queue = max_queue
         self.metrics = metrics
-        self._apply = model.apply_fn  # the pure forward (params passed in, not closed over)
+        # The compiled programs' static arguments: the pure forward (params passed in, not
+        # closed over) and the cache's store.
+        self._static = {"apply_fn": model.apply_fn, "store": DenseCache(config, model.dtype)}
         self._slots: list[SequenceRequest | None] = [None] * max_batch
         self._waiting: collections.deque[SequenceRequest] = collections.deque()
         self._admitting: list[SequenceRequest] = []  # taken from the queue, not yet in a slot
@@ -347,23 +297,23 @@ class Engine:
         self.error: BaseException | None = None
         self._state = self._initial_state()
 
-    def _initial_state(self) -> SlotState:
-        b, cfg = self.max_batch, self.model.config
-        # Held as bits between steps (KVCache.as_bits): the cache is never copied whole.
-        cache = KVCache.create(cfg, b, self.max_context, self.model.dtype).as_bits()
+    def _initial_state(self) -> Rows:
+        b, vocab = self.max_batch, self.model.config.vocab_size
+        store = self._static["store"]
+        # Held in the carried form between steps (DenseCache.carry): never copied whole.
+        cache = store.carry(store.empty(b, self.max_context))
 
         def zeros() -> jax.Array:  # a new buffer each: the state is donated, field by field
             return jnp.zeros((b,), jnp.int32)
 
         key_data = jax.random.key_data(jax.vmap(jax.random.key)(jnp.zeros((b,), jnp.uint32)))
-        state = SlotState(
+        state = Rows(
             cache=cache,
             token=zeros(),
             position=zeros(),
             num_new=zeros(),
-            counts=jnp.zeros((b, cfg.vocab_size), jnp.int32),
             keys=key_data,
-            settings=RowSettings.zeros(b),
+            data=RowData.fresh(RowSettings.zeros(b), vocab),
         )
         # Committed where every step's outputs will live, so each shape compiles once.
         mesh = self.model.mesh
@@ -372,11 +322,9 @@ class Engine:
         state = jax.device_put(
             state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         )
-        kv = kv_cache_sharding(mesh, cfg, b)  # k/v laid out like the model's K heads
-        cache = KVCache(
-            k=jax.device_put(state.cache.k, kv),
-            v=jax.device_put(state.cache.v, kv),
-            lengths=state.cache.lengths,
+        kv = kv_cache_sharding(mesh, self.model.config, b)  # k/v like the model's K heads
+        cache = dataclasses.replace(
+            state.cache, k=jax.device_put(state.cache.k, kv), v=jax.device_put(state.cache.v, kv)
         )
         return dataclasses.replace(state, cache=cache)
 
@@ -428,7 +376,7 @@ class Engine:
         # handed out, so the host's work (text, stop strings, responses) overlaps the
         # device's. A sequence that finished at step k rides along in step k+1 (its row is
         # ignored; the cache has room, since prompt + max_tokens <= S).
-        in_flight: tuple[Draw, list[SequenceRequest | None]] | None = None
+        in_flight: tuple[Drawn, list[SequenceRequest | None]] | None = None
         try:
             while True:
                 with self._cv:
@@ -510,7 +458,7 @@ class Engine:
                 for name, values in rows.items()
             }
         )
-        self._state, draw, prompt = _prefill(
+        self._state, drawn, prompt = _prefill(
             self.model.params,
             self.model.rope,
             self._state,
@@ -520,11 +468,10 @@ class Engine:
             settings,
             jnp.asarray(seeds),
             jnp.asarray(choices),
-            apply_fn=self._apply,
-            dtype=self.model.dtype,
             prompt_logprobs=want_prompt,
+            **self._static,
         )
-        draw, prompt = jax.device_get((draw, prompt))
+        drawn, prompt = jax.device_get((drawn, prompt))
         for i, seq in enumerate(group):
             prompt_tokens = None
             if prompt is not None:
@@ -543,41 +490,39 @@ class Engine:
             if seq.params.max_tokens == 0:  # nothing to generate (echo scoring)
                 self._finish(seq, slots[i], FINISH_LENGTH, prompt_tokens=prompt_tokens)
             else:
-                self._deliver(seq, slots[i], draw, i, prompt_tokens)
+                self._deliver(seq, slots[i], drawn, i, prompt_tokens)
 
-    def _launch(self) -> tuple[Draw, list[SequenceRequest | None]]:
+    def _launch(self) -> tuple[Drawn, list[SequenceRequest | None]]:
         """Dispatches one decode step (not waited for); returns its draw and the slots'
         sequences at that moment."""
         seqs = list(self._slots)
         active = np.array([s is not None for s in seqs])
-        self._state, draw = _decode_step(
-            self.model.params,
-            self.model.rope,
-            self._state,
-            jnp.asarray(active),
-            apply_fn=self._apply,
-            dtype=self.model.dtype,
+        self._state, drawn = _decode_step(
+            self.model.params, self.model.rope, self._state, jnp.asarray(active), **self._static
         )
-        return draw, seqs
+        return drawn, seqs
 
-    def _collect(self, draw: Draw, seqs: list[SequenceRequest | None]) -> None:
+    def _collect(self, drawn: Drawn, seqs: list[SequenceRequest | None]) -> None:
         """Hands a step's tokens to the sequences still in the slots they had then."""
-        draw = jax.device_get(draw)
+        drawn = jax.device_get(drawn)
         for slot, seq in enumerate(seqs):
             if seq is not None and self._slots[slot] is seq:
-                self._deliver(seq, slot, draw, slot, None)
+                self._deliver(seq, slot, drawn, slot, None)
 
     def _deliver(
         self,
         seq: SequenceRequest,
         slot: int,
-        draw: Draw,
+        drawn: Drawn,
         row: int,
         prompt_tokens: tuple[TokenInfo, ...] | None,
     ) -> None:
-        """Hands row ``row`` of ``draw`` to ``seq`` (in ``slot``); frees the slot when done."""
+        """Hands row ``row`` of ``drawn`` to ``seq`` (in ``slot``); frees the slot when done."""
         if seq.cancelled:
             self._release(slot, seq, "cancelled")
+            return
+        if drawn.nonfinite[row]:
+            self._fail(seq, slot, decode.nonfinite_error(seq.index, seq.num_tokens + 1))
             return
         now = time.perf_counter()
         if self.metrics is not None:
@@ -587,28 +532,31 @@ class Engine:
                 self.metrics.next_token(now - seq.last_token_at)
         seq.last_token_at = now
         seq.num_tokens += 1
-        token = int(draw.token[row])
-        p = seq.params
+        token = int(drawn.token[row])
+        p, draw = seq.params, drawn.report
         infos: tuple[TokenInfo, ...] = ()
-        if token in p.stop_ids:
-            seq.text.finish()
-            reason = FINISH_STOP
-        else:
+        stop_id = token in p.stop_ids
+        if not stop_id:
             offset = seq.text.push(token)
             if p.logprobs is not None:
                 top = _top(draw.top_ids[row], draw.top_logprobs[row], p.logprobs)
                 infos = (TokenInfo(token, float(draw.logprob[row]), top, offset),)
-            if seq.text.stopped:
-                reason = FINISH_STOP
-            elif seq.num_tokens >= p.max_tokens:
-                seq.text.finish()
-                reason = FINISH_LENGTH
-            else:
-                reason = None
+        reason = decode.finish_reason(
+            stopped=stop_id or seq.text.stopped, num_new=seq.num_tokens, max_new=p.max_tokens
+        )
         if reason is None:
             seq.sink(Update(seq.index, seq.text.take(), infos, None, seq.num_tokens, prompt_tokens))
-        else:
-            self._finish(seq, slot, reason, infos, prompt_tokens)
+            return
+        if not seq.text.stopped:  # a stop token or the budget: release any held-back text
+            seq.text.finish()
+        self._finish(seq, slot, reason, infos, prompt_tokens)
+
+    def _fail(self, seq: SequenceRequest, slot: int, error: GenerationError) -> None:
+        """Ends ``seq`` with ``error`` (its slot freed, its owner told)."""
+        log.error("sequence %d failed: %s", seq.index, error)
+        seq.finish_reason = "error"
+        self._release(slot, seq, "error")
+        self._emit(seq, Update(seq.index, error=str(error)))
 
     def _finish(
         self,
