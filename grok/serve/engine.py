@@ -19,7 +19,9 @@ The engine thread loops:
    error) leaves its slot at once.
 
 Prefill, the step, the sampling hook's place and the cache's carried form are the decode
-core's (``grok.decode``), shared with ``generate``; this module keeps the slots.
+core's (``grok.decode``), shared with ``generate``; the slots' device state and the compiled
+programs on it are ``grok.serve.batch``'s; this module schedules the slots and hands out
+what they produce.
 
 Requests are tokenised on the HTTP side and only queued here, so decode keeps running while
 they arrive; a new sequence waits at most one decode step before its prefill. A prefill runs
@@ -31,7 +33,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import logging
 import threading
 import time
@@ -44,11 +45,11 @@ import numpy as np
 
 from grok import decode
 from grok.api import Model
-from grok.decode import FINISH_LENGTH, FINISH_STOP, DenseCache, Drawn, Rows, bucket_length
+from grok.decode import FINISH_LENGTH, FINISH_STOP, DenseCache, Drawn, bucket_length
 from grok.errors import GenerationError
-from grok.serve.sampler import TOP_LOGPROBS, RowData, RowSampler, RowSettings
+from grok.serve import batch
+from grok.serve.sampler import RowSettings
 from grok.serve.text import TextTracker
-from grok.sharding import kv_cache_sharding
 from grok.tokenizer import Tokenizer
 
 log = logging.getLogger("grok.serve")
@@ -56,9 +57,6 @@ log = logging.getLogger("grok.serve")
 # The default cache length per slot when --max-context is not given: the whole context of a
 # small model, 8192 tokens of a large one (Grok-2's 131072 would need 32 GiB per slot in bf16).
 DEFAULT_MAX_CONTEXT = 8192
-
-# The sampling hook of every compiled prefill and step (stateless: its data rides in the rows).
-_SAMPLER = RowSampler()
 
 
 class QueueFull(GenerationError):
@@ -160,88 +158,25 @@ class SequenceRequest:
         self.cancelled = True
 
 
-@functools.partial(
-    jax.jit, static_argnames=("apply_fn", "store", "prompt_logprobs"), donate_argnames=("state",)
-)
-def _prefill(
-    params: Any,
-    rope: Any,
-    state: Rows,
-    tokens: jax.Array,
-    lengths: jax.Array,
-    slots: jax.Array,
-    settings: RowSettings,
-    seeds: jax.Array,
-    choices: jax.Array,
-    *,
-    apply_fn: Callable,
-    store: DenseCache,
-    prompt_logprobs: bool,
-) -> tuple[Rows, Drawn, tuple[jax.Array, jax.Array, jax.Array] | None]:
-    """Prefills n prompts tokens [n, T] (row i valid up to lengths[i]) into slots [n] of the
-    slots' rows ``state`` (slots >= B: padding rows, dropped), with ``settings`` [n] and keys
-    ``fold_in(key(seeds[i]), choices[i])``.
-
-    Returns the new state, the first token's draw [n] (its report a ``Draw``; logits
-    dropped), and with ``prompt_logprobs`` the prompt tokens' logprobs (``_prompt_logprobs``).
-    """
-    n, t = tokens.shape
-    keys = jax.random.key_data(decode.sequence_keys(seeds, choices))  # [n, 2]
-    data = RowData.fresh(settings, state.data.counts.shape[-1])
-    active = jnp.ones((n,), jnp.bool_)
-    hooks = {"apply_fn": apply_fn, "sampler": _SAMPLER, "store": store}
-    rows, drawn, logits = decode.prefill(
-        params,
-        rope,
-        store.empty(n, t),
-        tokens,
-        lengths,
-        keys,
-        data,
-        active,
-        every_position=prompt_logprobs,
-        **hooks,
-    )
-    prompt = _prompt_logprobs(logits, tokens) if prompt_logprobs else None
-    state = decode.insert(state, rows, slots, store)
-    return state, dataclasses.replace(drawn, logits=None), prompt
-
-
-def _prompt_logprobs(
-    logits: jax.Array, tokens: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The prompt tokens' logprobs [n, T] from every position's logits [n, T, V] (entry t:
-    token t given tokens < t; entry 0 is unused) with the alternatives at each position (ids
-    and logprobs [n, T, R])."""
-    lp = jax.nn.log_softmax(logits, axis=-1)
-    given = jnp.take_along_axis(lp[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]  # [n, T-1]
-    given = jnp.pad(given, ((0, 0), (1, 0)))  # [n, T]; entry t is token t's logprob
-    top_lp, top_ids = jax.lax.top_k(lp, TOP_LOGPROBS)  # [n, T, R], predicting t + 1
-    top_lp = jnp.pad(top_lp[:, :-1], ((0, 0), (1, 0), (0, 0)))  # shifted to token t
-    top_ids = jnp.pad(top_ids[:, :-1], ((0, 0), (1, 0), (0, 0)))
-    return given, top_ids.astype(jnp.int32), top_lp
-
-
-@functools.partial(jax.jit, static_argnames=("apply_fn", "store"), donate_argnames=("state",))
-def _decode_step(
-    params: Any,
-    rope: Any,
-    state: Rows,
-    active: jax.Array,
-    *,
-    apply_fn: Callable,
-    store: DenseCache,
-) -> tuple[Rows, Drawn]:
-    """One token for every slot (``grok.decode.step``); only ``active`` [B] slots advance."""
-    hooks = {"apply_fn": apply_fn, "sampler": _SAMPLER, "store": store}
-    state, drawn = decode.step(params, rope, state, active, **hooks)
-    return state, dataclasses.replace(drawn, logits=None)
-
-
 def _top(ids: np.ndarray, logprobs: np.ndarray, k: int | None) -> tuple[tuple[int, float], ...]:
     """The first ``k`` (id, logprob) pairs of [R] ids and logprobs."""
     k = k or 0
     return tuple(zip(ids[:k].tolist(), logprobs[:k].tolist(), strict=True))
+
+
+def _prompt_tokens(prompt: tuple, i: int, seq: SequenceRequest) -> tuple[TokenInfo, ...]:
+    """Row ``i`` of ``_prefill``'s prompt logprobs as ``seq``'s prompt ``TokenInfo``s (the
+    first token has no logprob)."""
+    given, top_ids, top_lp = prompt
+    return tuple(
+        TokenInfo(
+            tok,
+            None if j == 0 else float(given[i, j]),
+            () if j == 0 else _top(top_ids[i, j], top_lp[i, j], seq.params.logprobs),
+            0,
+        )
+        for j, tok in enumerate(seq.prompt)
+    )
 
 
 class Engine:
@@ -285,9 +220,10 @@ class Engine:
         self.max_context = max_context
         self.max_queue = max_queue
         self.metrics = metrics
+        store = DenseCache(config, model.dtype)
         # The compiled programs' static arguments: the pure forward (params passed in, not
         # closed over) and the cache's store.
-        self._static = {"apply_fn": model.apply_fn, "store": DenseCache(config, model.dtype)}
+        self._static = {"apply_fn": model.apply_fn, "store": store}
         self._slots: list[SequenceRequest | None] = [None] * max_batch
         self._waiting: collections.deque[SequenceRequest] = collections.deque()
         self._admitting: list[SequenceRequest] = []  # taken from the queue, not yet in a slot
@@ -295,38 +231,7 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
-        self._state = self._initial_state()
-
-    def _initial_state(self) -> Rows:
-        b, vocab = self.max_batch, self.model.config.vocab_size
-        store = self._static["store"]
-        # Held in the carried form between steps (DenseCache.carry): never copied whole.
-        cache = store.carry(store.empty(b, self.max_context))
-
-        def zeros() -> jax.Array:  # a new buffer each: the state is donated, field by field
-            return jnp.zeros((b,), jnp.int32)
-
-        key_data = jax.random.key_data(jax.vmap(jax.random.key)(jnp.zeros((b,), jnp.uint32)))
-        state = Rows(
-            cache=cache,
-            token=zeros(),
-            position=zeros(),
-            num_new=zeros(),
-            keys=key_data,
-            data=RowData.fresh(RowSettings.zeros(b), vocab),
-        )
-        # Committed where every step's outputs will live, so each shape compiles once.
-        mesh = self.model.mesh
-        if mesh is None:
-            return jax.device_put(state, jax.devices()[0])
-        state = jax.device_put(
-            state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        )
-        kv = kv_cache_sharding(mesh, self.model.config, b)  # k/v like the model's K heads
-        cache = dataclasses.replace(
-            state.cache, k=jax.device_put(state.cache.k, kv), v=jax.device_put(state.cache.v, kv)
-        )
-        return dataclasses.replace(state, cache=cache)
+        self._state = batch.initial_state(model, store, max_batch, max_context)
 
     # -- the client side (any thread) ------------------------------------------------------
 
@@ -430,8 +335,31 @@ class Engine:
         self._admitting = []
 
     def _prefill(self, group: list[SequenceRequest], slots: list[int], want_prompt: bool) -> None:
-        # One row, or all B: two compiled shapes per prompt bucket (a few idle rows cost less
-        # than a compile per batch size on a small model; the rows run in one call).
+        """Prefills ``group`` into ``slots`` (one compiled call) and hands each its first token
+        (and its prompt's logprobs with ``want_prompt``)."""
+        self._state, drawn, prompt = batch.prefill(
+            self.model.params,
+            self.model.rope,
+            self._state,
+            *self._prefill_inputs(group, slots),
+            prompt_logprobs=want_prompt,
+            **self._static,
+        )
+        drawn, prompt = jax.device_get((drawn, prompt))
+        for i, seq in enumerate(group):
+            prompt_tokens = None if prompt is None else _prompt_tokens(prompt, i, seq)
+            with self._cv:
+                self._slots[slots[i]] = seq
+            if seq.params.max_tokens == 0:  # nothing to generate (echo scoring)
+                self._finish(seq, slots[i], FINISH_LENGTH, prompt_tokens=prompt_tokens)
+            else:
+                self._deliver(seq, slots[i], drawn, i, prompt_tokens)
+
+    def _prefill_inputs(self, group: list[SequenceRequest], slots: list[int]) -> tuple:
+        """``_prefill``'s inputs for ``group``: tokens [n, T], lengths, slots, settings, seeds
+        and choices [n]. One row, or all B: two compiled shapes per prompt bucket (a few idle
+        rows cost less than a compile per batch size on a small model; the rows run in one
+        call). Padding rows go to slot B (dropped)."""
         n = 1 if len(group) == 1 else self.max_batch
         longest = max(len(s.prompt) for s in group)
         t = min(bucket_length(longest, self.model.config.max_position_embeddings), self.max_context)
@@ -458,46 +386,15 @@ class Engine:
                 for name, values in rows.items()
             }
         )
-        self._state, drawn, prompt = _prefill(
-            self.model.params,
-            self.model.rope,
-            self._state,
-            jnp.asarray(tokens),
-            jnp.asarray(lengths),
-            jnp.asarray(slot_ids),
-            settings,
-            jnp.asarray(seeds),
-            jnp.asarray(choices),
-            prompt_logprobs=want_prompt,
-            **self._static,
-        )
-        drawn, prompt = jax.device_get((drawn, prompt))
-        for i, seq in enumerate(group):
-            prompt_tokens = None
-            if prompt is not None:
-                given, top_ids, top_lp = prompt
-                prompt_tokens = tuple(
-                    TokenInfo(
-                        tok,
-                        None if j == 0 else float(given[i, j]),
-                        () if j == 0 else _top(top_ids[i, j], top_lp[i, j], seq.params.logprobs),
-                        0,
-                    )
-                    for j, tok in enumerate(seq.prompt)
-                )
-            with self._cv:
-                self._slots[slots[i]] = seq
-            if seq.params.max_tokens == 0:  # nothing to generate (echo scoring)
-                self._finish(seq, slots[i], FINISH_LENGTH, prompt_tokens=prompt_tokens)
-            else:
-                self._deliver(seq, slots[i], drawn, i, prompt_tokens)
+        arrays = (jnp.asarray(x) for x in (tokens, lengths, slot_ids))
+        return (*arrays, settings, jnp.asarray(seeds), jnp.asarray(choices))
 
     def _launch(self) -> tuple[Drawn, list[SequenceRequest | None]]:
         """Dispatches one decode step (not waited for); returns its draw and the slots'
         sequences at that moment."""
         seqs = list(self._slots)
         active = np.array([s is not None for s in seqs])
-        self._state, drawn = _decode_step(
+        self._state, drawn = batch.decode_step(
             self.model.params, self.model.rope, self._state, jnp.asarray(active), **self._static
         )
         return drawn, seqs
