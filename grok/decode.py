@@ -179,7 +179,9 @@ class CacheStore(Protocol):
     writes the cache it is handed (``ApplyFn``: token t of row b at position p goes where
     the cache puts position p of row b); the store makes empty caches for a prefill, turns a
     cache into the form carried between steps and back, and puts prefilled rows into a
-    running batch's cache.
+    running batch's cache. A paged cache (pages shared by all rows, a page table per row)
+    would implement the same four: ``insert`` then writes page-table rows rather than
+    copying slots, and the model reads through the table.
     """
 
     def empty(self, batch: int, slots: int) -> KVCache:

@@ -170,7 +170,12 @@ class RowSampler:
     ``RowData``, a ``Draw`` as the report; an active row's token counts for its penalties."""
 
     def __call__(
-        self, logits: jax.Array, keys: jax.Array, counters: jax.Array, data: RowData, active
+        self,
+        logits: jax.Array,
+        keys: jax.Array,
+        counters: jax.Array,
+        data: RowData,
+        active: jax.Array,
     ) -> tuple[jax.Array, Draw, RowData]:
         draw = sample_rows(logits, data.counts, data.settings, keys, counters)
         rows = jnp.arange(draw.token.shape[0])
