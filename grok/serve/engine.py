@@ -114,7 +114,8 @@ class Update:
       finish_reason: None while running, then "stop" or "length".
       num_tokens: tokens generated so far (stop token included).
       prompt_tokens: the prompt tokens' logprobs, in the first update when asked for.
-      error: set when the engine failed; the sequence is over.
+      error: set when the engine failed or the sequence's logits were not finite; the
+        sequence is over.
     """
 
     index: int
