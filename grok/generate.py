@@ -18,9 +18,14 @@ How a batch runs:
 - Each row stops on its own: on a stop token (end of sequence, chat separator, ...), after
   ``max_new_tokens`` tokens, or when its last token sits at position P - 1 (the context is
   full). Finished rows still ride along in the batch; their outputs are frozen.
-- Row b's draws use the key ``fold_in(key_b, i)`` for its i-th new token, where ``key_b``
-  comes from the seed and the row (or from the row's own seed). The same seed gives the same
-  tokens, and with per-row seeds a sequence gets the same tokens in any batch.
+- Row b's draws use the key ``fold_in(key_b, i)`` for its i-th new token (the key rule of
+  ``grok.decode``), where ``key_b`` is ``fold_in(key(seed), b)`` for one seed or
+  ``key(seed[b])`` for one seed per row. The same seed gives the same tokens, and with
+  per-row seeds a sequence gets the same tokens in any batch.
+
+The prefill, the step and the loop are ``grok.decode``'s (shared with ``grok-serve``); this
+module validates a call, plans its shapes, places its inputs, runs the compiled programs and
+collects the result.
 
 On a mesh that spans several processes (``grok.distributed``), every process calls
 ``generate`` with the same arguments. The prompts, lengths, keys and limits enter as global
@@ -46,30 +51,30 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from grok import decode
 from grok.config import GrokConfig
+from grok.decode import (
+    FINISH_CONTEXT,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    MAX_SEED,
+    MIN_BUCKET,
+    ApplyFn,
+    DecodeState,
+    DenseCache,
+    FixedSampler,
+    bucket_length,
+)
 from grok.distributed import to_global, to_host
 from grok.errors import GenerationError
-from grok.kv_cache import KVCache
 from grok.memory_plan import check_generation_fits
 from grok.rope import RopeTable
 from grok.sampling import Sampler
 from grok.sharding import kv_cache_sharding
 from grok.tokens import check_token_ids
 
-# The smallest prompt / cache bucket: below this, padding costs less than a recompile would.
-MIN_BUCKET = 16
-# Seeds are fed to jax.random.key as uint32.
-MAX_SEED = 2**32 - 1
-
-FINISH_STOP = "stop"  # a stop token (end of sequence, chat separator ...) was sampled
-FINISH_LENGTH = "length"  # max_new_tokens tokens were produced
-FINISH_CONTEXT = "context"  # the last token sits at position P - 1: the context is full
-
 TokenCallback = Callable[[int, int], None]
 
-# ``apply(params, tokens [B, T], positions [B, T], rope, cache, kv_lengths [B], logits_at [B])``
-# -> (logits [B, T or 1, V] float32, cache): the Haiku apply of ``grok.model.forward_fns``.
-ApplyFn = Callable[..., tuple[jax.Array, KVCache | None]]
 Params = Mapping[str, Mapping[str, Any]]  # the Haiku tree: {module: {name: array}}
 
 
@@ -98,14 +103,6 @@ class ModelLike(Protocol):
 
     @property
     def apply_fn(self) -> ApplyFn: ...
-
-
-def bucket_length(n: int, limit: int) -> int:
-    """The bucket that holds ``n`` tokens: the smallest power of two >= max(n, MIN_BUCKET),
-    capped at ``limit`` (P). ``n`` must be <= ``limit``."""
-    if n > limit:
-        raise GenerationError(f"{n} tokens do not fit in a context of {limit}")
-    return min(limit, max(MIN_BUCKET, 1 << max(0, n - 1).bit_length()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,125 +151,12 @@ class GenerationResult:
         return self.prefill_compile_s + self.decode_compile_s
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class DecodeState:
-    """Everything the decode loop carries (a pytree; donated to each decode call).
-
-    Attributes:
-      cache: the KV cache, [L, B, S, K, H] keys and values.
-      token: [B] int32, each row's last sampled token (the next step's input).
-      position: [B] int32, the position of ``token`` (not yet in the cache).
-      num_new: [B] int32, tokens sampled so far, a stop token included.
-      done: [B] bool, rows that have stopped.
-      out: [B, S] int32, the sampled tokens (row b's first ``num_new[b]`` are valid).
-      logits: [B, S, V] float32 logits of each sampled token, or None when not recorded.
-      keys: [B] PRNG keys, one per row.
-      step: [] int32, decode steps run so far.
-      nonfinite: [B] bool, rows whose logits held a NaN or an infinity (such a row stops;
-        ``generate`` then raises GenerationError instead of returning what argmax made of it).
-    """
-
-    cache: KVCache
-    token: jax.Array
-    position: jax.Array
-    num_new: jax.Array
-    done: jax.Array
-    out: jax.Array
-    logits: jax.Array | None
-    keys: jax.Array
-    step: jax.Array
-    nonfinite: jax.Array
-
-
-def _sample_rows(
-    sampler: Sampler, logits: jax.Array, keys: jax.Array, counters: jax.Array
-) -> jax.Array:
-    """One token per row, row b drawn with ``fold_in(keys[b], counters[b])``: [B, V] -> [B]."""
-    if sampler.is_greedy:
-        return sampler.sample(logits, keys[0])  # the key is unused
-    step_keys = jax.vmap(jax.random.fold_in)(keys, counters)  # [B]
-    return jax.vmap(lambda row, key: sampler.sample(row[None], key)[0])(logits, step_keys)
-
-
-def _record(
-    state: DecodeState,
-    token: jax.Array,
-    logits: jax.Array,
-    stop_mask: jax.Array,
-    max_new: jax.Array,
-    context: int,
-) -> DecodeState:
-    """Appends ``token`` [B] (drawn from ``logits`` [B, V]) to every row not done; decides
-    which rows are done now."""
-    active = ~state.done  # [B]
-    nonfinite = state.nonfinite | (active & ~jnp.all(jnp.isfinite(logits), axis=-1))  # [B]
-    rows = jnp.arange(token.shape[0])
-    slot = jnp.where(active, state.num_new, state.out.shape[1])  # out of range -> dropped
-    out = state.out.at[rows, slot].set(token, mode="drop")
-    recorded = state.logits
-    if recorded is not None:
-        recorded = recorded.at[rows, slot].set(logits.astype(jnp.float32), mode="drop")
-    num_new = state.num_new + active.astype(jnp.int32)
-    # A token sampled during a step sits one past the fed token; the first one (prefill's)
-    # arrives with its position already set.
-    position = state.position
-    done = (
-        state.done
-        | stop_mask[token]
-        | (num_new >= max_new)
-        | (position >= context - 1)  # the new token takes the last position of the context
-        | nonfinite
-    )
-    return dataclasses.replace(
-        state,
-        token=jnp.where(active, token, state.token),
-        num_new=num_new,
-        done=done,
-        out=out,
-        logits=recorded,
-        nonfinite=nonfinite,
-    )
-
-
-def _pin_state(
-    state: DecodeState,
-    cache_sharding: jax.sharding.Sharding | None,
-    host_sharding: jax.sharding.Sharding | None,
-) -> DecodeState:
-    """Pins the decode state's layout on a mesh: k/v to ``cache_sharding``, everything else
-    (what the host reads, and the keys) to ``host_sharding``, replicated over the mesh so
-    that every process holds it whole. Prefill's output and decode's input and output then
-    share one layout, so decode compiles once. None: left to the compiler."""
-
-    def pin(x: Any, sharding: jax.sharding.Sharding | None) -> Any:
-        if x is None or sharding is None:
-            return x
-        return jax.lax.with_sharding_constraint(x, sharding)
-
-    cache = state.cache
-    k, v = pin(cache.k, cache_sharding), pin(cache.v, cache_sharding)
-    fields = {
-        f.name: pin(getattr(state, f.name), host_sharding)
-        for f in dataclasses.fields(state)
-        if f.name != "cache"
-    }
-    cache = dataclasses.replace(cache, k=k, v=v, lengths=pin(cache.lengths, host_sharding))
-    return dataclasses.replace(state, cache=cache, **fields)
+# -- the compiled programs -------------------------------------------------------------------
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=(
-        "apply_fn",
-        "config",
-        "dtype",
-        "sampler",
-        "cache_len",
-        "record_logits",
-        "cache_sharding",
-        "host_sharding",
-    ),
+    static_argnames=("apply_fn", "sampler", "store", "cache_len", "record_logits", "host_sharding"),
 )
 def _prefill(
     params: Any,
@@ -283,53 +167,28 @@ def _prefill(
     max_new: jax.Array,
     stop_mask: jax.Array,
     *,
-    apply_fn: Callable,
-    config: GrokConfig,
-    dtype: jnp.dtype,
-    sampler: Sampler,
+    apply_fn: ApplyFn,
+    sampler: FixedSampler,
+    store: DenseCache,
     cache_len: int,
     record_logits: bool,
-    cache_sharding: jax.sharding.Sharding | None = None,
     host_sharding: jax.sharding.Sharding | None = None,
 ) -> DecodeState:
-    """Runs the prompts [B, T] (row b valid up to ``lengths[b]``) into a fresh cache of
-    ``cache_len`` slots and samples each row's first new token. ``cache_sharding`` and
-    ``host_sharding``: see ``_pin_state``."""
-    b, t = tokens.shape
-    p = config.max_position_embeddings
-    cache = KVCache.create(config, b, cache_len, dtype)
-    if cache_sharding is not None:  # k/v [L, B, S, K, H] laid out like the model's K heads
-        k, v = (jax.lax.with_sharding_constraint(x, cache_sharding) for x in (cache.k, cache.v))
-        cache = KVCache(k=k, v=v, lengths=cache.lengths)
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))  # [B, T]
-    # Only each row's last prompt position needs the head: [B, 1, V], not [B, T, V].
-    logits, cache = apply_fn(params, tokens, positions, rope, cache, lengths, lengths - 1)
-    last = logits[:, 0]  # [B, V]
-    zeros = jnp.zeros((b,), jnp.int32)
-    first = _sample_rows(sampler, last, keys, zeros)  # [B]
-    recorded = None
-    if record_logits:
-        recorded = jnp.zeros((b, cache_len, config.vocab_size), jnp.float32)  # [B, S, V]
-    state = DecodeState(
-        cache=cache,
-        token=zeros,
-        position=jnp.minimum(lengths, cache_len - 1),  # where the first new token sits
-        num_new=zeros,
-        # A prompt that fills the context, or max_new_tokens 0, leaves nothing to sample.
-        done=(lengths >= p) | (max_new <= 0),
-        out=jnp.zeros((b, cache_len), jnp.int32),
-        logits=recorded,
-        keys=keys,
-        step=jnp.zeros((), jnp.int32),
-        nonfinite=jnp.zeros((b,), jnp.bool_),
+    """Prefills the prompts [B, T] (row b valid up to ``lengths[b]``) into a fresh cache of
+    ``cache_len`` slots and samples each row's first new token (``grok.decode.begin``); the
+    state pinned (``grok.decode.pin``: k/v to ``store.sharding``, the rest to
+    ``host_sharding``)."""
+    hooks = {"apply_fn": apply_fn, "sampler": sampler, "store": store}
+    inputs = (tokens, lengths, keys, max_new, stop_mask)
+    state = decode.begin(
+        params, rope, *inputs, cache_len=cache_len, record_logits=record_logits, **hooks
     )
-    state = _record(state, first, last, stop_mask, max_new, p)
-    return _pin_state(state, cache_sharding, host_sharding)
+    return decode.pin(state, store.sharding, host_sharding)
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("apply_fn", "context", "sampler", "cache_sharding", "host_sharding"),
+    static_argnames=("apply_fn", "sampler", "store", "host_sharding"),
     donate_argnames=("state",),
 )
 def _decode(
@@ -340,39 +199,19 @@ def _decode(
     max_new: jax.Array,
     stop_mask: jax.Array,
     *,
-    apply_fn: Callable,
-    context: int,
-    sampler: Sampler,
-    cache_sharding: jax.sharding.Sharding | None = None,
+    apply_fn: ApplyFn,
+    sampler: FixedSampler,
+    store: DenseCache,
     host_sharding: jax.sharding.Sharding | None = None,
 ) -> DecodeState:
-    """Decode steps until every row is done or ``state.step`` reaches ``limit``.
-    ``cache_sharding`` and ``host_sharding``: see ``_pin_state``."""
+    """Decode steps until every row is done or ``state.step`` reaches ``limit``
+    (``grok.decode.run``), the state pinned as ``_prefill`` pins it."""
+    hooks = {"apply_fn": apply_fn, "sampler": sampler, "store": store}
+    state = decode.run(params, rope, state, limit, max_new, stop_mask, **hooks)
+    return decode.pin(state, store.sharding, host_sharding)
 
-    def cond(s: DecodeState) -> jax.Array:
-        return (s.step < limit) & ~jnp.all(s.done)
 
-    # The loop carries the cache as uint16 bits where they apply (``KVCache.as_bits``).
-    dtype = state.cache.k.dtype
-
-    def body(s: DecodeState) -> DecodeState:
-        logits, cache = apply_fn(
-            params,
-            s.token[:, None],
-            s.position[:, None],
-            rope,
-            s.cache.from_bits(dtype),
-            s.position + 1,
-        )  # [B, 1, V]
-        token = _sample_rows(sampler, logits[:, 0], s.keys, s.num_new)  # [B]
-        advanced = jnp.where(s.done, s.position, s.position + 1)  # the new token's position
-        s = dataclasses.replace(s, cache=cache.as_bits(), position=advanced, step=s.step + 1)
-        return _record(s, token, logits[:, 0], stop_mask, max_new, context)
-
-    state = dataclasses.replace(state, cache=state.cache.as_bits())
-    final = jax.lax.while_loop(cond, body, state)
-    final = dataclasses.replace(final, cache=final.cache.from_bits(dtype))
-    return _pin_state(final, cache_sharding, host_sharding)
+# -- validate and plan -----------------------------------------------------------------------
 
 
 def _check_prompts(prompts: Any, vocab: int, context: int) -> list[list[int]]:
@@ -398,8 +237,34 @@ def _check_prompts(prompts: Any, vocab: int, context: int) -> list[list[int]]:
     ]
 
 
+def _check_sampler(sampler: Any) -> Sampler:
+    """The sampler to run (default greedy; every greedy setting shares one compiled loop)."""
+    sampler = Sampler() if sampler is None else sampler
+    if not isinstance(sampler, Sampler):
+        raise GenerationError(f"sampler must be a grok.sampling.Sampler, got {sampler!r}")
+    return Sampler() if sampler.is_greedy else sampler
+
+
+def _check_max_new(max_new_tokens: Any) -> int:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer):
+        raise GenerationError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if max_new_tokens < 0:
+        raise GenerationError(f"max_new_tokens must be an int >= 0, got {max_new_tokens}")
+    return int(max_new_tokens)
+
+
+def _stop_mask(stop_tokens: Sequence[int], vocab: int) -> np.ndarray:
+    """bool [V]: the stop tokens, each checked to be an id."""
+    mask = np.zeros((vocab,), bool)
+    for s in stop_tokens:
+        if isinstance(s, bool) or not isinstance(s, int | np.integer) or not 0 <= s < vocab:
+            raise GenerationError(f"stop token {s!r} is not an id in [0, {vocab})")
+        mask[s] = True
+    return mask
+
+
 def _row_keys(seed: int | Sequence[int], batch: int) -> np.ndarray:
-    """[B, 2] uint32 data of the PRNG keys (``jax.random.wrap_key_data`` makes them keys):
+    """[B, 2] uint32 raw data of the rows' keys (``grok.decode.sequence_keys``):
     ``fold_in(key(seed), b)`` for one seed, ``key(seed[b])`` for a list. Host data, so that
     on several processes it can enter as a global array like the other inputs."""
 
@@ -412,11 +277,261 @@ def _row_keys(seed: int | Sequence[int], batch: int) -> np.ndarray:
         if len(seed) != batch:
             raise GenerationError(f"got {len(seed)} seeds for {batch} prompts; give one per prompt")
         seeds = jnp.asarray([check(s, f"seed[{i}]") for i, s in enumerate(seed)], jnp.uint32)
-        keys = jax.vmap(jax.random.key)(seeds)
+        keys = decode.sequence_keys(seeds)
     else:
-        base = jax.random.key(check(seed, "seed"))
-        keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(batch))
+        seeds = jnp.full((batch,), check(seed, "seed"), jnp.uint32)
+        keys = decode.sequence_keys(seeds, jnp.arange(batch, dtype=jnp.uint32))
     return np.asarray(jax.random.key_data(keys))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """A checked call, in host values: what runs, in which shapes.
+
+    Attributes:
+      rows: the prompts' token ids.
+      tokens: [B, T] int32, the prompts right-padded with id 0 to the bucket T.
+      lengths: [B] int32, the prompts' lengths.
+      cache_len: S, the cache's slots per row.
+      stop_mask: [V] bool, the stop tokens.
+      keys: [B, 2] uint32, the rows' raw key data.
+      sampler: the (checked) sampler.
+      max_new_tokens: the most new tokens per row.
+    """
+
+    rows: list[list[int]]
+    tokens: np.ndarray
+    lengths: np.ndarray
+    cache_len: int
+    stop_mask: np.ndarray
+    keys: np.ndarray
+    sampler: Sampler
+    max_new_tokens: int
+
+
+def _plan(
+    model: ModelLike,
+    prompts: Any,
+    *,
+    max_new_tokens: Any,
+    sampler: Any,
+    seed: Any,
+    stop_tokens: Sequence[int],
+) -> _Plan:
+    """Checks the arguments and fixes the shapes (GenerationError / TokenizerError naming
+    the bad argument). The memory plan refuses a KV cache that cannot fit the devices
+    (MemoryPlanError): first for rows of one token, before the rows are read, then for the
+    exact cache length."""
+    config = model.config
+    context, vocab = config.max_position_embeddings, config.vocab_size
+    sampler = _check_sampler(sampler)
+    max_new_tokens = _check_max_new(max_new_tokens)
+    fits = functools.partial(
+        check_generation_fits, config, model.params, model.mesh, dtype=model.dtype
+    )
+    if isinstance(prompts, Sequence) or getattr(prompts, "ndim", 0) >= 1:  # before reading rows
+        fits(batch=len(prompts), context=bucket_length(min(context, 1 + max_new_tokens), context))
+    rows = _check_prompts(prompts, vocab, context)
+    stop_mask = _stop_mask(stop_tokens, vocab)
+    lengths = np.array([len(r) for r in rows], np.int32)  # [B]
+    longest = int(lengths.max())
+    prompt_len = bucket_length(longest, context)  # T
+    cache_len = bucket_length(max(prompt_len, min(context, longest + max_new_tokens)), context)
+    fits(batch=len(rows), context=cache_len)
+    tokens = np.zeros((len(rows), prompt_len), np.int32)  # [B, T], right-padded with id 0
+    for b, r in enumerate(rows):
+        tokens[b, : len(r)] = r
+    return _Plan(
+        rows=rows,
+        tokens=tokens,
+        lengths=lengths,
+        cache_len=cache_len,
+        stop_mask=stop_mask,
+        keys=_row_keys(seed, len(rows)),
+        sampler=sampler,
+        max_new_tokens=max_new_tokens,
+    )
+
+
+# -- place and run ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Placed:
+    """A plan's inputs on the devices, ``put`` (host data as an input: on a mesh a global array
+    replicated over it, built per process from the same host values), and the compiled
+    programs' static arguments (apply_fn, sampler, store, host_sharding)."""
+
+    tokens: jax.Array  # [B, T]
+    lengths: jax.Array  # [B]
+    keys: jax.Array  # [B, 2]
+    max_new: jax.Array  # []
+    stop_mask: jax.Array  # [V]
+    put: Callable[[np.ndarray], jax.Array]
+    static: dict[str, Any]
+
+
+def _place(model: ModelLike, plan: _Plan) -> _Placed:
+    """On a mesh every input is replicated over it, and so is what the host reads back; the
+    KV cache is split like the model's K heads."""
+    mesh, config = model.mesh, model.config
+    replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+    cache_sharding = None if mesh is None else kv_cache_sharding(mesh, config, len(plan.rows))
+
+    def put(value: np.ndarray) -> jax.Array:
+        return jnp.asarray(value) if replicated is None else to_global(value, replicated)
+
+    return _Placed(
+        tokens=put(plan.tokens),
+        lengths=put(plan.lengths),
+        keys=put(plan.keys),
+        max_new=put(np.int32(min(plan.max_new_tokens, plan.cache_len))),
+        stop_mask=put(plan.stop_mask),
+        put=put,
+        static={
+            "apply_fn": model.apply_fn,
+            "sampler": FixedSampler(plan.sampler),
+            "store": DenseCache(config, model.dtype, cache_sharding),
+            "host_sharding": replicated,
+        },
+    )
+
+
+class _Stream:
+    """Hands each row's new tokens to ``on_token`` (stop tokens withheld) as they reach the
+    host; one decode step adds at most one token per row."""
+
+    def __init__(self, on_token: TokenCallback, stop_mask: np.ndarray, batch: int):
+        self.on_token = on_token
+        self.stop_mask = stop_mask
+        self.emitted = np.zeros((batch,), np.int32)  # tokens already handed out, per row
+
+    def __call__(self, state: DecodeState) -> bool:
+        """Hands out the new tokens of ``state``; returns whether every row is done."""
+        rows = state.rows
+        num_new, token, done, nonfinite = (
+            to_host(x) for x in (rows.num_new, rows.token, state.done, state.nonfinite)
+        )
+        decode.check_finite(nonfinite, num_new)
+        for b in np.flatnonzero(num_new > self.emitted):
+            self.emitted[b] = num_new[b]
+            if not self.stop_mask[token[b]]:
+                self.on_token(int(b), int(token[b]))
+        return bool(done.all())
+
+
+@dataclasses.dataclass(frozen=True)
+class _Outcome:
+    """What a run leaves on the host: tokens [B] counts, tokens [B, S], logits [B, S, V] or
+    None, and its timings (see ``GenerationResult``)."""
+
+    num_new: np.ndarray
+    out: np.ndarray
+    logits: np.ndarray | None
+    time_to_first_token_s: float
+    decode_time_s: float
+    prefill_compile_s: float
+    decode_compile_s: float
+
+
+def _run(
+    model: ModelLike,
+    plan: _Plan,
+    placed: _Placed,
+    on_token: TokenCallback | None,
+    return_logits: bool,
+) -> _Outcome:
+    """Prefill, then decode: in one call, or with ``on_token`` one call per step."""
+    start = time.perf_counter()
+    params, rope, put = model.params, model.rope, placed.put
+    inputs = (placed.tokens, placed.lengths, placed.keys, placed.max_new, placed.stop_mask)
+    prefill_fn, prefill_compile_s = _compiled(
+        _prefill,
+        (params, rope, *inputs),
+        cache_len=plan.cache_len,
+        record_logits=return_logits,
+        **placed.static,
+    )
+    state = prefill_fn(params, rope, *inputs)
+    stream = None if on_token is None else _Stream(on_token, plan.stop_mask, len(plan.rows))
+    if stream is not None:
+        finished = stream(state)
+    else:
+        jax.block_until_ready(state.rows.token)
+    first_at = time.perf_counter()
+
+    limits = (placed.max_new, placed.stop_mask)
+    limit = put(np.int32(1 if stream is not None else plan.cache_len))  # steps per call
+    decode_fn, decode_compile_s = _compiled(
+        _decode, (params, rope, state, limit, *limits), **placed.static
+    )
+    if stream is not None:
+        step = 0
+        while not finished:
+            step += 1
+            state = decode_fn(params, rope, state, put(np.int32(step)), *limits)
+            finished = stream(state)
+    else:
+        state = decode_fn(params, rope, state, limit, *limits)
+    num_new, out, nonfinite = (to_host(x) for x in (state.rows.num_new, state.out, state.nonfinite))
+    decode.check_finite(nonfinite, num_new)
+    recorded = None if state.logits is None else to_host(state.logits)
+    end = time.perf_counter()
+    return _Outcome(
+        num_new=num_new,
+        out=out,
+        logits=recorded,
+        time_to_first_token_s=first_at - start,
+        decode_time_s=end - first_at,
+        prefill_compile_s=prefill_compile_s,
+        decode_compile_s=decode_compile_s,
+    )
+
+
+def _compiled(fn: Any, args: tuple, **static: Any) -> tuple[Callable, float]:
+    """``fn`` (a jitted function) compiled for ``args`` and the static keyword arguments, and
+    the seconds that took: tracing, lowering and XLA's compile, or loading the executable from
+    the persistent cache (``grok.compile_cache``). JAX's own caches make a repeated call cost
+    microseconds, so this is 0.0 for shapes already compiled in this process."""
+    begin = time.perf_counter()
+    executable = fn.lower(*args, **static).compile()
+    return executable, time.perf_counter() - begin
+
+
+# -- collect ---------------------------------------------------------------------------------
+
+
+def _collect(model: ModelLike, plan: _Plan, outcome: _Outcome) -> GenerationResult:
+    """The result: each row's kept tokens, why it ended, its stop token, its logits."""
+    context = model.config.max_position_embeddings
+    tokens, reasons, stops, logits = [], [], [], []
+    for b, prompt in enumerate(plan.rows):
+        n = int(outcome.num_new[b])
+        seq = [int(t) for t in outcome.out[b, :n]]
+        stop = seq[-1] if seq and plan.stop_mask[seq[-1]] else None
+        reason = decode.finish_reason(
+            stopped=stop is not None,
+            num_new=n,
+            max_new=plan.max_new_tokens,
+            context_full=len(prompt) + n >= context,
+        )
+        tokens.append(seq if stop is None else seq[:-1])
+        reasons.append(reason)
+        stops.append(stop)
+        if outcome.logits is not None:
+            logits.append(outcome.logits[b, :n])
+    return GenerationResult(
+        tokens=tokens,
+        finish_reasons=reasons,
+        stop_tokens=stops,
+        prompt_lengths=[len(r) for r in plan.rows],
+        time_to_first_token_s=outcome.time_to_first_token_s,
+        decode_time_s=outcome.decode_time_s,
+        num_decode_tokens=int(np.maximum(outcome.num_new - 1, 0).sum()),
+        logits=logits if outcome.logits is not None else None,
+        prefill_compile_s=outcome.prefill_compile_s,
+        decode_compile_s=outcome.decode_compile_s,
+    )
 
 
 def generate(
@@ -450,184 +565,28 @@ def generate(
     Returns:
       a ``GenerationResult``.
     """
-    config = model.config
-    context, vocab = config.max_position_embeddings, config.vocab_size
-    sampler = Sampler() if sampler is None else sampler
-    if not isinstance(sampler, Sampler):
-        raise GenerationError(f"sampler must be a grok.sampling.Sampler, got {sampler!r}")
-    if sampler.is_greedy:
-        sampler = Sampler()  # every greedy setting shares one compiled loop
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer):
-        raise GenerationError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if max_new_tokens < 0:
-        raise GenerationError(f"max_new_tokens must be an int >= 0, got {max_new_tokens}")
-    # The memory plan refuses a KV cache that cannot fit the devices (MemoryPlanError): first
-    # for rows of one token, before the rows are read, then for the exact cache length.
-    fits_check = functools.partial(
-        check_generation_fits, config, model.params, model.mesh, dtype=model.dtype
-    )
-    if isinstance(prompts, Sequence) or getattr(prompts, "ndim", 0) >= 1:  # before reading rows
-        fits_check(
-            batch=len(prompts), context=bucket_length(min(context, 1 + max_new_tokens), context)
-        )
-    rows = _check_prompts(prompts, vocab, context)
-    stop_mask = np.zeros((vocab,), bool)  # [V]
-    for s in stop_tokens:
-        if isinstance(s, bool) or not isinstance(s, int | np.integer) or not 0 <= s < vocab:
-            raise GenerationError(f"stop token {s!r} is not an id in [0, {vocab})")
-        stop_mask[s] = True
-
-    batch = len(rows)
-    lengths = np.array([len(r) for r in rows], np.int32)  # [B]
-    longest = int(lengths.max())
-    prompt_len = bucket_length(longest, context)  # T
-    cache_len = bucket_length(max(prompt_len, min(context, longest + max_new_tokens)), context)
-    fits_check(batch=batch, context=cache_len)
-    tokens = np.zeros((batch, prompt_len), np.int32)  # [B, T], right-padded with id 0
-    for b, r in enumerate(rows):
-        tokens[b, : len(r)] = r
-    mesh = model.mesh
-    # On a mesh every input is a global array replicated over it (built per process from the
-    # same host values), and so is what the host reads back.
-    replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
-    cache_sharding = None if mesh is None else kv_cache_sharding(mesh, config, batch)
-
-    def put(value: np.ndarray) -> jax.Array:
-        return jnp.asarray(value) if replicated is None else to_global(value, replicated)
-
-    keys = jax.random.wrap_key_data(put(_row_keys(seed, batch)))  # [B]
-    max_new = put(np.int32(min(max_new_tokens, cache_len)))
-    stop_mask_j = put(stop_mask)
-
-    start = time.perf_counter()
-    prefill_args = (
-        model.params,
-        model.rope,
-        put(tokens),
-        put(lengths),
-        keys,
-        max_new,
-        stop_mask_j,
-    )
-    prefill_fn, prefill_compile_s = _compiled(
-        _prefill,
-        prefill_args,
-        apply_fn=model.apply_fn,
-        config=config,
-        dtype=model.dtype,
+    plan = _plan(
+        model,
+        prompts,
+        max_new_tokens=max_new_tokens,
         sampler=sampler,
-        cache_len=cache_len,
-        record_logits=return_logits,
-        cache_sharding=cache_sharding,
-        host_sharding=replicated,
+        seed=seed,
+        stop_tokens=stop_tokens,
     )
-    state = prefill_fn(*prefill_args)
-    emitted = np.zeros((batch,), np.int32)  # tokens already handed to on_token, per row
-
-    def stream() -> bool:
-        """Hands new tokens to on_token; returns whether every row is done."""
-        num_new, token, done, nonfinite = (
-            to_host(x) for x in (state.num_new, state.token, state.done, state.nonfinite)
-        )
-        _check_finite(nonfinite, num_new)
-        for b in range(batch):
-            if num_new[b] > emitted[b]:  # at most one new token per step
-                emitted[b] = num_new[b]
-                if not stop_mask[token[b]]:
-                    on_token(b, int(token[b]))
-        return bool(done.all())
-
-    if on_token is not None:
-        finished = stream()
-    else:
-        jax.block_until_ready(state.token)
-    first_at = time.perf_counter()
-    limit = put(np.int32(1 if on_token is not None else cache_len))  # steps per decode call
-    decode_fn, decode_compile_s = _compiled(
-        _decode,
-        (model.params, model.rope, state, limit, max_new, stop_mask_j),
-        apply_fn=model.apply_fn,
-        context=context,
-        sampler=sampler,
-        cache_sharding=cache_sharding,
-        host_sharding=replicated,
-    )
-    if on_token is not None:
-        step = 0
-        while not finished:
-            step += 1
-            state = decode_fn(
-                model.params, model.rope, state, put(np.int32(step)), max_new, stop_mask_j
-            )
-            finished = stream()
-    else:
-        state = decode_fn(model.params, model.rope, state, limit, max_new, stop_mask_j)
-    num_new, out, nonfinite = (to_host(x) for x in (state.num_new, state.out, state.nonfinite))
-    _check_finite(nonfinite, num_new)
-    recorded = None if state.logits is None else to_host(state.logits)
-    end = time.perf_counter()
-
-    tokens_out, reasons, stops, logits_out = [], [], [], []
-    for b in range(batch):
-        n = int(num_new[b])
-        seq = [int(t) for t in out[b, :n]]
-        stop = seq[-1] if seq and stop_mask[seq[-1]] else None
-        if stop is not None:
-            seq, reason = seq[:-1], FINISH_STOP
-        elif n >= max_new_tokens:
-            reason = FINISH_LENGTH
-        else:
-            reason = FINISH_CONTEXT
-        tokens_out.append(seq)
-        reasons.append(reason)
-        stops.append(stop)
-        if recorded is not None:
-            logits_out.append(recorded[b, :n])
-    return GenerationResult(
-        tokens=tokens_out,
-        finish_reasons=reasons,
-        stop_tokens=stops,
-        prompt_lengths=[len(r) for r in rows],
-        time_to_first_token_s=first_at - start,
-        decode_time_s=end - first_at,
-        num_decode_tokens=int(np.maximum(num_new - 1, 0).sum()),
-        logits=logits_out if recorded is not None else None,
-        prefill_compile_s=prefill_compile_s,
-        decode_compile_s=decode_compile_s,
-    )
-
-
-def _compiled(fn: Any, args: tuple, **static: Any) -> tuple[Callable, float]:
-    """``fn`` (a jitted function) compiled for ``args`` and the static keyword arguments, and
-    the seconds that took: tracing, lowering and XLA's compile, or loading the executable from
-    the persistent cache (``grok.compile_cache``). JAX's own caches make a repeated call cost
-    microseconds, so this is 0.0 for shapes already compiled in this process."""
-    begin = time.perf_counter()
-    executable = fn.lower(*args, **static).compile()
-    return executable, time.perf_counter() - begin
-
-
-def _check_finite(nonfinite: np.ndarray, num_new: np.ndarray) -> None:
-    """GenerationError when some row's logits held a NaN or an infinity (checked on the host
-    from the flag the decode loop carries, so a broken model never yields tokens silently)."""
-    rows = np.flatnonzero(nonfinite)
-    if rows.size:
-        b = int(rows[0])
-        raise GenerationError(
-            f"the model produced non-finite logits (NaN or inf) for sequence {b} at its new "
-            f"token {int(num_new[b])} ({rows.size} of {nonfinite.size} sequences affected): the "
-            "weights or their dtype are broken (check the checkpoint, its scales and --dtype)"
-        )
+    outcome = _run(model, plan, _place(model, plan), on_token, return_logits)
+    return _collect(model, plan, outcome)
 
 
 __all__ = [
     "FINISH_CONTEXT",
     "FINISH_LENGTH",
     "FINISH_STOP",
+    "MAX_SEED",
     "MIN_BUCKET",
     "DecodeState",
     "GenerationResult",
     "ModelLike",
+    "TokenCallback",
     "bucket_length",
     "generate",
 ]

@@ -499,3 +499,36 @@ def test_bfloat16_engine_greedy_equals_generate():
     finally:
         engine.stop()
     assert [got[0], got[1]] == [list(w) for w in want]
+
+
+def test_non_finite_logits_end_the_sequence_with_an_error():
+    """A broken weight (NaN): the sequence ends with an error update (no tokens), its slot is
+    freed and the engine keeps serving."""
+    model = grok.load_pretrained("builtin", dtype=jnp.float32, quiet=True)
+    params = {m: dict(t) for m, t in model.params.items()}
+    params["grok/final_norm"]["weight"] = jnp.full_like(
+        params["grok/final_norm"]["weight"], jnp.nan
+    )
+    broken = grok.Model(model.config, params, dtype=jnp.float32)
+    tok = load_tokenizer(builtin_dir())
+    updates = []
+    done = threading.Event()
+
+    def sink(update):
+        updates.append(update)
+        if update.error is not None or update.finish_reason is not None:
+            done.set()
+
+    metrics = Metrics(1)
+    engine = Engine(broken, tok, max_batch=1, max_queue=1, metrics=metrics)
+    engine.start()
+    try:
+        engine.submit([SequenceRequest([1, 2, 3], SamplingParams(max_tokens=4), sink, tok)])
+        assert done.wait(120)
+        assert engine.healthy
+    finally:
+        engine.stop()
+    assert len(updates) == 1 and "non-finite logits" in updates[0].error
+    text = metrics.render()[0].decode()
+    assert 'grok_sequences_finished_total{reason="error"} 1.0' in text
+    assert "grok_batch_occupancy 0.0" in text

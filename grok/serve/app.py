@@ -65,36 +65,39 @@ async def _wait_for_disconnect(request: Request) -> None:
             return
 
 
-def create_app(
-    engine: Engine, *, served_name: str, api_key: str | None = None, metrics: Metrics
-) -> Starlette:
-    """The Starlette app serving ``engine`` as ``served_name``.
+class _Routes:
+    """The app's handlers, each a method of its own, around one engine.
 
-    With ``api_key``, every /v1 request and /metrics needs ``Authorization: Bearer KEY``
-    (/health stays open for liveness probes).
+    Every handler goes through ``endpoint`` (authorisation, OpenAI-style errors, the request
+    counter); with ``api_key``, every /v1 request and /metrics needs
+    ``Authorization: Bearer KEY`` (/health stays open for liveness probes).
     """
-    tokenizer = engine.tokenizer
-    vocab = engine.model.config.vocab_size
-    created = int(time.time())
 
-    def authorize(request: Request) -> None:
-        if api_key is None:
+    def __init__(self, engine: Engine, served_name: str, api_key: str | None, metrics: Metrics):
+        self.engine = engine
+        self.served_name = served_name
+        self.api_key = api_key
+        self.metrics = metrics
+        self.created = int(time.time())
+
+    def authorize(self, request: Request) -> None:
+        if self.api_key is None:
             return
         given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
             raise RequestError(
                 "Incorrect API key provided: pass it as 'Authorization: Bearer KEY'",
                 status=401,
                 code="invalid_api_key",
             )
 
-    def endpoint(name: str, fn: Handler, *, auth: bool = True) -> Handler:
+    def endpoint(self, name: str, fn: Handler, *, auth: bool = True) -> Handler:
         """``fn`` with authorisation, OpenAI-style errors and the request counter."""
 
         async def handler(request: Request) -> Response:
             try:
                 if auth:
-                    authorize(request)
+                    self.authorize(request)
                 response = await fn(request)
             except RequestError as e:
                 response = _error(e)
@@ -103,111 +106,132 @@ def create_app(
                 response = _error(
                     RequestError(f"internal error: {e}", status=500, type="server_error")
                 )
-            metrics.request(name, response.status_code)
+            self.metrics.request(name, response.status_code)
             return response
 
         return handler
 
-    async def health(_: Request) -> Response:
+    async def health(self, _: Request) -> Response:
+        engine = self.engine
         if not engine.healthy:
             return JSONResponse({"status": "error", "error": str(engine.error)}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    async def models(_: Request) -> Response:
+    async def models(self, _: Request) -> Response:
         card = {
-            "id": served_name,
+            "id": self.served_name,
             "object": "model",
-            "created": created,
+            "created": self.created,
             "owned_by": "grok",
-            "max_model_len": engine.max_context,
+            "max_model_len": self.engine.max_context,
         }
         return JSONResponse({"object": "list", "data": [card]})
 
-    async def metrics_text(_: Request) -> Response:
-        body, content_type = metrics.render()
+    async def metrics_text(self, _: Request) -> Response:
+        body, content_type = self.metrics.render()
         return Response(body, media_type=content_type)
 
-    async def read_json(request: Request) -> Any:
-        raw = await request.body()
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RequestError(f"the request body is not valid JSON: {e}") from None
+    async def completions(self, request: Request) -> Response:
+        return await self.generation(request, chat=False)
 
-    def generation(chat: bool) -> Handler:
-        async def handle(request: Request) -> Response:
-            body = await read_json(request)
-            req = protocol.parse_generation(
-                body,
-                tokenizer,
-                chat=chat,
-                served_name=served_name,
-                max_context=engine.max_context,
-                vocab=vocab,
+    async def chat(self, request: Request) -> Response:
+        return await self.generation(request, chat=True)
+
+    async def generation(self, request: Request, *, chat: bool) -> Response:
+        """A completion (or chat completion): parsed, queued, then streamed or answered whole."""
+        engine, tokenizer = self.engine, self.engine.tokenizer
+        req = protocol.parse_generation(
+            await _read_json(request),
+            tokenizer,
+            chat=chat,
+            served_name=self.served_name,
+            max_context=engine.max_context,
+            vocab=engine.model.config.vocab_size,
+        )
+        seqs, updates = self.submit(req)
+        self.metrics.prompt_tokens.inc(sum(len(p) for p in req.prompts))
+        request_id = protocol.new_id(chat)
+        if req.stream:
+            stream = _stream(req, seqs, updates, request_id, self.served_name, tokenizer)
+            return StreamingResponse(
+                stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
             )
-            loop = asyncio.get_running_loop()
-            updates: asyncio.Queue[Update] = asyncio.Queue()
+        return await _whole(request, req, seqs, updates, request_id, self.served_name, tokenizer)
 
-            def sink(u: Update) -> None:  # called on the engine thread
-                loop.call_soon_threadsafe(updates.put_nowait, u)
+    def submit(self, req: GenerationRequest) -> tuple[list[SequenceRequest], asyncio.Queue[Update]]:
+        """Queues the request's sequences (prompts x n) to the engine; their updates arrive on
+        the returned queue (the engine thread hands them to this event loop)."""
+        engine = self.engine
+        loop = asyncio.get_running_loop()
+        updates: asyncio.Queue[Update] = asyncio.Queue()
 
-            seqs = [
-                SequenceRequest(prompt, req.params, sink, tokenizer, index=p * req.n + c)
-                for p, prompt in enumerate(req.prompts)
-                for c in range(req.n)
-            ]
-            capacity = engine.max_batch + engine.max_queue
-            if len(seqs) > capacity:
-                raise RequestError(
-                    f"the request needs {len(seqs)} sequences (prompts x n); this server holds "
-                    f"at most {capacity} (--max-batch {engine.max_batch} + --max-queue "
-                    f"{engine.max_queue})",
-                    param="n",
-                )
-            try:
-                engine.submit(seqs)
-            except QueueFull as e:
-                raise RequestError(
-                    str(e), status=503, type="server_error", code="overloaded"
-                ) from None
-            except GenerationError as e:
-                raise RequestError(str(e), status=503, type="server_error") from None
-            metrics.prompt_tokens.inc(sum(len(p) for p in req.prompts))
-            request_id = protocol.new_id(chat)
-            if req.stream:
-                stream = _stream(req, seqs, updates, request_id, served_name, tokenizer)
-                return StreamingResponse(
-                    stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-                )
-            return await _whole(request, req, seqs, updates, request_id, served_name, tokenizer)
+        def sink(u: Update) -> None:  # called on the engine thread
+            loop.call_soon_threadsafe(updates.put_nowait, u)
 
-        return handle
+        seqs = [
+            SequenceRequest(prompt, req.params, sink, engine.tokenizer, index=p * req.n + c)
+            for p, prompt in enumerate(req.prompts)
+            for c in range(req.n)
+        ]
+        capacity = engine.max_batch + engine.max_queue
+        if len(seqs) > capacity:
+            raise RequestError(
+                f"the request needs {len(seqs)} sequences (prompts x n); this server holds "
+                f"at most {capacity} (--max-batch {engine.max_batch} + --max-queue "
+                f"{engine.max_queue})",
+                param="n",
+            )
+        try:
+            engine.submit(seqs)
+        except QueueFull as e:
+            raise RequestError(str(e), status=503, type="server_error", code="overloaded") from None
+        except GenerationError as e:
+            raise RequestError(str(e), status=503, type="server_error") from None
+        return seqs, updates
 
-    async def not_found(request: Request, exc: Exception) -> Response:
+    async def not_found(self, request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, HTTPException) else 500
         detail = exc.detail if isinstance(exc, HTTPException) else "internal error"
         message = f"{request.method} {request.url.path}: {detail}"
         body = protocol.error_body(message, protocol.INVALID_REQUEST)
-        metrics.request("other", status)
+        self.metrics.request("other", status)
         return JSONResponse(body, status_code=status)
 
     @contextlib.asynccontextmanager
-    async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        engine.start()
+    async def lifespan(self, _: Starlette) -> AsyncIterator[None]:
+        self.engine.start()
         try:
             yield
         finally:
-            engine.stop()
+            self.engine.stop()
 
+
+async def _read_json(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(f"the request body is not valid JSON: {e}") from None
+
+
+def create_app(
+    engine: Engine, *, served_name: str, api_key: str | None = None, metrics: Metrics
+) -> Starlette:
+    """The Starlette app serving ``engine`` as ``served_name``.
+
+    With ``api_key``, every /v1 request and /metrics needs ``Authorization: Bearer KEY``
+    (/health stays open for liveness probes).
+    """
+    r = _Routes(engine, served_name, api_key, metrics)
     routes = [
-        Route("/health", endpoint("health", health, auth=False), methods=["GET"]),
-        Route("/v1/models", endpoint("models", models), methods=["GET"]),
-        Route("/metrics", endpoint("metrics", metrics_text), methods=["GET"]),
-        Route("/v1/completions", endpoint("completions", generation(False)), methods=["POST"]),
-        Route("/v1/chat/completions", endpoint("chat", generation(True)), methods=["POST"]),
+        Route("/health", r.endpoint("health", r.health, auth=False), methods=["GET"]),
+        Route("/v1/models", r.endpoint("models", r.models), methods=["GET"]),
+        Route("/metrics", r.endpoint("metrics", r.metrics_text), methods=["GET"]),
+        Route("/v1/completions", r.endpoint("completions", r.completions), methods=["POST"]),
+        Route("/v1/chat/completions", r.endpoint("chat", r.chat), methods=["POST"]),
     ]
     return Starlette(
-        routes=routes, exception_handlers={HTTPException: not_found}, lifespan=lifespan
+        routes=routes, exception_handlers={HTTPException: r.not_found}, lifespan=r.lifespan
     )
 
 
@@ -253,37 +277,45 @@ async def _whole(
     if work.result() is not None:
         raise RequestError(work.result(), status=500, type="server_error")
 
-    out = []
-    for seq, choice in zip(seqs, choices, strict=True):
-        text = "".join(choice.text)
-        prompt_text = tokenizer.decode(seq.prompt) if req.echo else ""
-        item: dict[str, Any] = {"index": seq.index}
-        logprobs = None
-        if req.chat:
-            item["message"] = {"role": "assistant", "content": text}
-            if req.logprobs is not None:
-                logprobs = protocol.chat_logprobs(tokenizer, choice.tokens)
-        else:
-            item["text"] = prompt_text + text
-            if req.logprobs is not None:
-                infos = list(choice.tokens)
-                if req.echo and choice.prompt_tokens is not None:
-                    prompt_infos = protocol.prompt_token_infos(tokenizer, choice.prompt_tokens)
-                    logprobs = protocol.completion_logprobs(tokenizer, prompt_infos)
-                    rest = protocol.completion_logprobs(tokenizer, infos, len(prompt_text))
-                    for key in logprobs:
-                        logprobs[key] += rest[key]
-                else:
-                    logprobs = protocol.completion_logprobs(tokenizer, infos, len(prompt_text))
-        item["logprobs"] = logprobs
-        item["finish_reason"] = choice.finish_reason
-        out.append(item)
+    out = [
+        _whole_choice(req, seq, choice, tokenizer)
+        for seq, choice in zip(seqs, choices, strict=True)
+    ]
     prompt_tokens = sum(len(p) for p in req.prompts)
     completion_tokens = sum(c.num_tokens for c in choices)
     body = protocol.envelope(request_id, req.chat, model, chunk=False)
     body["choices"] = out
     body["usage"] = protocol.usage(prompt_tokens, completion_tokens)
     return JSONResponse(body)
+
+
+def _whole_choice(
+    req: GenerationRequest, seq: SequenceRequest, choice: _Choice, tokenizer: Any
+) -> dict[str, Any]:
+    """One choice of a whole response: its text (or message) and logprobs."""
+    text = "".join(choice.text)
+    prompt_text = tokenizer.decode(seq.prompt) if req.echo else ""
+    item: dict[str, Any] = {"index": seq.index}
+    logprobs = None
+    if req.chat:
+        item["message"] = {"role": "assistant", "content": text}
+        if req.logprobs is not None:
+            logprobs = protocol.chat_logprobs(tokenizer, choice.tokens)
+    else:
+        item["text"] = prompt_text + text
+        if req.logprobs is not None:
+            infos = list(choice.tokens)
+            if req.echo and choice.prompt_tokens is not None:
+                prompt_infos = protocol.prompt_token_infos(tokenizer, choice.prompt_tokens)
+                logprobs = protocol.completion_logprobs(tokenizer, prompt_infos)
+                rest = protocol.completion_logprobs(tokenizer, infos, len(prompt_text))
+                for key in logprobs:
+                    logprobs[key] += rest[key]
+            else:
+                logprobs = protocol.completion_logprobs(tokenizer, infos, len(prompt_text))
+    item["logprobs"] = logprobs
+    item["finish_reason"] = choice.finish_reason
+    return item
 
 
 def _sse(payload: Any) -> str:
@@ -314,17 +346,9 @@ async def _stream(
     completion_tokens = [0] * len(seqs)
     try:
         for seq in seqs:
-            if req.chat:
-                yield _sse(
-                    chunk(
-                        seq.index,
-                        {"delta": {"role": "assistant", "content": ""}, "logprobs": None},
-                        None,
-                    )
-                )
-            elif req.echo and not req.params.prompt_logprobs:
-                text = tokenizer.decode(seq.prompt)
-                yield _sse(chunk(seq.index, {"text": text, "logprobs": None}, None))
+            opening = _opening_piece(req, seq, tokenizer)
+            if opening is not None:
+                yield _sse(chunk(seq.index, opening, None))
         remaining = len(seqs)
         while remaining:
             u = await updates.get()
@@ -333,30 +357,8 @@ async def _stream(
                 return
             remaining -= u.finish_reason is not None
             completion_tokens[u.index] = u.num_tokens
-            text, logprobs = u.text, None
-            seq = seqs[u.index]
-            offset = 0
-            if u.prompt_tokens is not None:  # echo with logprobs: the prompt comes first
-                prompt_text = tokenizer.decode(seq.prompt)
-                offset = len(prompt_text)
-                infos = protocol.prompt_token_infos(tokenizer, u.prompt_tokens)
-                prompt_chunk = protocol.completion_logprobs(tokenizer, infos)
-                yield _sse(chunk(u.index, {"text": prompt_text, "logprobs": prompt_chunk}, None))
-            elif req.echo:
-                offset = len(tokenizer.decode(seq.prompt))
-            if req.logprobs is not None and u.tokens:
-                if req.chat:
-                    logprobs = protocol.chat_logprobs(tokenizer, u.tokens)
-                else:
-                    logprobs = protocol.completion_logprobs(tokenizer, u.tokens, offset)
-            if not text and logprobs is None and u.finish_reason is None:
-                continue
-            if req.chat:
-                delta = {"content": text} if text else {}
-                piece = {"delta": delta, "logprobs": logprobs}
-            else:
-                piece = {"text": text, "logprobs": logprobs}
-            yield _sse(chunk(u.index, piece, u.finish_reason))
+            for piece, finish in _update_pieces(req, seqs[u.index], u, tokenizer):
+                yield _sse(chunk(u.index, piece, finish))
         if req.include_usage:
             body = protocol.envelope(request_id, req.chat, model, chunk=True)
             body["choices"] = []
@@ -366,6 +368,49 @@ async def _stream(
         yield "data: [DONE]\n\n"
     finally:
         _cancel_all(seqs)
+
+
+def _opening_piece(
+    req: GenerationRequest, seq: SequenceRequest, tokenizer: Any
+) -> dict[str, Any] | None:
+    """A sequence's first chunk before any token: the assistant's role (chat), or the echoed
+    prompt (echo without prompt logprobs, which then come with the first update)."""
+    if req.chat:
+        return {"delta": {"role": "assistant", "content": ""}, "logprobs": None}
+    if req.echo and not req.params.prompt_logprobs:
+        return {"text": tokenizer.decode(seq.prompt), "logprobs": None}
+    return None
+
+
+def _update_pieces(
+    req: GenerationRequest, seq: SequenceRequest, u: Update, tokenizer: Any
+) -> list[tuple[dict[str, Any], str | None]]:
+    """The chunks (piece, finish reason) of one update: the prompt first when it brings the
+    prompt's logprobs (echo), then its text and logprobs, unless it carries nothing."""
+    pieces: list[tuple[dict[str, Any], str | None]] = []
+    offset = 0
+    if u.prompt_tokens is not None:  # echo with logprobs: the prompt comes first
+        prompt_text = tokenizer.decode(seq.prompt)
+        offset = len(prompt_text)
+        infos = protocol.prompt_token_infos(tokenizer, u.prompt_tokens)
+        prompt_chunk = protocol.completion_logprobs(tokenizer, infos)
+        pieces.append(({"text": prompt_text, "logprobs": prompt_chunk}, None))
+    elif req.echo:
+        offset = len(tokenizer.decode(seq.prompt))
+    logprobs = None
+    if req.logprobs is not None and u.tokens:
+        if req.chat:
+            logprobs = protocol.chat_logprobs(tokenizer, u.tokens)
+        else:
+            logprobs = protocol.completion_logprobs(tokenizer, u.tokens, offset)
+    if not u.text and logprobs is None and u.finish_reason is None:
+        return pieces
+    if req.chat:
+        piece = {"delta": {"content": u.text} if u.text else {}, "logprobs": logprobs}
+    else:
+        piece = {"text": u.text, "logprobs": logprobs}
+    pieces.append((piece, u.finish_reason))
+    return pieces
 
 
 __all__ = ["create_app"]

@@ -11,10 +11,17 @@ The engine thread loops:
    into their slots' rows of the big one, and each samples its first token.
 2. Decode one step for all B slots at once (one compiled call; free slots ride along and
    their results are ignored). Each row samples with its own settings (arrays, see
-   ``grok.serve.sampler``) and its own key ``fold_in(fold_in(key(seed), choice), i)`` for its
-   i-th token, so a request's tokens do not depend on what else is running.
+   ``grok.serve.sampler``) and its own key: ``key_b = fold_in(key(seed), choice)``, its i-th
+   token drawn with ``fold_in(key_b, i)`` (the key rule of ``grok.decode``), so a request's
+   tokens do not depend on what else is running.
 3. Hand each row's token to its sequence (text, stop strings, logprobs); a sequence that
-   finished, or whose client went away, leaves its slot at once.
+   finished, whose client went away, or whose logits were not finite (it ends with an
+   error) leaves its slot at once.
+
+Prefill, the step, the sampling hook's place and the cache's carried form are the decode
+core's (``grok.decode``), shared with ``generate``; the slots' device state and the compiled
+programs on it are ``grok.serve.batch``'s; this module schedules the slots and hands out
+what they produce.
 
 Requests are tokenised on the HTTP side and only queued here, so decode keeps running while
 they arrive; a new sequence waits at most one decode step before its prefill. A prefill runs
@@ -26,7 +33,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import logging
 import threading
 import time
@@ -37,13 +43,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from grok import decode
 from grok.api import Model
+from grok.decode import FINISH_LENGTH, FINISH_STOP, DenseCache, Drawn, bucket_length
 from grok.errors import GenerationError
-from grok.generate import bucket_length
-from grok.kv_cache import KVCache
-from grok.serve.sampler import TOP_LOGPROBS, Draw, RowSettings, sample_rows
+from grok.serve import batch
+from grok.serve.sampler import RowSettings
 from grok.serve.text import TextTracker
-from grok.sharding import kv_cache_sharding
 from grok.tokenizer import Tokenizer
 
 log = logging.getLogger("grok.serve")
@@ -51,9 +57,6 @@ log = logging.getLogger("grok.serve")
 # The default cache length per slot when --max-context is not given: the whole context of a
 # small model, 8192 tokens of a large one (Grok-2's 131072 would need 32 GiB per slot in bf16).
 DEFAULT_MAX_CONTEXT = 8192
-
-FINISH_STOP = "stop"  # a stop token or a stop string
-FINISH_LENGTH = "length"  # max_tokens tokens were produced
 
 
 class QueueFull(GenerationError):
@@ -111,7 +114,8 @@ class Update:
       finish_reason: None while running, then "stop" or "length".
       num_tokens: tokens generated so far (stop token included).
       prompt_tokens: the prompt tokens' logprobs, in the first update when asked for.
-      error: set when the engine failed; the sequence is over.
+      error: set when the engine failed or the sequence's logits were not finite; the
+        sequence is over.
     """
 
     index: int
@@ -155,145 +159,25 @@ class SequenceRequest:
         self.cancelled = True
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class SlotState:
-    """The device state of all B slots (a pytree, donated to every step).
-
-    Attributes:
-      cache: the shared KV cache, k/v [L, B, S, K, H] (as uint16 bits where
-        ``KVCache.as_bits`` applies).
-      token: i32 [B], each slot's last sampled token (the next step's input).
-      position: i32 [B], that token's position.
-      num_new: i32 [B], tokens sampled so far (the counter folded into the key).
-      counts: i32 [B, V], how often each token was generated (for the penalties).
-      keys: u32 [B, 2]-like raw key data of each slot's PRNG key.
-      settings: the slots' ``RowSettings``.
-    """
-
-    cache: KVCache
-    token: jax.Array
-    position: jax.Array
-    num_new: jax.Array
-    counts: jax.Array
-    keys: jax.Array
-    settings: RowSettings
-
-
-def _set_rows(array: jax.Array, slots: jax.Array, values: jax.Array) -> jax.Array:
-    """array[slots] = values along axis 0; slots >= B (padding rows) are dropped."""
-    return array.at[slots].set(values.astype(array.dtype), mode="drop")
-
-
-@functools.partial(
-    jax.jit, static_argnames=("apply_fn", "dtype", "prompt_logprobs"), donate_argnames=("state",)
-)
-def _prefill(
-    params: Any,
-    rope: Any,
-    state: SlotState,
-    tokens: jax.Array,
-    lengths: jax.Array,
-    slots: jax.Array,
-    settings: RowSettings,
-    seeds: jax.Array,
-    choices: jax.Array,
-    *,
-    apply_fn: Callable,
-    dtype: jnp.dtype,
-    prompt_logprobs: bool,
-) -> tuple[SlotState, Draw, tuple[jax.Array, jax.Array, jax.Array] | None]:
-    """Prefills n prompts tokens [n, T] (row i valid up to lengths[i]) into slots [n] (``dtype``:
-    the cache's own, as the state may hold it as bits).
-
-    Returns the new state, the first token's ``Draw`` [n], and with ``prompt_logprobs`` the
-    prompt tokens' logprobs [n, T] (entry t: token t given tokens < t; entry 0 is unused) with
-    the alternatives at each position (ids and logprobs [n, T, R]).
-    """
-    n, t = tokens.shape
-    layers, _, _, kv_heads, head_dim = state.cache.k.shape
-    small_shape = (layers, n, t, kv_heads, head_dim)
-    small = KVCache(
-        k=jnp.zeros(small_shape, dtype),
-        v=jnp.zeros(small_shape, dtype),
-        lengths=jnp.zeros((n,), jnp.int32),
-    )
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))  # [n, T]
-    logits_at = None if prompt_logprobs else lengths - 1
-    logits, small = apply_fn(params, tokens, positions, rope, small, lengths, logits_at)
-    prompt = None
-    if prompt_logprobs:  # logits [n, T, V]
-        lp = jax.nn.log_softmax(logits, axis=-1)
-        given = jnp.take_along_axis(lp[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]  # [n, T-1]
-        given = jnp.pad(given, ((0, 0), (1, 0)))  # [n, T]; entry t is token t's logprob
-        top_lp, top_ids = jax.lax.top_k(lp, TOP_LOGPROBS)  # [n, T, R], predicting t + 1
-        top_lp = jnp.pad(top_lp[:, :-1], ((0, 0), (1, 0), (0, 0)))  # shifted to token t
-        top_ids = jnp.pad(top_ids[:, :-1], ((0, 0), (1, 0), (0, 0)))
-        prompt = (given, top_ids.astype(jnp.int32), top_lp)
-        last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [n, V]
-    else:
-        last = logits[:, 0]  # [n, V]
-    vocab = last.shape[-1]
-    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, choices)
-    zeros = jnp.zeros((n,), jnp.int32)
-    draw = sample_rows(last, jnp.zeros((n, vocab), jnp.int32), settings, keys, zeros)
-
-    cache, small = state.cache, small.as_bits()  # the state holds the cache as bits
-    cache = KVCache(
-        k=cache.k.at[:, slots, :t].set(small.k, mode="drop"),
-        v=cache.v.at[:, slots, :t].set(small.v, mode="drop"),
-        lengths=_set_rows(cache.lengths, slots, lengths),
-    )
-    state = SlotState(
-        cache=cache,
-        token=_set_rows(state.token, slots, draw.token),
-        position=_set_rows(state.position, slots, lengths),
-        num_new=_set_rows(state.num_new, slots, zeros + 1),
-        counts=_set_rows(state.counts, slots, jax.nn.one_hot(draw.token, vocab, dtype=jnp.int32)),
-        keys=_set_rows(state.keys, slots, jax.random.key_data(keys)),
-        settings=jax.tree_util.tree_map(
-            lambda old, new: _set_rows(old, slots, new), state.settings, settings
-        ),
-    )
-    return state, draw, prompt
-
-
-@functools.partial(jax.jit, static_argnames=("apply_fn", "dtype"), donate_argnames=("state",))
-def _decode_step(
-    params: Any,
-    rope: Any,
-    state: SlotState,
-    active: jax.Array,
-    *,
-    apply_fn: Callable,
-    dtype: jnp.dtype,
-) -> tuple[SlotState, Draw]:
-    """One token for every slot; only ``active`` [B] slots advance."""
-    cache = state.cache.from_bits(dtype)
-    logits, cache = apply_fn(
-        params, state.token[:, None], state.position[:, None], rope, cache, state.position + 1
-    )  # [B, 1, V]
-    cache = cache.as_bits()
-    keys = jax.random.wrap_key_data(state.keys)
-    draw = sample_rows(logits[:, 0], state.counts, state.settings, keys, state.num_new)
-    step = active.astype(jnp.int32)  # [B]
-    rows = jnp.arange(step.shape[0])
-    state = SlotState(
-        cache=cache,
-        token=jnp.where(active, draw.token, state.token),
-        position=state.position + step,
-        num_new=state.num_new + step,
-        counts=state.counts.at[rows, draw.token].add(step),
-        keys=state.keys,
-        settings=state.settings,
-    )
-    return state, draw
-
-
 def _top(ids: np.ndarray, logprobs: np.ndarray, k: int | None) -> tuple[tuple[int, float], ...]:
     """The first ``k`` (id, logprob) pairs of [R] ids and logprobs."""
     k = k or 0
     return tuple(zip(ids[:k].tolist(), logprobs[:k].tolist(), strict=True))
+
+
+def _prompt_tokens(prompt: tuple, i: int, seq: SequenceRequest) -> tuple[TokenInfo, ...]:
+    """Row ``i`` of ``_prefill``'s prompt logprobs as ``seq``'s prompt ``TokenInfo``s (the
+    first token has no logprob)."""
+    given, top_ids, top_lp = prompt
+    return tuple(
+        TokenInfo(
+            tok,
+            None if j == 0 else float(given[i, j]),
+            () if j == 0 else _top(top_ids[i, j], top_lp[i, j], seq.params.logprobs),
+            0,
+        )
+        for j, tok in enumerate(seq.prompt)
+    )
 
 
 class Engine:
@@ -337,7 +221,10 @@ class Engine:
         self.max_context = max_context
         self.max_queue = max_queue
         self.metrics = metrics
-        self._apply = model.apply_fn  # the pure forward (params passed in, not closed over)
+        store = DenseCache(config, model.dtype)
+        # The compiled programs' static arguments: the pure forward (params passed in, not
+        # closed over) and the cache's store.
+        self._static = {"apply_fn": model.apply_fn, "store": store}
         self._slots: list[SequenceRequest | None] = [None] * max_batch
         self._waiting: collections.deque[SequenceRequest] = collections.deque()
         self._admitting: list[SequenceRequest] = []  # taken from the queue, not yet in a slot
@@ -345,40 +232,7 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
-        self._state = self._initial_state()
-
-    def _initial_state(self) -> SlotState:
-        b, cfg = self.max_batch, self.model.config
-        # Held as bits between steps (KVCache.as_bits): the cache is never copied whole.
-        cache = KVCache.create(cfg, b, self.max_context, self.model.dtype).as_bits()
-
-        def zeros() -> jax.Array:  # a new buffer each: the state is donated, field by field
-            return jnp.zeros((b,), jnp.int32)
-
-        key_data = jax.random.key_data(jax.vmap(jax.random.key)(jnp.zeros((b,), jnp.uint32)))
-        state = SlotState(
-            cache=cache,
-            token=zeros(),
-            position=zeros(),
-            num_new=zeros(),
-            counts=jnp.zeros((b, cfg.vocab_size), jnp.int32),
-            keys=key_data,
-            settings=RowSettings.zeros(b),
-        )
-        # Committed where every step's outputs will live, so each shape compiles once.
-        mesh = self.model.mesh
-        if mesh is None:
-            return jax.device_put(state, jax.devices()[0])
-        state = jax.device_put(
-            state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        )
-        kv = kv_cache_sharding(mesh, cfg, b)  # k/v laid out like the model's K heads
-        cache = KVCache(
-            k=jax.device_put(state.cache.k, kv),
-            v=jax.device_put(state.cache.v, kv),
-            lengths=state.cache.lengths,
-        )
-        return dataclasses.replace(state, cache=cache)
+        self._state = batch.initial_state(model, store, max_batch, max_context)
 
     # -- the client side (any thread) ------------------------------------------------------
 
@@ -428,7 +282,7 @@ class Engine:
         # handed out, so the host's work (text, stop strings, responses) overlaps the
         # device's. A sequence that finished at step k rides along in step k+1 (its row is
         # ignored; the cache has room, since prompt + max_tokens <= S).
-        in_flight: tuple[Draw, list[SequenceRequest | None]] | None = None
+        in_flight: tuple[Drawn, list[SequenceRequest | None]] | None = None
         try:
             while True:
                 with self._cv:
@@ -482,8 +336,31 @@ class Engine:
         self._admitting = []
 
     def _prefill(self, group: list[SequenceRequest], slots: list[int], want_prompt: bool) -> None:
-        # One row, or all B: two compiled shapes per prompt bucket (a few idle rows cost less
-        # than a compile per batch size on a small model; the rows run in one call).
+        """Prefills ``group`` into ``slots`` (one compiled call) and hands each its first token
+        (and its prompt's logprobs with ``want_prompt``)."""
+        self._state, drawn, prompt = batch.prefill(
+            self.model.params,
+            self.model.rope,
+            self._state,
+            *self._prefill_inputs(group, slots),
+            prompt_logprobs=want_prompt,
+            **self._static,
+        )
+        drawn, prompt = jax.device_get((drawn, prompt))
+        for i, seq in enumerate(group):
+            prompt_tokens = None if prompt is None else _prompt_tokens(prompt, i, seq)
+            with self._cv:
+                self._slots[slots[i]] = seq
+            if seq.params.max_tokens == 0:  # nothing to generate (echo scoring)
+                self._finish(seq, slots[i], FINISH_LENGTH, prompt_tokens=prompt_tokens)
+            else:
+                self._deliver(seq, slots[i], drawn, i, prompt_tokens)
+
+    def _prefill_inputs(self, group: list[SequenceRequest], slots: list[int]) -> tuple:
+        """``_prefill``'s inputs for ``group``: tokens [n, T], lengths, slots, settings, seeds
+        and choices [n]. One row, or all B: two compiled shapes per prompt bucket (a few idle
+        rows cost less than a compile per batch size on a small model; the rows run in one
+        call). Padding rows go to slot B (dropped)."""
         n = 1 if len(group) == 1 else self.max_batch
         longest = max(len(s.prompt) for s in group)
         t = min(bucket_length(longest, self.model.config.max_position_embeddings), self.max_context)
@@ -510,74 +387,40 @@ class Engine:
                 for name, values in rows.items()
             }
         )
-        self._state, draw, prompt = _prefill(
-            self.model.params,
-            self.model.rope,
-            self._state,
-            jnp.asarray(tokens),
-            jnp.asarray(lengths),
-            jnp.asarray(slot_ids),
-            settings,
-            jnp.asarray(seeds),
-            jnp.asarray(choices),
-            apply_fn=self._apply,
-            dtype=self.model.dtype,
-            prompt_logprobs=want_prompt,
-        )
-        draw, prompt = jax.device_get((draw, prompt))
-        for i, seq in enumerate(group):
-            prompt_tokens = None
-            if prompt is not None:
-                given, top_ids, top_lp = prompt
-                prompt_tokens = tuple(
-                    TokenInfo(
-                        tok,
-                        None if j == 0 else float(given[i, j]),
-                        () if j == 0 else _top(top_ids[i, j], top_lp[i, j], seq.params.logprobs),
-                        0,
-                    )
-                    for j, tok in enumerate(seq.prompt)
-                )
-            with self._cv:
-                self._slots[slots[i]] = seq
-            if seq.params.max_tokens == 0:  # nothing to generate (echo scoring)
-                self._finish(seq, slots[i], FINISH_LENGTH, prompt_tokens=prompt_tokens)
-            else:
-                self._deliver(seq, slots[i], draw, i, prompt_tokens)
+        arrays = (jnp.asarray(x) for x in (tokens, lengths, slot_ids))
+        return (*arrays, settings, jnp.asarray(seeds), jnp.asarray(choices))
 
-    def _launch(self) -> tuple[Draw, list[SequenceRequest | None]]:
+    def _launch(self) -> tuple[Drawn, list[SequenceRequest | None]]:
         """Dispatches one decode step (not waited for); returns its draw and the slots'
         sequences at that moment."""
         seqs = list(self._slots)
         active = np.array([s is not None for s in seqs])
-        self._state, draw = _decode_step(
-            self.model.params,
-            self.model.rope,
-            self._state,
-            jnp.asarray(active),
-            apply_fn=self._apply,
-            dtype=self.model.dtype,
+        self._state, drawn = batch.decode_step(
+            self.model.params, self.model.rope, self._state, jnp.asarray(active), **self._static
         )
-        return draw, seqs
+        return drawn, seqs
 
-    def _collect(self, draw: Draw, seqs: list[SequenceRequest | None]) -> None:
+    def _collect(self, drawn: Drawn, seqs: list[SequenceRequest | None]) -> None:
         """Hands a step's tokens to the sequences still in the slots they had then."""
-        draw = jax.device_get(draw)
+        drawn = jax.device_get(drawn)
         for slot, seq in enumerate(seqs):
             if seq is not None and self._slots[slot] is seq:
-                self._deliver(seq, slot, draw, slot, None)
+                self._deliver(seq, slot, drawn, slot, None)
 
     def _deliver(
         self,
         seq: SequenceRequest,
         slot: int,
-        draw: Draw,
+        drawn: Drawn,
         row: int,
         prompt_tokens: tuple[TokenInfo, ...] | None,
     ) -> None:
-        """Hands row ``row`` of ``draw`` to ``seq`` (in ``slot``); frees the slot when done."""
+        """Hands row ``row`` of ``drawn`` to ``seq`` (in ``slot``); frees the slot when done."""
         if seq.cancelled:
             self._release(slot, seq, "cancelled")
+            return
+        if drawn.nonfinite[row]:
+            self._fail(seq, slot, decode.nonfinite_error(seq.index, seq.num_tokens + 1))
             return
         now = time.perf_counter()
         if self.metrics is not None:
@@ -587,28 +430,31 @@ class Engine:
                 self.metrics.next_token(now - seq.last_token_at)
         seq.last_token_at = now
         seq.num_tokens += 1
-        token = int(draw.token[row])
-        p = seq.params
+        token = int(drawn.token[row])
+        p, draw = seq.params, drawn.report
         infos: tuple[TokenInfo, ...] = ()
-        if token in p.stop_ids:
-            seq.text.finish()
-            reason = FINISH_STOP
-        else:
+        stop_id = token in p.stop_ids
+        if not stop_id:
             offset = seq.text.push(token)
             if p.logprobs is not None:
                 top = _top(draw.top_ids[row], draw.top_logprobs[row], p.logprobs)
                 infos = (TokenInfo(token, float(draw.logprob[row]), top, offset),)
-            if seq.text.stopped:
-                reason = FINISH_STOP
-            elif seq.num_tokens >= p.max_tokens:
-                seq.text.finish()
-                reason = FINISH_LENGTH
-            else:
-                reason = None
+        reason = decode.finish_reason(
+            stopped=stop_id or seq.text.stopped, num_new=seq.num_tokens, max_new=p.max_tokens
+        )
         if reason is None:
             seq.sink(Update(seq.index, seq.text.take(), infos, None, seq.num_tokens, prompt_tokens))
-        else:
-            self._finish(seq, slot, reason, infos, prompt_tokens)
+            return
+        if not seq.text.stopped:  # a stop token or the budget: release any held-back text
+            seq.text.finish()
+        self._finish(seq, slot, reason, infos, prompt_tokens)
+
+    def _fail(self, seq: SequenceRequest, slot: int, error: GenerationError) -> None:
+        """Ends ``seq`` with ``error`` (its slot freed, its owner told)."""
+        log.error("sequence %d failed: %s", seq.index, error)
+        seq.finish_reason = "error"
+        self._release(slot, seq, "error")
+        self._emit(seq, Update(seq.index, error=str(error)))
 
     def _finish(
         self,

@@ -6,6 +6,9 @@ Here the settings are [B] arrays inside the compiled step, so a new mix of setti
 data, never a recompile. The order of the steps is the Sampler's (temperature, top-k, top-p,
 min-p), preceded by OpenAI's presence and frequency penalties.
 
+``RowSampler`` is ``sample_rows`` as the decode core's sampling hook (``grok.decode``), with
+``RowData`` (settings and penalty counts) as the rows' sampler data.
+
 Shape letters: B rows (decode slots), V vocab, R reported top logprobs (``TOP_LOGPROBS``).
 """
 
@@ -17,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from grok import sampling
+from grok.decode import token_keys
 
 # The most alternatives a response may report per token (OpenAI's completions API allows 5).
 TOP_LOGPROBS = 5
@@ -129,7 +133,7 @@ def sample_rows(
 
     def draw(scores):
         values, ids, sorted_ = _filtered(scores, settings)
-        step_keys = jax.vmap(jax.random.fold_in)(keys, counters)  # [B]
+        step_keys = token_keys(keys, counters)  # [B]
         choice = jax.vmap(jax.random.categorical)(step_keys, values).astype(jnp.int32)  # [B]
         by_id = jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
         return jnp.where(sorted_, by_id, choice)
@@ -141,4 +145,50 @@ def sample_rows(
     return Draw(token, logprob, top_ids.astype(jnp.int32), top_logprobs)
 
 
-__all__ = ["TOP_LOGPROBS", "Draw", "RowSettings", "penalized", "sample_rows"]
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RowData:
+    """The rows' sampler data in the decode core's rows (``grok.decode.Rows.data``).
+
+    Attributes:
+      settings: the rows' ``RowSettings``.
+      counts: i32 [B, V], how often each token was generated (for the penalties).
+    """
+
+    settings: RowSettings
+    counts: jax.Array
+
+    @classmethod
+    def fresh(cls, settings: RowSettings, vocab: int) -> RowData:
+        """Rows with ``settings`` that have generated nothing yet."""
+        return cls(settings, jnp.zeros((settings.temperature.shape[0], vocab), jnp.int32))
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSampler:
+    """``sample_rows`` as the decode core's hook (``grok.decode.TokenSampler``): per-row
+    ``RowData``, a ``Draw`` as the report; an active row's token counts for its penalties."""
+
+    def __call__(
+        self,
+        logits: jax.Array,
+        keys: jax.Array,
+        counters: jax.Array,
+        data: RowData,
+        active: jax.Array,
+    ) -> tuple[jax.Array, Draw, RowData]:
+        draw = sample_rows(logits, data.counts, data.settings, keys, counters)
+        rows = jnp.arange(draw.token.shape[0])
+        counts = data.counts.at[rows, draw.token].add(active.astype(jnp.int32))  # [B, V]
+        return draw.token, draw, RowData(data.settings, counts)
+
+
+__all__ = [
+    "TOP_LOGPROBS",
+    "Draw",
+    "RowData",
+    "RowSampler",
+    "RowSettings",
+    "penalized",
+    "sample_rows",
+]
