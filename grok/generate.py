@@ -352,8 +352,8 @@ def _decode(
     def cond(s: DecodeState) -> jax.Array:
         return (s.step < limit) & ~jnp.all(s.done)
 
-    # The loop carries the cache as uint16 bits where they apply (``KVCache.as_bits``).
-    dtype = state.cache.k.dtype
+    # The loop carries the cache in the kernels' carried form (``Kernels.carry``).
+    dtype, kernels = state.cache.k.dtype, apply_fn.kernels
 
     def body(s: DecodeState) -> DecodeState:
         logits, cache = apply_fn(
@@ -361,17 +361,17 @@ def _decode(
             s.token[:, None],
             s.position[:, None],
             rope,
-            s.cache.from_bits(dtype),
+            kernels.uncarry(s.cache, dtype),
             s.position + 1,
         )  # [B, 1, V]
         token = _sample_rows(sampler, logits[:, 0], s.keys, s.num_new)  # [B]
         advanced = jnp.where(s.done, s.position, s.position + 1)  # the new token's position
-        s = dataclasses.replace(s, cache=cache.as_bits(), position=advanced, step=s.step + 1)
+        s = dataclasses.replace(s, cache=kernels.carry(cache), position=advanced, step=s.step + 1)
         return _record(s, token, logits[:, 0], stop_mask, max_new, context)
 
-    state = dataclasses.replace(state, cache=state.cache.as_bits())
+    state = dataclasses.replace(state, cache=kernels.carry(state.cache))
     final = jax.lax.while_loop(cond, body, state)
-    final = dataclasses.replace(final, cache=final.cache.from_bits(dtype))
+    final = dataclasses.replace(final, cache=kernels.uncarry(final.cache, dtype))
     return _pin_state(final, cache_sharding, host_sharding)
 
 

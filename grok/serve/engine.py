@@ -161,8 +161,8 @@ class SlotState:
     """The device state of all B slots (a pytree, donated to every step).
 
     Attributes:
-      cache: the shared KV cache, k/v [L, B, S, K, H] (as uint16 bits where
-        ``KVCache.as_bits`` applies).
+      cache: the shared KV cache, k/v [L, B, S, K, H] (in the kernels' carried form,
+        ``Kernels.carry``).
       token: i32 [B], each slot's last sampled token (the next step's input).
       position: i32 [B], that token's position.
       num_new: i32 [B], tokens sampled so far (the counter folded into the key).
@@ -238,7 +238,7 @@ def _prefill(
     zeros = jnp.zeros((n,), jnp.int32)
     draw = sample_rows(last, jnp.zeros((n, vocab), jnp.int32), settings, keys, zeros)
 
-    cache, small = state.cache, small.as_bits()  # the state holds the cache as bits
+    cache, small = state.cache, apply_fn.kernels.carry(small)  # the state holds it carried
     cache = KVCache(
         k=cache.k.at[:, slots, :t].set(small.k, mode="drop"),
         v=cache.v.at[:, slots, :t].set(small.v, mode="drop"),
@@ -269,11 +269,11 @@ def _decode_step(
     dtype: jnp.dtype,
 ) -> tuple[SlotState, Draw]:
     """One token for every slot; only ``active`` [B] slots advance."""
-    cache = state.cache.from_bits(dtype)
+    cache = apply_fn.kernels.uncarry(state.cache, dtype)
     logits, cache = apply_fn(
         params, state.token[:, None], state.position[:, None], rope, cache, state.position + 1
     )  # [B, 1, V]
-    cache = cache.as_bits()
+    cache = apply_fn.kernels.carry(cache)
     keys = jax.random.wrap_key_data(state.keys)
     draw = sample_rows(logits[:, 0], state.counts, state.settings, keys, state.num_new)
     step = active.astype(jnp.int32)  # [B]
@@ -349,8 +349,9 @@ class Engine:
 
     def _initial_state(self) -> SlotState:
         b, cfg = self.max_batch, self.model.config
-        # Held as bits between steps (KVCache.as_bits): the cache is never copied whole.
-        cache = KVCache.create(cfg, b, self.max_context, self.model.dtype).as_bits()
+        # Held in the kernels' carried form between steps (Kernels.carry): never copied whole.
+        cache = KVCache.create(cfg, b, self.max_context, self.model.dtype)
+        cache = self._apply.kernels.carry(cache)
 
         def zeros() -> jax.Array:  # a new buffer each: the state is donated, field by field
             return jnp.zeros((b,), jnp.int32)
