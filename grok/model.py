@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import haiku as hk
 import jax
@@ -184,7 +184,7 @@ def _layer_loop(kernels: Kernels, num_layers: int, layer_fn: Callable, h: jax.Ar
     (training's balance loss) comes out stacked [L].
 
     At init every layer's parameters are drawn from its own key, split as ``hk.layer_stack``
-    splits them, so the same seed gives the same parameters as before.
+    splits them: a seed gives the parameters ``hk.layer_stack`` gave it.
     """
     inner = hk.transform_with_state(layer_fn)
     layer_ids = jnp.arange(num_layers, dtype=jnp.int32)  # [L]
@@ -228,6 +228,7 @@ class ForwardApply:
 
     transformed: hk.Transformed
     kernels: Kernels
+    __name__: ClassVar[str] = "apply"  # what jit names the compiled programs after
 
     def __call__(self, params, tokens, positions, rope, cache, kv_lengths, logits_at=None):
         return self.transformed.apply(params, tokens, positions, rope, cache, kv_lengths, logits_at)
