@@ -88,12 +88,6 @@ def test_select_xla_elsewhere(monkeypatch):
     assert select(jnp.float32, devices=one, quant="fp8") == XLA_CPU
     assert select(jnp.float32, devices=one, training=True) == XLA_CPU
     assert select(jnp.float16, devices=one) == XLA_CPU  # no kernel for float16
-    if len(jax.devices()) >= 8:  # the CPU mesh of conftest
-        mesh = auto_axes(make_mesh(2, 4))
-        assert select(jnp.float32, mesh=mesh) == XLA_CPU
-        assert select(jnp.float32, devices=jax.devices()[:2]) == XLA_CPU
-        params = random_params(TINY_GROK2)
-        assert Model(TINY_GROK2, params, dtype=jnp.float32, mesh=mesh).kernels == XLA_CPU
 
     def no_build(dtype):  # another platform's program never builds the CPU kernels
         raise AssertionError("cpu.available asked for a GPU program")
@@ -105,6 +99,15 @@ def test_select_xla_elsewhere(monkeypatch):
         select(jnp.float32, devices=[])
     with pytest.raises(ValueError, match="one platform"):
         select(jnp.float32, devices=[_Device("gpu"), _Device("cpu")])
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (the CPU mesh of conftest)")
+def test_select_xla_on_a_mesh():
+    mesh = auto_axes(make_mesh(2, 4))
+    assert select(jnp.float32, mesh=mesh) == XLA_CPU
+    assert select(jnp.float32, devices=jax.devices()[:2]) == XLA_CPU  # two devices, no mesh
+    params = random_params(TINY_GROK2)
+    assert Model(TINY_GROK2, params, dtype=jnp.float32, mesh=mesh).kernels == XLA_CPU
 
 
 def test_xla_choices_follow_the_platform():
@@ -353,27 +356,29 @@ def test_model_bfloat16_kernel_no_worse_than_xla(config):
     assert "grok_matvec" in text.as_text()
 
 
-def test_router_stored_in_bfloat16_reads_the_same_both_ways():
-    """A tree cast whole to bf16 (router included, which the layers ask for as float32): a
-    former layer loop read the router's uint16 view as integers; both implementations must
-    agree with each other and with the float32 model on the same rounded values."""
+def _bf16_router_logits(on: bool, dtype=jnp.bfloat16) -> np.ndarray:
+    """Logits of a tree cast whole to bf16 (the router included, which the layers ask for as
+    float32), on the native kernels or XLA's; ``dtype`` float32: the same values upcast."""
     cfg = TINY_GROK2
-    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), random_params(cfg, seed=4))
-    upcast = jax.tree.map(lambda a: a.astype(jnp.float32), params)
-    rope = rope_table(cfg, 16)
+    tree = jax.tree.map(lambda a: a.astype(jnp.bfloat16), random_params(cfg, seed=4))
+    tree = jax.tree.map(lambda a: a.astype(dtype), tree)
     tokens = jnp.asarray([[3, 4, 5]], jnp.int32)
     positions = jnp.arange(3, dtype=jnp.int32)[None]
-    lengths = jnp.asarray([3], jnp.int32)
+    apply = forward_fns(cfg, jnp.dtype(dtype), kernels=CPU if on else XLA_CPU).apply
+    logits, _ = apply(tree, tokens, positions, rope_table(cfg, 16), None, positions[:, -1] + 1)
+    return np.asarray(logits, np.float64)
 
-    def logits(dtype, tree, on):
-        apply = forward_fns(cfg, jnp.dtype(dtype), kernels=CPU if on else XLA_CPU).apply
-        return np.asarray(apply(tree, tokens, positions, rope, None, lengths)[0], np.float64)
 
-    want = logits(jnp.float32, upcast, False)
-    xla = logits(jnp.bfloat16, params, False)
-    assert _rel_err(xla, want) < 0.05
-    if cpu.available(jnp.bfloat16):
-        assert _rel_err(logits(jnp.bfloat16, params, True), xla) < 1e-3
+def test_router_stored_in_bfloat16_reads_as_the_float32_model():
+    """A former layer loop read the router's uint16 view as integers: the bf16 tree must give
+    the float32 model's logits on the same rounded values, up to bf16 rounding."""
+    want = _bf16_router_logits(False, jnp.float32)
+    assert _rel_err(_bf16_router_logits(False), want) < 0.05
+
+
+@needs_bf16
+def test_router_stored_in_bfloat16_reads_the_same_both_ways():
+    assert _rel_err(_bf16_router_logits(True), _bf16_router_logits(False)) < 1e-3
 
 
 # The XLA path is compiled for its devices, not for the host.

@@ -410,7 +410,7 @@ def test_grouped_matvec_panel_path_matches_float64(dtype):
 
 def test_bench_kernels_script_reports_both_engines(capsys):
     """``scripts/bench_kernels.py`` on a tiny weight: one line per dtype and row count, with a
-    positive rate for XLA and, where the kernels exist, for them."""
+    positive rate for XLA and, where the kernels exist, for them (else the reason)."""
     import importlib.util
 
     path = REPO / "scripts" / "bench_kernels.py"
@@ -423,5 +423,8 @@ def test_bench_kernels_script_reports_both_engines(capsys):
     for line in lines:
         xla = float(line.split("XLA")[1].split(",")[0])
         assert xla > 0
-        if cpu.available(jnp.bfloat16):
+        dtype = jnp.float32 if line.split()[0] == "float32" else jnp.bfloat16
+        if cpu.available(dtype):
             assert float(line.split("native")[1]) > 0
+        else:  # the script says why, in the same line
+            assert "native unavailable" in line
