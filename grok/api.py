@@ -16,6 +16,7 @@ from grok.checkpoint import load
 from grok.config import GrokConfig
 from grok.distributed import to_global
 from grok.generate import GenerationResult, TokenCallback, generate
+from grok.kernels import Kernels, devices_of, select
 from grok.kv_cache import KVCache
 from grok.model import forward_fns
 from grok.rope import RopeTable, rope_table
@@ -34,6 +35,8 @@ class Model:
       mesh: the device mesh the parameters live on (it may span processes: see
         ``grok.distributed``), or None for one device.
       quant: None, or "fp8"/"int8" when matrices are kept quantised on the device.
+      kernels: the implementation of the platform-dependent operations, picked by
+        ``grok.kernels.select`` for the mesh's devices, or else the parameters' device.
       apply_fn: the pure (un-jitted) Haiku apply function ``generate`` compiles.
     """
 
@@ -57,7 +60,10 @@ class Model:
         if mesh is not None:
             self.mesh = mesh = auto_axes(mesh)  # Explicit axes (jax.make_mesh) run as Auto
             act_sharding = activation_sharding(mesh)
-        self._fns = forward_fns(config, self.dtype, moe_impl, quant, act_sharding)
+        self.kernels: Kernels = select(
+            self.dtype, mesh=mesh, devices=_param_devices(params), quant=quant
+        )
+        self._fns = forward_fns(config, self.dtype, moe_impl, quant, act_sharding, self.kernels)
         self.apply_fn = self._fns.apply
         self._apply = jax.jit(self._fns.apply)
 
@@ -143,6 +149,12 @@ class Model:
 
     def num_parameters(self) -> int:
         return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(self.params))
+
+
+def _param_devices(params: Any) -> set[jax.Device]:
+    """The devices the parameters live on; parameters that are not yet device arrays (numpy)
+    go to the default device, where the compiled program then runs."""
+    return devices_of(params) or {jax.devices()[0]}
 
 
 def load_pretrained(

@@ -40,6 +40,7 @@ import numpy as np
 
 from grok.config import GrokConfig
 from grok.errors import GenerationError
+from grok.kernels import REFERENCE, Kernels
 from grok.kv_cache import KVCache
 from grok.sampling import Sampler, greedy
 
@@ -212,11 +213,14 @@ class DenseCache:
       dtype: the cache's dtype (the model's).
       sharding: where k/v [L, B, S, K, H] of an empty cache go on a mesh (laid out like the
         model's K heads), or None (left to the compiler).
+      kernels: the model's kernels (``grok.kernels.Kernels``), whose carried form of the
+        cache (``Kernels.carry``) the decode loop holds between steps.
     """
 
     config: GrokConfig
     dtype: jnp.dtype
     sharding: jax.sharding.Sharding | None = None
+    kernels: Kernels = REFERENCE
 
     def empty(self, batch: int, slots: int) -> KVCache:
         cache = KVCache.create(self.config, batch, slots, self.dtype)
@@ -225,14 +229,14 @@ class DenseCache:
         k, v = (jax.lax.with_sharding_constraint(x, self.sharding) for x in (cache.k, cache.v))
         return KVCache(k=k, v=v, lengths=cache.lengths)
 
-    # The carried form is the cache's uint16 bits where they apply (``KVCache.as_bits``): the
-    # model reads and writes the cache as bits, so ``uncarry`` at a step's start and ``carry``
-    # at its end cancel out. These two are the decode path's only bit conversions.
+    # The carried form is the kernels' (``Kernels.carry``; on the native CPU path the cache's
+    # uint16 bits): ``uncarry`` at a step's start and ``carry`` at its end cancel out inside
+    # the compiled step. These two are the decode path's only conversions of the cache.
     def carry(self, cache: KVCache) -> KVCache:
-        return cache.as_bits()
+        return self.kernels.carry(cache)
 
     def uncarry(self, carried: KVCache) -> KVCache:
-        return carried.from_bits(self.dtype)
+        return self.kernels.uncarry(carried, self.dtype)
 
     def insert(self, carried: KVCache, fresh: KVCache, rows: jax.Array) -> KVCache:
         t = fresh.max_len

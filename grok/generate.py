@@ -391,7 +391,7 @@ def _place(model: ModelLike, plan: _Plan) -> _Placed:
         static={
             "apply_fn": model.apply_fn,
             "sampler": FixedSampler(plan.sampler),
-            "store": DenseCache(config, model.dtype, cache_sharding),
+            "store": DenseCache(config, model.dtype, cache_sharding, model.apply_fn.kernels),
             "host_sharding": replicated,
         },
     )

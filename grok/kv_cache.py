@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 
 from grok.config import GrokConfig
-from grok.layers import Stacked, as_bits, from_bits
 
 
 @jax.tree_util.register_dataclass
@@ -60,34 +59,19 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes + self.lengths.nbytes
 
-    def as_bits(self) -> KVCache:
-        """k and v as uint16 views where ``layers.as_bits`` applies (16-bit floats on the CPU).
-
-        What a decode loop or a server's state carries between steps: the model reads and
-        writes the cache as bits, so ``from_bits`` at a step's start and ``as_bits`` at its end
-        cancel out, where a bf16 cache made XLA:CPU copy the whole of it four times per step
-        (bench-grok1 bf16, 12000 tokens: 14.5 -> 8.8 ms per token).
-        """
-        return dataclasses.replace(self, k=as_bits(self.k), v=as_bits(self.v))
-
-    def from_bits(self, dtype: jnp.dtype) -> KVCache:
-        """Undoes ``as_bits``: k and v back to ``dtype`` (unchanged when not bits)."""
-        return dataclasses.replace(self, k=from_bits(self.k, dtype), v=from_bits(self.v, dtype))
-
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class LayerView:
-    """One layer's keys and values inside the whole cache, written and read in place.
+class LayerCache:
+    """One layer's place in the whole cache, as the layer loop carries it.
 
-    The layer loop carries the whole cache and hands each layer this view, so a step writes
-    its new keys and values into the carried arrays where they lie and reads its own layer in
-    place (the attention kernel) or copies out only that layer (the XLA path), instead of
-    slicing every layer's cache out of the stack and stacking the results back (two more
-    copies of the cache per step).
+    The loop carries the whole cache and hands each layer this view, so a step writes its new
+    keys and values where they lie (``Kernels.cache_write``) instead of the loop slicing every
+    layer's cache out of the stack and stacking the results back.
 
     Attributes:
-      k, v: [L, B, S, K, H] (a 16-bit float cache may be its uint16 bits, ``layers.as_bits``).
+      k, v: [L, B, S, K, H] keys and values, in the form the kernels carry them
+        (``Kernels.carry``: a 16-bit cache may be held as its uint16 bits).
       layer: () int32, this layer.
       dtype: the cache's own dtype.
     """
@@ -96,36 +80,3 @@ class LayerView:
     v: jax.Array
     layer: jax.Array
     dtype: jnp.dtype = dataclasses.field(metadata=dict(static=True))
-
-    def write(self, k_new: jax.Array, v_new: jax.Array, start: jax.Array) -> LayerView:
-        """The view with ``k_new``/``v_new`` [B, T, K, H] at slots start[b] .. + T of row b."""
-
-        def put(whole: jax.Array, new: jax.Array) -> jax.Array:
-            new = as_bits(new.astype(self.dtype))  # as the carried cache holds it
-
-            # Row by row (B is static and small): a vmap over the batch axis made XLA:CPU
-            # transpose the whole cache twice per layer.
-            for b in range(new.shape[0]):
-                at = (self.layer, jnp.int32(b), start[b], jnp.int32(0), jnp.int32(0))
-                whole = jax.lax.dynamic_update_slice(whole, new[b][None, None], at)
-            return whole
-
-        return dataclasses.replace(self, k=put(self.k, k_new), v=put(self.v, v_new))
-
-    def views(self) -> tuple[Stacked, Stacked]:
-        """This layer's keys and values, each [B, S, K, H] in ``dtype``, as ``Stacked`` views
-        of the whole cache: the attention kernel reads them in place, ``dense`` slices them
-        out (as uint16 bits: a bf16 slice made XLA:CPU convert the whole cache)."""
-        return (
-            Stacked(self.k, (self.layer,), self.dtype),
-            Stacked(self.v, (self.layer,), self.dtype),
-        )
-
-
-def write_layer(cache_kv: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-    """Writes ``new`` [B, T, K, H] into ``cache_kv`` [B, S, K, H] at slots start[b] .. + T."""
-
-    def write_one(c, n, s):
-        return jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (s, 0, 0))
-
-    return jax.vmap(write_one)(cache_kv, new, start)

@@ -3,39 +3,35 @@
 Glossary: B batch, T query positions, S cache slots, D model width, V vocab, L layers.
 
     h = embed[tokens] * embedding_multiplier_scale                      # [B, T, D]
-    for each of the L layers (one loop, so compile time does not grow with L):
+    for each of the L layers (one scan over the layer index: compile time does not grow with L):
         h = h + post_attn_norm(Attention(pre_attn_norm(h)))
         x = pre_moe_norm(h)
         h = h + post_moe_norm((DenseMLP(x) + MoE(x)) / sqrt 2)          # Grok-1: MoE(x)
     logits = final_cap(final_norm(h) @ (lm_head * output_multiplier_scale)^T)
+
+What depends on the platform (the weight products, the experts' grouped product, attention,
+the KV cache's write and carried form, the embedding lookup, how each layer's weights are
+read) is an operation of the kernels (``grok.kernels``), handed explicitly from
+``forward_fns`` to every module.
 """
 
 from __future__ import annotations
 
-import contextvars
+import dataclasses
 import functools
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from grok import native
 from grok.attention import Attention
 from grok.config import GrokConfig
-from grok.kv_cache import KVCache, LayerView
-from grok.layers import (
-    RMSNorm,
-    Stacked,
-    as_bits,
-    from_bits,
-    native_kernels,
-    project,
-    soft_cap,
-    stacked,
-)
-from grok.moe import DenseMLP, MoE, expert_weights, layer_experts, residual_moe
+from grok.kernels import REFERENCE, Kernels
+from grok.kv_cache import KVCache, LayerCache
+from grok.layers import RMSNorm, soft_cap
+from grok.moe import DenseMLP, MoE, expert_weights, residual_moe
 from grok.rope import RopeTable, rope_table
 
 
@@ -48,22 +44,25 @@ class DecoderLayer(hk.Module):
         dtype: jnp.dtype,
         moe_impl: str = "auto",
         quant: str | None = None,
-        name=None,
+        *,
+        kernels: Kernels,
+        name: str | None = None,
     ):
         super().__init__(name=name)
         self.config = config
         self.dtype = dtype
         self.moe_impl = moe_impl
         self.quant = quant
+        self.kernels = kernels
 
     def __call__(self, h, positions, rope_cos, rope_sin, layer_cache, kv_lengths, experts):
-        """h [B, T, D] -> ([B, T, D], updated layer cache or None).
+        """h [B, T, D] -> ([B, T, D], the layer cache with this step written, or None).
 
-        ``experts``: this layer's (w1, w3, w2) as ``layer_experts`` views.
+        ``experts``: this layer's (w1, w3, w2) from ``Kernels.layer_experts``.
         """
-        cfg, dt = self.config, self.dtype
+        cfg, dt, quant, kernels = self.config, self.dtype, self.quant, self.kernels
         eps = cfg.rms_norm_eps
-        a, layer_cache = Attention(cfg, dt, self.quant, name="attn")(
+        a, layer_cache = Attention(cfg, dt, quant, kernels=kernels, name="attn")(
             RMSNorm(eps, dt, name="pre_attn_norm")(h),
             positions,
             rope_cos,
@@ -73,9 +72,11 @@ class DecoderLayer(hk.Module):
         )
         h = h + RMSNorm(eps, dt, name="post_attn_norm")(a)
         x = RMSNorm(eps, dt, name="pre_moe_norm")(h)
-        dense = DenseMLP(cfg, dt, self.quant, name="mlp")(x) if cfg.has_dense_mlp else None
-        f = residual_moe(dense, MoE(cfg, dt, self.quant, name="moe")(x, experts, self.moe_impl))
-        h = h + RMSNorm(eps, dt, name="post_moe_norm")(f)
+        dense = None
+        if cfg.has_dense_mlp:
+            dense = DenseMLP(cfg, dt, quant, kernels=kernels, name="mlp")(x)
+        moe = MoE(cfg, dt, quant, kernels=kernels, name="moe")(x, experts, self.moe_impl)
+        h = h + RMSNorm(eps, dt, name="post_moe_norm")(residual_moe(dense, moe))
         return h, layer_cache
 
 
@@ -89,6 +90,8 @@ class LanguageModel(hk.Module):
         moe_impl: str = "auto",
         quant: str | None = None,
         activation_sharding: jax.sharding.Sharding | None = None,
+        *,
+        kernels: Kernels,
     ):
         super().__init__(name="grok")
         self.config = config
@@ -96,6 +99,7 @@ class LanguageModel(hk.Module):
         self.moe_impl = moe_impl
         self.quant = quant
         self.activation_sharding = activation_sharding
+        self.kernels = kernels
 
     def _constrain(self, h: jax.Array) -> jax.Array:
         """Pins the residual stream [B, T, D] at a block boundary (batch over ``data``)."""
@@ -115,48 +119,40 @@ class LanguageModel(hk.Module):
         cache: KVCache | None,
         kv_lengths: jax.Array,
         logits_at: jax.Array | None = None,
-        layer_views: dict[str, dict[str, Stacked]] | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        """Logits [B, T, V] float32 (or [B, 1, V] at ``logits_at`` [B]) and the new cache.
-
-        ``layer_views``: the layers' stacked parameters as ``Stacked`` views (keys relative to
-        ``LAYERS_SCOPE``), from ``forward_fns`` when the native kernels are on; the layers then
-        read them in place instead of through ``hk.layer_stack``'s per-layer slices.
-        """
-        cfg, dt = self.config, self.dtype
+        """Logits [B, T, V] float32 (or [B, 1, V] at ``logits_at`` [B]) and the new cache (in
+        the dtype it came in)."""
+        cfg, dt, kernels = self.config, self.dtype, self.kernels
         v, d = cfg.vocab_size, cfg.hidden_size
         embed = hk.get_parameter(
             "embed_tokens", (v, d), dt, init=hk.initializers.TruncatedNormal(1.0)
         )  # [V, D]
-        h = _take_rows(embed, tokens) * jnp.asarray(cfg.embedding_multiplier_scale, dt)  # [B,T,D]
-        h = self._constrain(h)
+        h = kernels.embed(embed, tokens) * jnp.asarray(cfg.embedding_multiplier_scale, dt)
+        h = self._constrain(h)  # [B, T, D]
         rope_cos = rope.cos[positions]  # [B, T, H/2]
         rope_sin = rope.sin[positions]
 
         # Expert weights live outside the layer loop and are sliced by (layer, expert)
         # together, so a step reads (and copies) only the chosen experts' weights.
         stacked_experts = expert_weights(cfg, dt, self.quant)  # [L, E, ...] each
-        layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)  # [L]
+        kv_dtype = None if cache is None else cache.k.dtype
 
-        def decoder_layer(h, layer_id, layer_cache):
-            experts = tuple(layer_experts(w, layer_id) for w in stacked_experts)
-            h, layer_cache = DecoderLayer(cfg, dt, self.moe_impl, self.quant, name=LAYER_NAME)(
+        def layer_fn(h, layer, kv):  # kv: the whole cache's (k, v) as the kernels carry it
+            experts = tuple(kernels.layer_experts(w, layer) for w in stacked_experts)
+            layer_cache = None if kv is None else LayerCache(*kv, layer, kv_dtype)
+            decoder = DecoderLayer(cfg, dt, self.moe_impl, self.quant, kernels=kernels, name=LAYER)
+            h, layer_cache = decoder(
                 h, positions, rope_cos, rope_sin, layer_cache, kv_lengths, experts
             )
-            return self._constrain(h), layer_cache
+            kv = None if layer_cache is None else (layer_cache.k, layer_cache.v)
+            return self._constrain(h), kv
 
-        # The cache enters the loop as uint16 views where as_bits applies (see layers.as_bits).
-        caches = None if cache is None else (as_bits(cache.k), as_bits(cache.v), cache.k.dtype)
-        if layer_views is None:
-            loop = functools.partial(_stacked_loop, cfg.num_hidden_layers)
-            h, new_bits = loop(decoder_layer, h, layer_ids, caches)
-        else:
-            h, new_bits = _view_loop(layer_views, decoder_layer, h, layer_ids, caches)
+        carried = None if cache is None else kernels.carry(cache)
+        kv = None if carried is None else (carried.k, carried.v)
+        h, kv = _layer_loop(kernels, cfg.num_hidden_layers, layer_fn, h, kv)
         new_cache = None
         if cache is not None:
-            k_new = from_bits(new_bits[0], cache.k.dtype)
-            v_new = from_bits(new_bits[1], cache.v.dtype)
-            new_cache = KVCache(k=k_new, v=v_new, lengths=kv_lengths)
+            new_cache = kernels.uncarry(KVCache(*kv, lengths=kv_lengths), kv_dtype)
 
         if logits_at is not None:  # only one position per row needs the head (prefill)
             h = jnp.take_along_axis(h, logits_at[:, None, None], axis=1)  # [B, 1, D]
@@ -167,113 +163,80 @@ class LanguageModel(hk.Module):
             head = hk.get_parameter(
                 "lm_head", (v, d), dt, init=hk.initializers.VarianceScaling(1.0, "fan_in")
             )  # [V, D]
-        logits = project("BTD,VD->BTV", out, head, jnp.float32)
+        logits = kernels.project("BTD,VD->BTV", out, head, jnp.float32)
         logits = logits * cfg.output_multiplier_scale
         return soft_cap(logits, cfg.final_logit_softcapping), new_cache  # [B, T, V] float32
 
 
-LAYERS_SCOPE = "grok/layers/"  # the Haiku scope of the stacked per-layer parameters
-LAYER_NAME = "layer"  # the decoder layer's module name in it
+# The stacked per-layer parameters live under "grok/layers/layer/...": the loop's Haiku name
+# and the decoder layer's module name inside it (as ``hk.layer_stack`` named them).
+LAYERS = "layers"
+LAYER = "layer"
 
 
-def _stacked_loop(num_layers, decoder_layer, h, layer_ids, caches):
-    """The layers under ``hk.layer_stack``: each step gets its layer's slice of every
-    parameter and of the cache (``caches``: (k bits, v bits, dtype) or None), and the caches
-    come back stacked. Used for init, training and on a mesh."""
-    stack = hk.layer_stack(num_layers, with_per_layer_inputs=True, name="layers")
+def _layer_loop(kernels: Kernels, num_layers: int, layer_fn: Callable, h: jax.Array, kv):
+    """The L decoder layers: one ``lax.scan`` over the layer index.
 
-    def layer(h, layer_id, *layer_bits):
-        layer_cache = None
-        if layer_bits:  # this layer's slice of the cache, seen through as_bits
-            layer_cache = tuple(from_bits(c, caches[2]) for c in layer_bits)
-        with hk.custom_getter(_from_bits):
-            h, layer_cache = decoder_layer(h, layer_id, layer_cache)
-        if layer_cache is not None:
-            layer_cache = tuple(as_bits(c) for c in layer_cache)
-        return h, layer_cache
+    ``layer_fn(h, layer, kv) -> (h, kv)`` builds one layer (its parameters: [L, ...] each,
+    stacked under ``LAYERS``); ``kv`` is the carried cache's (k, v) or None. Each step gets its
+    layer's weights from the kernels (``loop_weights`` / ``weights_at``: the XLA path lets the
+    scan slice them, the CPU path reads the stacked arrays in place). Haiku state a layer sets
+    (training's balance loss) comes out stacked [L].
 
-    return stack(layer)(h, layer_ids, *(caches[:2] if caches else ()))
-
-
-def _view_loop(layer_views, decoder_layer, h, layer_ids, caches):
-    """The layers as one ``lax.scan`` over the layer index whose steps read the stacked
-    parameters through ``Stacked`` views (``project`` multiplies them in place) and write and
-    read the whole cache, carried through the loop, through a ``LayerView``: the same
-    parameters and results as ``_stacked_loop`` without a copy of every weight per step, and
-    with each layer's cache read where it lies (the attention kernel) instead of the whole
-    cache's restacking."""
-    inner = hk.transform(lambda *args: decoder_layer(*args))
-
-    def step(carry, layer_id):
-        h, k_bits, v_bits = carry
-        views = {
-            module: {name: view[layer_id] for name, view in leaves.items()}
-            for module, leaves in layer_views.items()
-        }
-        layer_cache = None if caches is None else LayerView(k_bits, v_bits, layer_id, caches[2])
-        h, layer_cache = inner.apply(views, None, h, layer_id, layer_cache)
-        if layer_cache is not None:
-            k_bits, v_bits = layer_cache.k, layer_cache.v
-        return (h, k_bits, v_bits), None
-
-    k_bits, v_bits = (None, None) if caches is None else caches[:2]
-    (h, k_bits, v_bits), _ = jax.lax.scan(step, (h, k_bits, v_bits), layer_ids)
-    return h, (k_bits, v_bits)
-
-
-# The per-layer weights enter the layer loop as uint16 views and each layer bitcasts its slice
-# back (``layers.as_bits``): sliced as bf16, XLA:CPU read a float32 copy of every layer's
-# weights, made once per call (measured: bf16 decode 110-120 tok/s instead of 98-101).
-
-
-def _as_bits(params: dict) -> dict:
-    """``params`` with the per-layer weights as uint16 views where ``as_bits`` applies."""
-    return {
-        module: {n: as_bits(x) for n, x in leaves.items()}
-        if module.startswith(LAYERS_SCOPE)
-        else leaves
-        for module, leaves in params.items()
-    }
-
-
-# Up to this many ids (decode) ``_take_rows`` slices rows one by one instead of gathering.
-ROWS_BY_SLICE = 16
-
-
-def _take_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
-    """``table[ids]`` for ``table`` [V, D] and int ``ids`` of any shape -> [*ids.shape, D].
-
-    Through ``as_bits``: a bf16 gather made XLA:CPU convert the whole table to float32. A few
-    ids (decode) are sliced one row at a time: a gather of the uint16 view made XLA:CPU copy
-    the whole table first, every decode step (32 MB per token on bench-grok1); a slice reads
-    its row in place.
+    At init every layer's parameters are drawn from its own key, split as ``hk.layer_stack``
+    splits them: a seed gives the parameters ``hk.layer_stack`` gave it.
     """
-    bits = as_bits(table)
-    if ids.size > ROWS_BY_SLICE:
-        return from_bits(bits[ids], table.dtype)
-    flat = ids.reshape(-1)
-    rows = [jax.lax.dynamic_slice_in_dim(bits, flat[i], 1) for i in range(flat.shape[0])]
-    return from_bits(jnp.concatenate(rows).reshape(*ids.shape, table.shape[1]), table.dtype)
+    inner = hk.transform_with_state(layer_fn)
+    layer_ids = jnp.arange(num_layers, dtype=jnp.int32)  # [L]
+
+    def init_layers(h, rng):
+        def init_one(rng, layer):
+            if rng is None:
+                return None, inner.init(None, h, layer, kv)
+            rng, next_rng, _ = jax.random.split(rng, 3)
+            return next_rng, inner.init(rng, h, layer, kv)
+
+        _, (params, state) = jax.lax.scan(init_one, rng, layer_ids)
+        return params, state
+
+    lifted, updater = hk.lift_with_state(init_layers, allow_reuse=True, name=LAYERS)
+    params, state = lifted(h, hk.maybe_next_rng_key())
+    hk.maybe_next_rng_key()  # hk.layer_stack drew a key here too: the keys after it unchanged
+    scanned, fixed = kernels.loop_weights(params)
+
+    def step(carry, xs):
+        h, kv = carry
+        layer, weights, layer_state = xs
+        params = kernels.weights_at(weights, fixed, layer)
+        (h, kv), layer_state = inner.apply(params, layer_state, None, h, layer, kv)
+        return (h, kv), layer_state
+
+    (h, kv), state = jax.lax.scan(step, (h, kv), (layer_ids, scanned, state))
+    updater.update(state)
+    return h, kv
 
 
-# The stored dtype of each per-layer parameter ("layer/moe/router": bfloat16), by its name
-# inside the layer stack, while ``forward_fns``' apply traces the stacked loop.
-_STORED_DTYPES: contextvars.ContextVar[dict[str, jnp.dtype] | None] = contextvars.ContextVar(
-    "grok_stored_dtypes", default=None
-)
+@dataclasses.dataclass(frozen=True, eq=False)
+class ForwardApply:
+    """The model's apply: ``apply(params, tokens [B, T] int32, positions [B, T] int32, rope,
+    cache, kv_lengths [B], logits_at [B] = None) -> (logits, cache)``, a pure function of its
+    arguments (hashable by identity: a static argument of the compiled decode loops).
 
+    ``kernels`` is the implementation it runs on; a decode loop holds the cache between steps
+    in ``kernels.carry``'s form (see ``grok.kernels.base.Kernels.carry``).
+    """
 
-def _from_bits(next_getter, value, context):
-    """Haiku getter: a uint16 view back to the parameter's stored dtype (the dtype the layer
-    asked for when it is not known: a bf16 router asked for as float32 is bf16 bits, not
-    integers)."""
-    stored = (_STORED_DTYPES.get() or {}).get(context.full_name, context.original_dtype)
-    return from_bits(next_getter(value), stored)
+    transformed: hk.Transformed
+    kernels: Kernels
+    __name__: ClassVar[str] = "apply"  # what jit names the compiled programs after
+
+    def __call__(self, params, tokens, positions, rope, cache, kv_lengths, logits_at=None):
+        return self.transformed.apply(params, tokens, positions, rope, cache, kv_lengths, logits_at)
 
 
 class ForwardFns(NamedTuple):
     init: Callable
-    apply: Callable
+    apply: ForwardApply
 
 
 @functools.lru_cache(maxsize=64)
@@ -283,60 +246,31 @@ def forward_fns(
     moe_impl: str = "auto",
     quant: str | None = None,
     activation_sharding: jax.sharding.Sharding | None = None,
-    native_kernels_on: bool | None = None,
+    kernels: Kernels = REFERENCE,
 ) -> ForwardFns:
     """The model as a pair of pure functions (Haiku ``transform`` without an RNG in apply).
 
     ``apply(params, tokens [B,T] int32, positions [B,T] int32, rope, cache, kv_lengths [B])``
     returns ``(logits [B, T, V] float32, cache or None)``; with ``logits_at`` [B] (a position
     index per row) only those rows of the head are computed: logits [B, 1, V]. ``moe_impl``
-    picks the expert path ("auto", "gather", "blocks", "dense"); ``quant`` ("fp8", "int8" or
-    None) says whether the matrices are stored quantised with per-output-channel scales (see
-    ``layers.get_weight``). ``activation_sharding`` (e.g. ``grok.sharding.activation_sharding``)
-    pins the residual stream at every block boundary on a mesh.
+    picks the expert path ("auto", "gather", "blocks", "ragged", "dense"); ``quant`` ("fp8",
+    "int8" or None) says whether the matrices are stored quantised with per-output-channel
+    scales (see ``layers.get_weight``). ``activation_sharding`` (e.g.
+    ``grok.sharding.activation_sharding``) pins the residual stream at every block boundary on
+    a mesh.
 
-    ``native_kernels_on``: whether apply reads the layers' weights and the cache in place
-    through ``grok.native`` (its weight products, grouped MoE product and attention); None
-    (default) turns it on where the kernel exists for ``dtype`` on the CPU backend, with no
-    mesh and no quantisation. The parameters and the results are the same either way (float32
-    rounding aside).
+    ``kernels``: the implementation of the platform-dependent operations, from
+    ``grok.kernels.select`` for the devices the program runs on (default: the XLA reference,
+    with no platform-specific choice). The parameters are the same for every implementation,
+    and so are the results (float32 rounding aside).
     """
 
-    def fn(tokens, positions, rope, cache, kv_lengths, logits_at=None, layer_views=None):
-        model = LanguageModel(config, dtype, moe_impl, quant, activation_sharding)
-        return model(tokens, positions, rope, cache, kv_lengths, logits_at, layer_views)
+    def fn(tokens, positions, rope, cache, kv_lengths, logits_at=None):
+        model = LanguageModel(config, dtype, moe_impl, quant, activation_sharding, kernels=kernels)
+        return model(tokens, positions, rope, cache, kv_lengths, logits_at)
 
     t = hk.without_apply_rng(hk.transform(fn))
-
-    @functools.cache
-    def use_native() -> bool:  # decided at the first trace: it may build the kernel
-        if native_kernels_on is not None:
-            return native_kernels_on
-        return activation_sharding is None and quant is None and native.available(dtype)
-
-    def apply(params, *args, **kwargs):
-        if not use_native():
-            stored = {
-                f"{m[len(LAYERS_SCOPE) :]}/{n}": x.dtype
-                for m, leaves in params.items()
-                if m.startswith(LAYERS_SCOPE)
-                for n, x in leaves.items()
-            }
-            token = _STORED_DTYPES.set(stored)
-            try:
-                return t.apply(_as_bits(params), *args, **kwargs)
-            finally:
-                _STORED_DTYPES.reset(token)
-        outer = {m: leaves for m, leaves in params.items() if not m.startswith(LAYERS_SCOPE)}
-        views = {
-            m[len(LAYERS_SCOPE) :]: {n: stacked(x) for n, x in leaves.items()}
-            for m, leaves in params.items()
-            if m.startswith(LAYERS_SCOPE)
-        }
-        with native_kernels(True):
-            return t.apply(outer, *args, layer_views=views, **kwargs)
-
-    return ForwardFns(t.init, apply)
+    return ForwardFns(t.init, ForwardApply(t, kernels))
 
 
 def init_params(config: GrokConfig, seed: int = 0, dtype: jnp.dtype = jnp.float32) -> dict:

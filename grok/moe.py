@@ -10,17 +10,18 @@ Only the k chosen experts do work for a token:
   blocks that each belong to one expert (groups padded to the block size); a scan runs one
   [block, D] x [Fe, D] matmul per block, skipping empty blocks. Work is the active
   tokens-times-experts plus at most one partial block per expert.
-- many assignments on GPU and TPU: ``moe_ragged``, one grouped matmul
-  (``jax.lax.ragged_dot``) per weight over the assignments sorted by expert, with no padding;
-  chosen by backend in ``prefill_impl`` (``PREFILL_IMPL``, overridable with the
-  ``GROK_MOE_PREFILL`` environment variable or ``moe_impl``).
+- many assignments on GPU and TPU: ``moe_ragged``, one grouped matmul per weight over the
+  assignments sorted by expert, with no padding (``Kernels.grouped``: ``jax.lax.ragged_dot``,
+  or the native kernel on one CPU device, where it also serves decode).
+The kernels pick the path for "auto" (``Kernels.expert_path``; for XLA by platform,
+``grok.kernels.xla.PREFILL_IMPL``, overridable with the ``GROK_MOE_PREFILL`` environment
+variable), or the caller with ``moe_impl``.
 ``moe_dense_reference`` computes every expert and masks: the slow oracle for tests.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 
 import haiku as hk
@@ -28,51 +29,11 @@ import jax
 import jax.numpy as jnp
 
 from grok.config import GrokConfig
-from grok.errors import ConfigError
-from grok.layers import (
-    QuantWeight,
-    Stacked,
-    activation,
-    dense,
-    dequant,
-    get_weight,
-    native_enabled,
-    native_grouped,
-    project,
-    soft_cap,
-    stacked,
-)
+from grok.kernels import REFERENCE, Kernels
+from grok.layers import activation, dequant, get_weight, soft_cap
 
 SQRT2 = math.sqrt(2.0)  # the residual MoE divides (dense + MoE) by this
-# The expert path for many assignments (prefill), by backend. XLA's GPU and TPU backends run
-# ragged_dot as a grouped matmul. On CPU (jaxlib 0.10.2, D 512, Fe 1024, E 8, k 2, float32
-# and bfloat16) it measured 4x (128 tokens) to 13x (1024 tokens) slower than the block path,
-# slower even than computing every expert, so the block path stays there, and for backends
-# not listed.
-PREFILL_IMPL = {
-    "cpu": "blocks",
-    "gpu": "ragged",
-    "cuda": "ragged",
-    "rocm": "ragged",
-    "tpu": "ragged",
-}
-PREFILL_ENV = "GROK_MOE_PREFILL"  # "ragged" or "blocks": overrides PREFILL_IMPL
 EXPERTS_MODULE = "experts"  # Haiku name scope of the stacked expert weights (under "grok")
-
-
-def layer_experts(w: jax.Array | QuantWeight, layer: jax.Array) -> Stacked | QuantWeight:
-    """One layer's experts [E, ...] as a view into the stacked weights [L, E, ...] of every
-    layer (``layers.Stacked``; a ``QuantWeight`` as views of its codes and scales).
-
-    ``view[e]`` takes layer and expert together, so a decode step reads only the chosen
-    expert's weights (in place through the native kernel, or one copy of them on backends that
-    copy slices), never the layer's whole [E, ...] slab as a per-layer parameter of
-    ``hk.layer_stack`` would. Plain [E, ...] arrays index the same way, so the expert functions
-    below take either.
-    """
-    if isinstance(w, QuantWeight):
-        return QuantWeight(stacked(w.q)[layer], stacked(w.scale)[layer])
-    return stacked(w)[layer]
 
 
 def expert_weights(config: GrokConfig, dtype: jnp.dtype, quant: str | None):
@@ -131,13 +92,14 @@ def _gate(h1: jax.Array, h3: jax.Array, act: Callable[[jax.Array], jax.Array]) -
     return (act(h1.astype(f32)) * h3.astype(f32)).astype(h1.dtype)
 
 
-def _gated_mlp(x, w1, w3, w2, act):
+def _gated_mlp(x, w1, w3, w2, act, kernels: Kernels):
     """``w2(act(x w1) * (x w3))`` for x [..., D], w1/w3 [F, D], w2 [D, F] ([out, in])."""
     dt = x.dtype
     w1, w3, w2 = dequant(w1, dt), dequant(w3, dt), dequant(w2, dt)
     xm = x.reshape(-1, x.shape[-1])  # [M, D]
-    h = _gate(project("MD,FD->MF", xm, w1), project("MD,FD->MF", xm, w3), act)  # [M, F]
-    return project("MF,DF->MD", h, w2).reshape(x.shape)
+    h1 = kernels.project("MD,FD->MF", xm, w1)  # [M, F]
+    h = _gate(h1, kernels.project("MD,FD->MF", xm, w3), act)  # [M, F]
+    return kernels.project("MF,DF->MD", h, w2).reshape(x.shape)
 
 
 def moe_gather(
@@ -148,11 +110,13 @@ def moe_gather(
     w3: jax.Array,
     w2: jax.Array,
     act: Callable[[jax.Array], jax.Array],
+    *,
+    kernels: Kernels = REFERENCE,
 ) -> jax.Array:
     """Expert outputs for few tokens (decode): each expert that some token chose runs once on
     all M tokens, and a ``lax.cond`` skips the others, so only the chosen experts' weights are
     read, each once. Work is M rows per chosen expert: meant for M * k <= E. One token (batch-1
-    decode) indexes its k experts directly (a ``Stacked`` view reads them in place).
+    decode) indexes its k experts directly.
 
     (Gathering each assignment's weights, ``w1[experts]``, would read the same bytes, but on
     CPU XLA copies the gathered [M, k, D, Fe] blocks first: measured 3-25x slower.)
@@ -163,7 +127,7 @@ def moe_gather(
         out = jnp.zeros(x.shape, jnp.float32)  # [1, D]
         for j in range(experts.shape[1]):  # static: k is 2
             ej = experts[0, j]
-            y = _gated_mlp(x, w1[ej], w3[ej], w2[ej], act).astype(jnp.float32)
+            y = _gated_mlp(x, w1[ej], w3[ej], w2[ej], act, kernels).astype(jnp.float32)
             out = out + y * weights[0, j]
         return out.astype(x.dtype)
     e = w1.shape[0]
@@ -173,7 +137,7 @@ def moe_gather(
     for i in range(e):  # static: E is small (8 for Grok-1 and Grok-2)
         y = jax.lax.cond(
             used[i],
-            lambda i=i: _gated_mlp(x, w1[i], w3[i], w2[i], act).astype(jnp.float32),
+            lambda i=i: _gated_mlp(x, w1[i], w3[i], w2[i], act, kernels).astype(jnp.float32),
             lambda: jnp.zeros(x.shape, jnp.float32),
         )  # [M, D]
         out = out + y * gate[:, i, None]
@@ -205,6 +169,8 @@ def moe_blocks(
     w2: jax.Array,
     act: Callable[[jax.Array], jax.Array],
     block: int | None = None,
+    *,
+    kernels: Kernels = REFERENCE,
 ) -> jax.Array:
     """Expert outputs by sorting assignments into per-expert blocks (for large M).
 
@@ -239,7 +205,7 @@ def moe_blocks(
         xb, eb, used = inputs  # [block, D], (), ()
         yb = jax.lax.cond(
             used,
-            lambda: _gated_mlp(xb, w1[eb], w3[eb], w2[eb], act),
+            lambda: _gated_mlp(xb, w1[eb], w3[eb], w2[eb], act, kernels),
             lambda: jnp.zeros_like(xb),
         )
         return None, yb
@@ -259,56 +225,27 @@ def moe_blocks(
 EXPERT_IN_AXIS = 2
 
 
-def _ragged_matmul(
-    xs: jax.Array, w: jax.Array | QuantWeight, sizes: jax.Array, row_expert: jax.Array
-) -> jax.Array:
-    """Rows of ``xs`` [A, In] (sorted by expert, ``sizes`` [E] per expert) times their
-    expert's matrix ``w`` ([E, Out, In] as stored, or [E, In, Out] when ``EXPERT_IN_AXIS`` is 1)
-    -> [A, Out], accumulated in float32.
-
-    A quantised weight is multiplied as stored (cast to the activations' dtype) and its
-    per-output-channel scale (1 on the In axis) applied to each row's output afterwards (the
-    same product, without a dequantised copy in float32).
-    """
-    dt = xs.dtype
-    if EXPERT_IN_AXIS == 2:  # [E, Out, In]: the native kernel's layout (decode sizes, CPU)
-        y = native_grouped(xs, w, sizes)
-        if y is not None:
-            return y.astype(dt)
-    w = dense(w)
-    numbers = jax.lax.RaggedDotDimensionNumbers(
-        dot_dimension_numbers=(([1], [EXPERT_IN_AXIS]), ([], [])),
-        lhs_ragged_dimensions=[0],
-        rhs_group_dimensions=[0],
-    )
-    q = w.q if isinstance(w, QuantWeight) else w
-    y = jax.lax.ragged_dot_general(
-        xs, q.astype(dt), sizes, numbers, preferred_element_type=jnp.float32
-    )  # [A, Out]
-    if isinstance(w, QuantWeight):  # scale per row's expert: [A, Out]
-        y = y * jnp.squeeze(w.scale[row_expert], axis=EXPERT_IN_AXIS)
-    return y.astype(dt)
-
-
 def moe_ragged(
     x: jax.Array,
     weights: jax.Array,
     experts: jax.Array,
-    w1: jax.Array | QuantWeight | Stacked,
-    w3: jax.Array | QuantWeight | Stacked,
-    w2: jax.Array | QuantWeight | Stacked,
+    w1,
+    w3,
+    w2,
     act: Callable[[jax.Array], jax.Array],
+    *,
+    kernels: Kernels = REFERENCE,
 ) -> jax.Array:
-    """Expert outputs by grouped matmuls (``jax.lax.ragged_dot_general``) over the
-    assignments sorted by expert: work is exactly the active tokens-times-experts, with no
-    padding.
+    """Expert outputs by grouped matmuls (``Kernels.grouped``) over the assignments sorted by
+    expert: work is exactly the active tokens-times-experts, with no padding.
 
     With the expert width Fe split over ``model`` the compiler keeps every device on its own
     Fe slice of w1, w3 and w2 and sums the [A, D] partial outputs once (one all-reduce); the
     weights are never gathered.
 
     x [M, D], weights/experts [M, k], w1/w3 [E, Fe, D], w2 [E, D, Fe] (laid out as
-    ``EXPERT_IN_AXIS`` says; or ``layer_experts`` views, or ``QuantWeight``s) -> [M, D].
+    ``EXPERT_IN_AXIS`` says; or ``Kernels.layer_experts`` views, or ``QuantWeight``s)
+    -> [M, D].
     """
     m, d = x.shape
     k = experts.shape[1]
@@ -321,30 +258,23 @@ def moe_ragged(
     token_of = order // k  # [A] source token of each sorted assignment
     sizes = jnp.bincount(flat_expert, length=e).astype(jnp.int32)  # [E]
     xs = x[token_of]  # [A, D]
-    h1 = _ragged_matmul(xs, w1, sizes, row_expert)  # [A, Fe]
-    h = _gate(h1, _ragged_matmul(xs, w3, sizes, row_expert), act)  # [A, Fe]
-    ys = _ragged_matmul(h, w2, sizes, row_expert)  # [A, D]
+
+    def grouped(rows: jax.Array, w) -> jax.Array:  # [A, In] -> [A, Out] in x's dtype
+        return kernels.grouped(rows, w, sizes, row_expert, EXPERT_IN_AXIS).astype(x.dtype)
+
+    h = _gate(grouped(xs, w1), grouped(xs, w3), act)  # [A, Fe]
+    ys = grouped(h, w2)  # [A, D]
     ws = weights.reshape(a)[order]  # [A]
     out = jnp.zeros((m, d), jnp.float32).at[token_of].add(ys.astype(jnp.float32) * ws[:, None])
     return out.astype(x.dtype)
 
 
-def prefill_impl(backend: str | None = None) -> str:
-    """The expert path for many assignments: ``$GROK_MOE_PREFILL`` if set, else
-    ``PREFILL_IMPL`` of ``backend`` (default ``jax.default_backend()``, read when a shape is
-    first compiled), "blocks" for a backend not listed."""
-    forced = os.environ.get(PREFILL_ENV)
-    if forced:
-        if forced not in ("ragged", "blocks"):
-            raise ConfigError(f"{PREFILL_ENV}={forced!r}: expected 'ragged' or 'blocks'")
-        return forced
-    return PREFILL_IMPL.get(backend or jax.default_backend(), "blocks")
-
-
-def moe_dense_reference(x, weights, experts, w1, w3, w2, act) -> jax.Array:
+def moe_dense_reference(
+    x, weights, experts, w1, w3, w2, act, *, kernels: Kernels = REFERENCE
+) -> jax.Array:
     """Every expert on every token, masked: E / k times the work. A test oracle only."""
     e = w1.shape[0]
-    w1, w3, w2 = (dequant(dense(w), x.dtype) for w in (w1, w3, w2))
+    w1, w3, w2 = (dequant(kernels.dense(w), x.dtype) for w in (w1, w3, w2))
     h = act(jnp.einsum("MD,EFD->MEF", x, w1)) * jnp.einsum("MD,EFD->MEF", x, w3)
     y = jnp.einsum("MEF,EDF->MED", h, w2).astype(jnp.float32)  # [M, E, D]
     gate = jnp.sum(jax.nn.one_hot(experts, e) * weights[..., None], axis=1)  # [M, E]
@@ -354,26 +284,37 @@ def moe_dense_reference(x, weights, experts, w1, w3, w2, act) -> jax.Array:
 class MoE(hk.Module):
     """Router and experts. Parameter: router [E, D] (float32).
 
-    The expert weights come in from ``expert_weights`` as ``layer_experts`` views (or, for a
-    standalone module, [E, ...] arrays).
+    The expert weights come in from ``expert_weights``, one layer's through
+    ``Kernels.layer_experts`` (or, for a standalone module, as [E, ...] arrays).
     """
 
-    def __init__(self, config: GrokConfig, dtype: jnp.dtype, quant: str | None = None, name=None):
+    def __init__(
+        self,
+        config: GrokConfig,
+        dtype: jnp.dtype,
+        quant: str | None = None,
+        *,
+        kernels: Kernels,
+        name: str | None = None,
+    ):
         super().__init__(name=name)
         self.config = config
         self.dtype = dtype
         self.quant = quant
+        self.kernels = kernels
 
     def __call__(self, x: jax.Array, experts, impl: str = "auto") -> jax.Array:
         """x [B, T, D] -> [B, T, D].
 
-        ``experts`` is (w1, w3, w2) of this layer: ``layer_experts`` views or [E, ...] arrays.
-        ``impl``: "auto", "gather", "blocks", "ragged" or "dense".
+        ``experts`` is (w1, w3, w2) of this layer: ``Kernels.layer_experts`` views or [E, ...]
+        arrays. ``impl``: "auto" (the kernels' choice, ``Kernels.expert_path``), "gather",
+        "blocks", "ragged" or "dense".
         """
-        cfg = self.config
+        cfg, kernels = self.config, self.kernels
         d, e = cfg.hidden_size, cfg.num_local_experts
         init = hk.initializers.VarianceScaling(1.0, "fan_out", "truncated_normal")  # [out, in]
-        w_gate = dense(hk.get_parameter("router", (e, d), jnp.float32, init=init))  # [E, D]
+        router = hk.get_parameter("router", (e, d), jnp.float32, init=init)
+        w_gate = kernels.dense(router)  # [E, D]
         w1, w3, w2 = experts
 
         b, t, _ = x.shape
@@ -387,33 +328,34 @@ class MoE(hk.Module):
         )
         act = activation(cfg.hidden_act)
         if impl == "auto":
-            # Up to E assignments, gathering reads each chosen expert about once; beyond that
-            # the block path reads each used expert once per block (ragged_dot on accelerators).
-            # With the native kernels (one CPU device) a grouped product reads each chosen
-            # expert once, in place, for its own rows only: no padding, no copies. One token
-            # indexes its k experts directly (measured 10% faster at batch-1 decode).
-            m, a = xm.shape[0], xm.shape[0] * cfg.num_experts_per_tok
-            if native_enabled() and m > 1:
-                impl = "ragged"
-            else:
-                impl = "gather" if a <= e else prefill_impl()
+            m = xm.shape[0]
+            impl = kernels.expert_path(m, m * cfg.num_experts_per_tok, e)
         fn = {
             "gather": moe_gather,
             "blocks": moe_blocks,
             "ragged": moe_ragged,
             "dense": moe_dense_reference,
         }[impl]
-        return fn(xm, weights, chosen, w1, w3, w2, act).reshape(b, t, d)
+        return fn(xm, weights, chosen, w1, w3, w2, act, kernels=kernels).reshape(b, t, d)
 
 
 class DenseMLP(hk.Module):
     """The residual (dense) MLP: ``down(act(x gate) * (x up))``. gate/up [F, D], down [D, F]."""
 
-    def __init__(self, config: GrokConfig, dtype: jnp.dtype, quant: str | None = None, name=None):
+    def __init__(
+        self,
+        config: GrokConfig,
+        dtype: jnp.dtype,
+        quant: str | None = None,
+        *,
+        kernels: Kernels,
+        name: str | None = None,
+    ):
         super().__init__(name=name)
         self.config = config
         self.dtype = dtype
         self.quant = quant
+        self.kernels = kernels
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [B, T, D] -> [B, T, D]."""
@@ -423,7 +365,8 @@ class DenseMLP(hk.Module):
         gate = get_weight("gate_proj", (f, d), dt, init, quant=quant, in_dims=(1,))  # [F, D]
         up = get_weight("up_proj", (f, d), dt, init, quant=quant, in_dims=(1,))  # [F, D]
         down = get_weight("down_proj", (d, f), dt, init, quant=quant, in_dims=(1,))  # [D, F]
-        return _gated_mlp(x.astype(self.dtype), gate, up, down, activation(self.config.hidden_act))
+        act = activation(self.config.hidden_act)
+        return _gated_mlp(x.astype(self.dtype), gate, up, down, act, self.kernels)
 
 
 def residual_moe(dense_out: jax.Array | None, moe_out: jax.Array) -> jax.Array:

@@ -7,7 +7,7 @@ addition is a method interceptor around each ``MoE.__call__`` that recomputes th
 probabilities of that layer's input (the router is one small float32 matmul) and records the
 Switch-Transformer load-balancing loss ``E * sum_e f_e * P_e`` as Haiku state: ``f_e`` is the
 fraction of the k-of-E assignments that go to expert e (not differentiable), ``P_e`` the mean
-router probability of expert e. Under ``hk.layer_stack`` the state comes out stacked [L].
+router probability of expert e. Out of the layer loop the state comes stacked [L].
 A perfectly balanced router gives 1 in every layer.
 
 Checkpoints are written in the released layout (``grok.checkpoint.write_checkpoint``, float32 so
@@ -38,6 +38,7 @@ from grok import data
 from grok.checkpoint import ReleasedCheckpoint, write_checkpoint
 from grok.config import GrokConfig
 from grok.errors import CheckpointError, ConfigError
+from grok.kernels import REFERENCE, Kernels, devices_of, select
 from grok.model import LanguageModel
 from grok.moe import MoE, route
 from grok.progress import progress_bar
@@ -143,12 +144,14 @@ def _balance_interceptor(config: GrokConfig) -> Callable:
     return intercept
 
 
-def training_forward(config: GrokConfig, moe_impl: str = "auto") -> hk.TransformedWithState:
+def training_forward(
+    config: GrokConfig, moe_impl: str = "auto", kernels: Kernels = REFERENCE
+) -> hk.TransformedWithState:
     """``LanguageModel`` in float32 with the balance loss as state.
 
     ``apply(params, state, None, tokens [B, T], rope)`` returns
     ``(logits [B, T, V], {moe module: {"balance_loss": [L]}})``. The parameter tree is the
-    one ``grok.model.forward_fns`` uses; ``moe_impl`` picks the expert path as there.
+    one ``grok.model.forward_fns`` uses; ``moe_impl`` and ``kernels`` are as there.
     """
 
     def fn(tokens, rope):
@@ -156,9 +159,8 @@ def training_forward(config: GrokConfig, moe_impl: str = "auto") -> hk.Transform
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         lengths = jnp.full((b,), t, jnp.int32)
         with hk.intercept_methods(_balance_interceptor(config)):
-            logits, _ = LanguageModel(config, jnp.float32, moe_impl)(
-                tokens, positions, rope, None, lengths
-            )
+            model = LanguageModel(config, jnp.float32, moe_impl, kernels=kernels)
+            logits, _ = model(tokens, positions, rope, None, lengths)
         return logits
 
     return hk.transform_with_state(fn)
@@ -167,15 +169,29 @@ def training_forward(config: GrokConfig, moe_impl: str = "auto") -> hk.Transform
 class _Compiled(NamedTuple):
     forward: hk.TransformedWithState
     optimizer: optax.GradientTransformation
-    init: Callable  # (key) -> (params, net_state, opt_state)
     step: Callable  # (params, opt_state, net_state, windows, step) -> (params, opt_state, m)
     eval: Callable  # (params, net_state, windows) -> summed loss
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(config: GrokConfig, train: TrainConfig, moe_impl: str) -> _Compiled:
+def _initializer(config: GrokConfig, train: TrainConfig) -> Callable:
+    """The jitted ``(key) -> (params, net_state, opt_state)`` of a run (its trace runs the
+    forward once, whose kernels do not change the parameters: the reference's)."""
+    forward, optimizer = training_forward(config), make_optimizer(train)
+    rope = rope_table(config, train.seq_len)
+
+    def init_fn(key):
+        tokens = jnp.zeros((1, train.seq_len), jnp.int32)
+        params, net_state = forward.init(key, tokens, rope)
+        return params, net_state, optimizer.init(params)
+
+    return jax.jit(init_fn)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(config: GrokConfig, train: TrainConfig, moe_impl: str, kernels: Kernels) -> _Compiled:
     """The jitted step and evaluation of a run, shared by every Trainer with these configs."""
-    forward = training_forward(config, moe_impl)
+    forward = training_forward(config, moe_impl, kernels)
     optimizer = make_optimizer(train)
     schedule = learning_rate(train)
     rope = rope_table(config, train.seq_len)
@@ -204,18 +220,7 @@ def _compiled(config: GrokConfig, train: TrainConfig, moe_impl: str) -> _Compile
     def eval_fn(params, net_state, windows):
         return losses(params, net_state, windows)[0]
 
-    def init_fn(key):
-        tokens = jnp.zeros((1, train.seq_len), jnp.int32)
-        params, net_state = forward.init(key, tokens, rope)
-        return params, net_state, optimizer.init(params)
-
-    return _Compiled(
-        forward,
-        optimizer,
-        jax.jit(init_fn),
-        jax.jit(step_fn, donate_argnums=(0, 1)),
-        jax.jit(eval_fn),
-    )
+    return _Compiled(forward, optimizer, jax.jit(step_fn, donate_argnums=(0, 1)), jax.jit(eval_fn))
 
 
 class Trainer:
@@ -230,10 +235,13 @@ class Trainer:
         self.config = config
         self.train = train
         # The seed only picks the initial parameters and the batches: share the compiled step.
-        self._fns = _compiled(config, dataclasses.replace(train, seed=0), moe_impl)
-        self.params, self._net_state, self.opt_state = self._fns.init(
+        shared = dataclasses.replace(train, seed=0)
+        self.params, self._net_state, self.opt_state = _initializer(config, shared)(
             jax.random.PRNGKey(train.seed)
         )
+        # The step runs on the kernels for the device the parameters were made on.
+        kernels = select(jnp.float32, devices=devices_of(self.params), training=True)
+        self._fns = _compiled(config, shared, moe_impl, kernels)
         self.step = 0
 
     def train_step(self, windows: np.ndarray) -> StepMetrics:

@@ -1,14 +1,14 @@
-"""Weight-product benchmark: the native kernels (``grok.native``) against XLA's dot.
+"""Weight-product benchmark: the native kernels (``grok.kernels.cpu``) against XLA's dot.
 
     python scripts/bench_kernels.py                 # W [16384, 8192], rows 1, 2 and 8
     python scripts/bench_kernels.py --out 4096 --in 4096 --rows 1 8 64
 
 For each dtype (float32, bfloat16) and row count it reports the weight bytes read per second
 of ``x [R, I] . W[l] [O, I]^T`` for W one matrix of a stacked [2, O, I] weight: XLA's einsum
-(float32 accumulation, as ``grok.layers.project`` asks, on the matrix already sliced out) and
-``grok.native.matvec`` reading it in place. Medians of ``--repeats`` timed calls after one
+(float32 accumulation, as ``Kernels.project`` asks, on the matrix already sliced out) and
+``grok.kernels.cpu.matvec`` reading it in place. Medians of ``--repeats`` timed calls after one
 that compiles. Both engines are JAX calls, so one process runs both; it prints nothing for the
-kernel where ``grok.native.available`` is False, and says why.
+kernel where ``grok.kernels.cpu.available`` is False, and says why.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from grok import native  # noqa: E402
+from grok.kernels import cpu  # noqa: E402
 
 
 def _median_s(fn, *args, repeats: int) -> float:
@@ -54,16 +54,16 @@ def main(argv: list[str] | None = None) -> None:
         xla = jax.jit(
             lambda x, m: jnp.einsum("RI,OI->RO", x, m, preferred_element_type=jnp.float32)
         )
-        kernel = jax.jit(lambda x, w: native.matvec(x, w, (1,)))
+        kernel = jax.jit(lambda x, w: cpu.matvec(x, w, (1,)))
         for rows in args.rows:
             x = jnp.asarray(rng.standard_normal((rows, args.inp), np.float32), dtype)
             line = f"{jnp.dtype(dtype).name:>8} rows {rows:>3}: XLA "
             line += f"{nbytes / _median_s(xla, x, matrix, repeats=args.repeats) / 1e9:6.3g}"
-            if native.available(dtype):
+            if cpu.available(dtype):
                 t = _median_s(kernel, x, w, repeats=args.repeats)
                 line += f", native {nbytes / t / 1e9:6.3g}"
             else:
-                line += f", native unavailable ({native.why_unavailable() or 'no kernel'})"
+                line += f", native unavailable ({cpu.why_unavailable() or 'no kernel'})"
             print(line)
 
 

@@ -286,14 +286,14 @@ def read_bandwidth() -> float:
     import jax
     import jax.numpy as jnp
 
-    from grok import native
+    from grok.kernels import cpu
 
     x = jnp.ones((BANDWIDTH_BYTES // 4,), jnp.float32)
     reads = [jax.jit(jnp.sum), jax.jit(lambda x: jnp.sum(x.reshape(2, -1), axis=1))]
-    if native.available(jnp.float32):
+    if cpu.available(jnp.float32):
         matrix = x.reshape(-1, 4096)  # [O, I]: one product reads every byte once
         row = jnp.ones((1, 4096), jnp.float32)
-        reads.append(lambda x: native.matvec(row, matrix))
+        reads.append(lambda x: cpu.matvec(row, matrix))
     return max(
         BANDWIDTH_BYTES / _median_s(lambda f=f: jax.block_until_ready(f(x)), 5) for f in reads
     )
@@ -318,15 +318,17 @@ def compile_child(args: argparse.Namespace) -> dict:
     import jax.numpy as jnp
     from bench_shapes import resolve
 
+    from grok.kernels import select
     from grok.model import forward_fns, init_params
     from grok.rope import rope_table
 
     config = resolve(args.shape)
     dtype = jnp.dtype(args.dtype)
+    kernels = select(dtype, devices=jax.devices()[:1])  # compiled for the first device
     out = {}
     for layers in (2, 64):
         c = config.replace(num_hidden_layers=layers)
-        fns = forward_fns(c, dtype)
+        fns = forward_fns(c, dtype, kernels=kernels)
         tokens = jax.ShapeDtypeStruct((1, args.T), jnp.int32)
         lengths = jax.ShapeDtypeStruct((1,), jnp.int32)
         params = jax.eval_shape(lambda c=c: init_params(c, 0, dtype))

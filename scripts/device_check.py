@@ -58,6 +58,7 @@ import jax
 import jax.numpy as jnp
 
 from grok.config import GrokConfig
+from grok.kernels import devices_of, select
 from grok.kv_cache import KVCache
 from grok.layers import activation
 from grok.memory_plan import device_bytes_limit
@@ -369,7 +370,8 @@ def measure_model(
     start = time.perf_counter()
     params = random_params(config, quant)
     made_s = time.perf_counter() - start
-    fns = forward_fns(config, dtype, "auto", quant)
+    kernels = select(dtype, devices=devices_of(params), quant=quant)  # as grok.Model picks
+    fns = forward_fns(config, dtype, "auto", quant, kernels=kernels)
     positions_needed = max(*shapes.prefill_lengths, shapes.decode_context + 1)
     rope = rope_table(config, positions_needed)
     weights = costs.expert_bytes + costs.embed_bytes + costs.other_bytes

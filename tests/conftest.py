@@ -31,7 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from grok import native  # noqa: E402
+from grok.kernels import cpu  # noqa: E402
 from grok.model import forward_fns  # noqa: E402
 from grok.rope import rope_table  # noqa: E402
 
@@ -98,11 +98,11 @@ def _random_params(config, seed: int) -> dict:
 
 # The native kernels' tests (tests/test_native*.py): skip where a kernel does not exist here.
 needs_f32 = pytest.mark.skipif(
-    not native.available(jnp.float32), reason=f"no native kernel: {native.why_unavailable()}"
+    not cpu.available(jnp.float32), reason=f"no native kernel: {cpu.why_unavailable()}"
 )
 needs_bf16 = pytest.mark.skipif(
-    not native.available(jnp.bfloat16),
-    reason=f"no native bfloat16 kernel: {native.why_unavailable() or 'no AVX512-BF16'}",
+    not cpu.available(jnp.bfloat16),
+    reason=f"no native bfloat16 kernel: {cpu.why_unavailable() or 'no AVX512-BF16'}",
 )
 NATIVE_DTYPES = [
     pytest.param(jnp.float32, marks=needs_f32, id="float32"),

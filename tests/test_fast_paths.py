@@ -3,13 +3,16 @@ prefill paths vs the dense every-expert oracle (skewed routing included)."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import random_params
 
-import grok.attention as attention
+from grok.attention import attention_temperature
+from grok.kernels import xla
 from grok.kv_cache import KVCache
 from grok.model import forward_fns
 from grok.moe import MAX_BLOCK, block_size_for, moe_blocks, moe_dense_reference, moe_gather, route
@@ -19,9 +22,13 @@ from grok.rope import rope_table
 ACT = jax.nn.gelu
 
 
-def _full_attention(q, k, v, positions, lengths, cfg):
-    probs = attention.attention_weights(q, k, positions, lengths, cfg)  # [B, K, G, T, S]
-    return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+def _logit_args(cfg) -> dict:
+    return {"scale": cfg.attn_scale, "cap": cfg.attn_logit_softcapping}
+
+
+def _full_attention(q, k, v, tau, positions, lengths, cfg):
+    probs = xla.attention_weights(q, k, tau, positions, lengths, **_logit_args(cfg))
+    return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)  # probs [B, K, G, T, S]
 
 
 @pytest.mark.parametrize("t, q_block, k_block", [(37, 8, 16), (5, 8, 4)])
@@ -35,17 +42,19 @@ def test_blocked_attention_equals_softmax(t, q_block, k_block):
     start = jnp.array([0, 7])  # the second row continues after 7 cached tokens
     positions = start[:, None] + jnp.arange(t)[None]  # [B, T]
     lengths = start + t
-    want = _full_attention(q, k, v, positions, lengths, cfg)
-    blocked = jax.jit(attention.blocked_attention, static_argnums=(5, 6, 7))
-    got = blocked(q, k, v, positions, lengths, cfg, q_block, k_block)
+    tau = attention_temperature(positions, cfg.attn_temperature_len)  # [B, T]
+    want = _full_attention(q, k, v, tau, positions, lengths, cfg)
+    blocks = dict(q_block=q_block, k_block=k_block, **_logit_args(cfg))
+    blocked = jax.jit(functools.partial(xla.blocked_attention, **blocks))
+    got = blocked(q, k, v, tau, positions, lengths)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6, rtol=1e-5)
 
 
 def _logits(cfg, params, blocked: bool, monkeypatch, steps):
     """Runs (tokens, start) chunks through a fresh trace; the cache when steps say so."""
     block = 8 if blocked else 4096
-    monkeypatch.setattr(attention, "QUERY_BLOCK", block)
-    monkeypatch.setattr(attention, "KEY_BLOCK", block)
+    monkeypatch.setattr(xla, "QUERY_BLOCK", block)
+    monkeypatch.setattr(xla, "KEY_BLOCK", block)
     forward_fns.cache_clear()  # a new function object, so jit traces with these block sizes
     apply = jax.jit(forward_fns(cfg, jnp.dtype(jnp.float32)).apply)
     rope = rope_table(cfg)

@@ -1,6 +1,6 @@
 """The grouped-matmul MoE path (``jax.lax.ragged_dot``, for GPU/TPU prefill) against the dense
 every-expert oracle, quantised and not, with the expert width split over ``model`` on the
-8-device CPU mesh; and the backend dispatch that picks it."""
+8-device CPU mesh; and the platform dispatch that picks it."""
 
 from __future__ import annotations
 
@@ -15,16 +15,9 @@ from reference import random_tensors, reference_logits
 import grok
 from grok.api import Model
 from grok.errors import ConfigError
+from grok.kernels.xla import PREFILL_ENV, REFERENCE, prefill_impl
 from grok.layers import QuantWeight
-from grok.moe import (
-    EXPERT_IN_AXIS,
-    PREFILL_ENV,
-    layer_experts,
-    moe_dense_reference,
-    moe_ragged,
-    prefill_impl,
-    route,
-)
+from grok.moe import EXPERT_IN_AXIS, moe_dense_reference, moe_ragged, route
 from grok.presets import TINY_GROK2
 from grok.sharding import make_mesh
 from grok.testing import write_checkpoint
@@ -82,7 +75,9 @@ def test_ragged_with_fp8_weights_and_layer_views():
         q = (w / scale).astype(jnp.float8_e4m3fn)
         return QuantWeight(q[None].repeat(2, 0), scale[None].repeat(2, 0))  # [L=2, E, ...]
 
-    views = [layer_experts(quantise(w, EXPERT_IN_AXIS), jnp.int32(1)) for w in (w1, w3, w2)]
+    views = [
+        REFERENCE.layer_experts(quantise(w, EXPERT_IN_AXIS), jnp.int32(1)) for w in (w1, w3, w2)
+    ]
     got = jax.jit(lambda x, ws, ex, views: moe_ragged(x, ws, ex, *views, ACT))(
         x, weights, experts, views
     )
@@ -118,13 +113,11 @@ def test_ragged_with_expert_width_split_over_model():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
-def test_prefill_impl_by_backend_and_override(monkeypatch):
+def test_prefill_impl_by_platform_and_override(monkeypatch):
     monkeypatch.delenv(PREFILL_ENV, raising=False)
     assert prefill_impl("gpu") == prefill_impl("tpu") == "ragged"
     assert prefill_impl("cpu") == "blocks"
-    assert prefill_impl("some-new-backend") == "blocks"
-    if jax.default_backend() == "cpu":
-        assert prefill_impl() == "blocks"
+    assert prefill_impl("some-new-platform") == prefill_impl(None) == "blocks"
     monkeypatch.setenv(PREFILL_ENV, "ragged")
     assert prefill_impl("cpu") == "ragged"
     monkeypatch.setenv(PREFILL_ENV, "grouped")

@@ -1,5 +1,5 @@
-"""The native attention kernel (``grok.native.attention``) against an independent float64
-numpy attention written from the spec, and its place in ``grok.attention``.
+"""The native attention kernel (``grok.kernels.cpu.attention``) against an independent float64
+numpy attention written from the spec, and its place in the CPU kernels' ``attend``.
 
 Shapes cover: a decode step (T 1) against a longer cache, a prompt at an offset in its cache,
 several query chunks per (batch row, kv head), G above the kernel's 12-row tiles (16), head
@@ -11,6 +11,7 @@ softmax over all-masked logits gives).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +20,10 @@ import pytest
 from conftest import NATIVE_DTYPES as DTYPES
 from conftest import needs_f32
 
-from grok import native
-from grok.attention import attend, attention_temperature, xla_attend
-from grok.layers import native_kernels
+from grok.attention import attention_temperature
+from grok.kernels import cpu
+from grok.kernels.cpu.ops import CpuKernels
+from grok.kernels.xla import XlaKernels
 from grok.presets import TINY_GROK2
 
 # (B, T, S, K, G, H, cap, temperature_len, a row of length 0)
@@ -89,7 +91,7 @@ def test_attention_matches_float64(dtype, case):
     for seed in range(3):
         q, k, v, positions, lengths, config = _inputs(case, dtype, seed)
         tau = attention_temperature(positions, config.attn_temperature_len)
-        got = native.attention(
+        got = cpu.attention(
             q,
             k,
             v,
@@ -119,23 +121,26 @@ def test_attention_matches_float64(dtype, case):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_attend_uses_kernel_forward_and_xla_gradient(dtype):
-    """``attend`` in ``native_kernels(True)``: the kernel's output, and the XLA path's gradient
-    (the custom VJP differentiates ``xla_attend``: equal up to XLA's own fusion choices)."""
+    """``CpuKernels.attend``: the kernel's output, and the XLA path's gradient (the custom VJP
+    differentiates XLA's attention: equal up to XLA's own fusion choices), the temperature's
+    included."""
     q, k, v, positions, lengths, config = _inputs(CASES[0], dtype, 0)
+    tau = attention_temperature(positions, config.attn_temperature_len) * 1.5  # tau != 1
     weights = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
+    kw = {"scale": config.attn_scale, "cap": config.attn_logit_softcapping}
 
-    def loss(fn, q, k, v):
-        out = fn(q, k, v, positions, lengths, config)
+    def loss(kernels, q, k, v, tau):
+        out = kernels.attend(q, k, v, tau, positions, lengths, **kw)
         return jnp.sum(out.astype(jnp.float32) * weights)
 
-    with native_kernels(True):
-        on = jax.jit(jax.value_and_grad(lambda *a: loss(attend, *a), argnums=(0, 1, 2)))
-        text = jax.jit(lambda *a: attend(*a, positions, lengths, config)).lower(q, k, v)
-        value_on, grads_on = on(q, k, v)
-    assert native.ATTENTION_TARGET in text.as_text()
-    value_xla, grads_xla = jax.jit(
-        jax.value_and_grad(lambda *a: loss(xla_attend, *a), argnums=(0, 1, 2))
-    )(q, k, v)
+    def value_and_grads(kernels):
+        fn = jax.value_and_grad(functools.partial(loss, kernels), argnums=(0, 1, 2, 3))
+        return jax.jit(fn)(q, k, v, tau)
+
+    text = jax.jit(functools.partial(loss, CpuKernels())).lower(q, k, v, tau).as_text()
+    assert cpu.ATTENTION_TARGET in text
+    value_on, grads_on = value_and_grads(CpuKernels())
+    value_xla, grads_xla = value_and_grads(XlaKernels("cpu"))
     np.testing.assert_allclose(value_on, value_xla, rtol=1e-2 if dtype == jnp.bfloat16 else 1e-5)
     for a, b in zip(grads_on, grads_xla, strict=True):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
@@ -148,12 +153,12 @@ def test_attention_rejects_bad_shapes():
     tau = jnp.ones(positions.shape, jnp.float32)
     kw = {"scale": 1.0, "cap": None}
     with pytest.raises(ValueError, match="attention"):
-        native.attention(q, k[:, :, :1], v, tau, positions, lengths, **kw)  # K differs
+        cpu.attention(q, k[:, :, :1], v, tau, positions, lengths, **kw)  # K differs
     with pytest.raises(ValueError, match="head dim"):
         odd = q[..., :15]
-        native.attention(odd, k[..., :15], v[..., :15], tau, positions, lengths, **kw)
+        cpu.attention(odd, k[..., :15], v[..., :15], tau, positions, lengths, **kw)
     with pytest.raises(ValueError, match="attention"):
-        native.attention(q, k, v.astype(jnp.bfloat16), tau, positions, lengths, **kw)
+        cpu.attention(q, k, v.astype(jnp.bfloat16), tau, positions, lengths, **kw)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -169,11 +174,11 @@ def test_attention_reads_a_stacked_cache_in_place(dtype):
 
     @jax.jit
     def in_place(q, ks, vs, layer):
-        return native.attention(q, ks, vs, tau, positions, lengths, index=(layer,), **kw)
+        return cpu.attention(q, ks, vs, tau, positions, lengths, index=(layer,), **kw)
 
-    want = native.attention(q, k, v, tau, positions, lengths, **kw)
+    want = cpu.attention(q, k, v, tau, positions, lengths, **kw)
     np.testing.assert_array_equal(in_place(q, ks, vs, jnp.int32(1)), want)
-    last = native.attention(q, ks[2], vs[2], tau, positions, lengths, **kw)
+    last = cpu.attention(q, ks[2], vs[2], tau, positions, lengths, **kw)
     np.testing.assert_array_equal(in_place(q, ks, vs, jnp.int32(7)), last)
     if dtype == jnp.bfloat16:
         bits = jax.lax.bitcast_convert_type

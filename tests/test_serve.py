@@ -28,6 +28,7 @@ from starlette.testclient import TestClient
 
 import grok
 from grok.builtin import builtin_dir
+from grok.kernels.cpu import CpuKernels
 from grok.sampling import Sampler
 from grok.serve import cli as serve_cli
 from grok.serve.app import create_app
@@ -472,14 +473,16 @@ def test_token_id_prompts_go_through_the_library_token_check():
 
 
 def test_bfloat16_engine_greedy_equals_generate():
-    """The engine holds a bf16 cache as uint16 bits between steps (``KVCache.as_bits``): two
-    prompts decoded side by side give Model.generate's greedy tokens."""
+    """The engine holds a bf16 cache in the kernels' carried form between steps
+    (``Kernels.carry``: uint16 bits on the native CPU kernels): two prompts decoded side by
+    side give Model.generate's greedy tokens."""
     model = grok.load_pretrained("builtin", dtype=jnp.bfloat16, quiet=True)
     tok = load_tokenizer(builtin_dir())
     prompts = [tok.encode(p) for p in PROMPTS[:2]]
     want = model.generate(prompts, max_new_tokens=8).tokens
     engine = Engine(model, tok, max_batch=2, max_queue=2)
-    assert engine._state.cache.k.dtype == jnp.uint16  # the bits, not a bf16 copy
+    carried = jnp.uint16 if isinstance(model.kernels, CpuKernels) else jnp.bfloat16
+    assert engine._state.cache.k.dtype == carried  # on the CPU kernels, bits: not a bf16 copy
     got: dict[int, list[int]] = {0: [], 1: []}
     done = threading.Event()
 

@@ -221,7 +221,7 @@ class Engine:
         self.max_context = max_context
         self.max_queue = max_queue
         self.metrics = metrics
-        store = DenseCache(config, model.dtype)
+        store = DenseCache(config, model.dtype, kernels=model.kernels)
         # The compiled programs' static arguments: the pure forward (params passed in, not
         # closed over) and the cache's store.
         self._static = {"apply_fn": model.apply_fn, "store": store}

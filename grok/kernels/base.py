@@ -1,0 +1,112 @@
+"""The kernel seam's contract: the operations the model and its layers call.
+
+An implementation is a hashable, immutable object (a frozen dataclass) handed to
+``grok.model.forward_fns`` and to the Haiku modules' constructors; ``grok.kernels.select``
+picks one. The model never asks which implementation it runs on: whatever an implementation
+needs for its platform (views of weights read in place, a cache held in another dtype) stays
+inside it, behind these operations.
+
+Glossary: B batch, T query positions, S cache slots, K kv heads, G = N / K, H head dim,
+L layers, E experts, A rows of a grouped product, D model width, V vocab.
+
+A *weight* below is what the layers get from the parameters: a plain array, a
+``grok.layers.QuantWeight``, or the implementation's own view of one (from ``weights_at`` or
+``layer_experts``). The layers only read its ``shape``, ``ndim`` and ``dtype``, index its
+leading (expert) axis, ``reshape`` a matrix, ``astype`` it, and hand it back to these
+operations.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+
+from grok.kv_cache import KVCache, LayerCache
+
+Weight = Any  # an array, a QuantWeight, or an implementation's view of a weight
+
+
+class Kernels(Protocol):
+    """The operations of the seam (``grok.kernels.xla.XlaKernels`` is the reference)."""
+
+    platform: str | None  # the platform of the devices the program is compiled for
+
+    # The layer loop (``grok.model``: one scan over the layer index).
+
+    def loop_weights(self, params: dict) -> tuple[Any, Any]:
+        """How the stacked per-layer parameters (``{module: {name: [L, ...]}}``) enter the
+        layer loop: ``(scanned, fixed)``, the part the scan slices per layer (leading axis L)
+        and the part every step sees whole."""
+
+    def weights_at(self, scanned: Any, fixed: Any, layer: jax.Array) -> dict:
+        """Layer ``layer``'s parameters ``{module: {name: weight}}`` from the scan's slice of
+        ``scanned`` and from ``fixed``."""
+
+    def layer_experts(self, w: Weight, layer: jax.Array) -> Weight:
+        """Layer ``layer``'s experts [E, ...] of the stacked expert weight ``w`` [L, E, ...]:
+        ``experts[e]`` is one expert's matrix, read without copying the other experts."""
+
+    def dense(self, w: Weight) -> jax.Array:
+        """A weight as a plain array (a ``QuantWeight`` of plain arrays), for the uses no
+        operation here takes (norms, the router, the reference MoE)."""
+
+    def embed(self, table: jax.Array, ids: jax.Array) -> jax.Array:
+        """``table[ids]``: rows of ``table`` [V, D] for int ids of any shape."""
+
+    # Products.
+
+    def project(
+        self, equation: str, x: jax.Array, w: Weight, out_dtype: jnp.dtype | None = None
+    ) -> jax.Array:
+        """``einsum(equation, x, w)`` accumulated in float32, returned in ``out_dtype``
+        (default ``x``'s). ``x`` is the activation (its first axis a batch axis the output
+        keeps), ``w`` a weight of ``x``'s dtype, e.g. ``project("BTD,OD->BTO", x, w)``."""
+
+    def grouped(
+        self, xs: jax.Array, w: Weight, sizes: jax.Array, row_group: jax.Array, in_axis: int
+    ) -> jax.Array:
+        """Rows ``xs`` [A, In] sorted by group (``sizes`` [G] rows each; ``row_group`` [A]
+        each row's group) times their group's matrix of ``w`` ([G, Out, In], or [G, In, Out]
+        for ``in_axis`` 1): [A, Out] float32; rows past the sizes' total are 0."""
+
+    def expert_path(self, tokens: int, assignments: int, experts: int) -> str:
+        """The MoE path ("gather", "blocks" or "ragged", see ``grok.moe``) for ``tokens``
+        tokens making ``assignments`` token-expert pairs over ``experts`` experts."""
+
+    # Attention and the KV cache.
+
+    def attend(
+        self,
+        q: jax.Array,
+        keys: jax.Array,
+        values: jax.Array,
+        tau: jax.Array,
+        positions: jax.Array,
+        lengths: jax.Array,
+        *,
+        scale: float,
+        cap: float | None,
+    ) -> jax.Array:
+        """Causal grouped-query attention: q [B, T, K, G, H] over keys and values [B, S, K, H]
+        (arrays, or what ``cache_write`` returned); query (b, t) sees keys
+        j <= positions[b, t] with j < lengths[b], its logits ``cap * tanh(q . k * scale /
+        cap) * tau[b, t]`` (no tanh when ``cap`` is None), the probabilities rounded to the
+        values' dtype. Returns [B, T, K, G, H] in the values' dtype."""
+
+    def cache_write(
+        self, cache: LayerCache, k: jax.Array, v: jax.Array, start: jax.Array
+    ) -> tuple[LayerCache, Any, Any]:
+        """Writes one layer's new keys and values ``k``, ``v`` [B, T, K, H] into the whole
+        cache at slots start[b] .. + T of row b: (the new ``LayerCache``, that layer's keys,
+        its values), the last two [B, S, K, H] for ``attend``."""
+
+    def carry(self, cache: KVCache) -> KVCache:
+        """The cache in the form the layer loop and a decode loop carry between steps (what
+        ``cache_write`` writes into). A decode loop holds its cache so: ``carry`` once before
+        the loop, ``uncarry`` before each step's model call and ``carry`` after it (the pair
+        cancels inside a compiled step), ``uncarry`` once after the loop."""
+
+    def uncarry(self, cache: KVCache, dtype: jnp.dtype) -> KVCache:
+        """Undoes ``carry``: the cache with k and v in ``dtype``, the cache's own."""
