@@ -56,12 +56,6 @@ def select(
     if len(platforms) != 1:
         raise ValueError(f"select: expected the devices of one platform, got {sorted(platforms)}")
     platform = platforms.pop()
-    if (
-        platform == "cpu"
-        and mesh is None
-        and len(devices) == 1
-        and quant is None
-        and not training
-    ):
+    if platform == "cpu" and mesh is None and len(devices) == 1 and quant is None and not training:
         return cpu.CpuKernels(native=cpu.available(dtype))
     return XlaKernels(platform)

@@ -198,9 +198,7 @@ class CpuKernels(XlaKernels):
         from ``cache_write`` are read in place (a decode step: not differentiable); fresh ones
         take the kernel with the XLA path's gradient."""
         if not (
-            q.dtype == keys.dtype == values.dtype
-            and q.shape[-1] % 2 == 0
-            and self._native(q.dtype)
+            q.dtype == keys.dtype == values.dtype and q.shape[-1] % 2 == 0 and self._native(q.dtype)
         ):
             keys, values = self.dense(keys), self.dense(values)
             return super().attend(q, keys, values, tau, positions, lengths, scale=scale, cap=cap)
