@@ -1,8 +1,13 @@
-"""The package's import graph flows one way: no module reaches, at any depth and through any
-import (top-level, inside a function, or ``importlib.import_module`` of a literal name), a
-module that reaches it back. A package's ``__init__`` counts as imported by its modules'
-importers (Python runs it first); the top-level ``grok/__init__.py`` is the one exception,
-since it is the API's front door and imports everything."""
+"""The package's shape: modules small enough to read, and an import graph that flows one way.
+
+- No module in ``grok/`` over ``MAX_MODULE_LINES`` lines, no function over
+  ``MAX_FUNCTION_LINES``.
+- No module reaches, at any depth and through any import (top-level, inside a function, or
+  ``importlib.import_module`` of a literal name), a module that reaches it back. A package's
+  ``__init__`` counts as imported by its modules' importers (Python runs it first); the
+  top-level ``grok/__init__.py`` is the one exception, since it is the API's front door and
+  imports everything.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,36 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "grok"
+MAX_MODULE_LINES = 600
+MAX_FUNCTION_LINES = 125
+
+
+def oversized(root: Path = PACKAGE) -> list[str]:
+    """Every module over ``MAX_MODULE_LINES`` and function over ``MAX_FUNCTION_LINES``."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        text = path.read_text()
+        name = path.relative_to(root.parent)
+        if (lines := len(text.splitlines())) > MAX_MODULE_LINES:
+            found.append(f"{name}: {lines} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    found.append(f"{name}:{node.lineno} {node.name}: {length} lines")
+    return found
+
+
+def test_modules_and_functions_stay_readable():
+    assert oversized() == []
+
+
+def test_the_size_check_sees_a_long_module_and_a_long_function(tmp_path):
+    pkg = tmp_path / "grok"
+    pkg.mkdir()
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    (pkg / "long.py").write_text(f"def f():\n{body}\n" + "\n" * MAX_MODULE_LINES)
+    assert [s.split(":")[0] for s in oversized(pkg)] == ["grok/long.py", "grok/long.py"]
 
 
 def _modules(root: Path) -> dict[str, Path]:
