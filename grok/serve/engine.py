@@ -69,6 +69,9 @@ class SamplingParams:
 
     Attributes:
       max_tokens: the most new tokens (a stop token counts as one).
+      min_tokens: the first min_tokens tokens never end the sequence: a stop token among
+        them is kept as a token (a special one adds no text), and stop strings are looked
+        for only in the text after them.
       temperature, top_k, top_p, min_p, presence_penalty, frequency_penalty: see
         ``RowSettings`` (top_k 0 and top_p 1 are off).
       seed: the request's seed; choice c of it draws from ``fold_in(key(seed), c)``.
@@ -79,6 +82,7 @@ class SamplingParams:
     """
 
     max_tokens: int
+    min_tokens: int = 0
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -114,8 +118,8 @@ class Update:
       finish_reason: None while running, then "stop" or "length".
       num_tokens: tokens generated so far (stop token included).
       prompt_tokens: the prompt tokens' logprobs, in the first update when asked for.
-      error: set when the engine failed or the sequence's logits were not finite; the
-        sequence is over.
+      error: set when the engine failed, or the sequence did (non-finite logits, an error
+        in its text, its stop strings or its prefill); the sequence is over.
     """
 
     index: int
@@ -147,7 +151,7 @@ class SequenceRequest:
         self.params = params
         self.sink = sink
         self.index = index
-        self.text = TextTracker(tokenizer, params.stop)
+        self.text = TextTracker(tokenizer, params.stop, min_tokens=params.min_tokens)
         self.num_tokens = 0
         self.finish_reason: str | None = None
         self.cancelled = False
@@ -332,7 +336,7 @@ class Engine:
             group = [s for s in taken if s.params.prompt_logprobs == want_prompt]
             if group:
                 slots, free = free[: len(group)], free[len(group) :]
-                self._prefill(group, slots, want_prompt)
+                self._prefill_isolated(group, slots, want_prompt)
         self._admitting = []
 
     def _prefill(self, group: list[SequenceRequest], slots: list[int], want_prompt: bool) -> None:
@@ -407,7 +411,7 @@ class Engine:
             if seq is not None and self._slots[slot] is seq:
                 self._deliver(seq, slot, drawn, slot, None)
 
-    def _deliver(
+    def _hand_out(
         self,
         seq: SequenceRequest,
         slot: int,
@@ -433,7 +437,7 @@ class Engine:
         token = int(drawn.token[row])
         p, draw = seq.params, drawn.report
         infos: tuple[TokenInfo, ...] = ()
-        stop_id = token in p.stop_ids
+        stop_id = token in p.stop_ids and seq.num_tokens > p.min_tokens
         if not stop_id:
             offset = seq.text.push(token)
             if p.logprobs is not None:
@@ -443,7 +447,8 @@ class Engine:
             stopped=stop_id or seq.text.stopped, num_new=seq.num_tokens, max_new=p.max_tokens
         )
         if reason is None:
-            seq.sink(Update(seq.index, seq.text.take(), infos, None, seq.num_tokens, prompt_tokens))
+            update = Update(seq.index, seq.text.take(), infos, None, seq.num_tokens, prompt_tokens)
+            self._emit(seq, update)
             return
         if not seq.text.stopped:  # a stop token or the budget: release any held-back text
             seq.text.finish()
@@ -475,6 +480,52 @@ class Engine:
                 self._slots[slot] = None
         if self.metrics is not None:
             self.metrics.sequence_done(reason, seq.num_tokens)
+
+    # -- fault isolation: one sequence's error ends that sequence, never the engine ----------
+
+    def _prefill_isolated(
+        self, group: list[SequenceRequest], slots: list[int], want_prompt: bool
+    ) -> None:
+        """``_prefill``, where an error that leaves the device state whole (a bad setting
+        met while building the inputs, a failed transfer) ends only the sequences it
+        concerns: a group is retried one sequence at a time, and a sequence that fails alone
+        ends with an error. An error that consumed the (donated) state stops the engine."""
+        try:
+            self._prefill(group, slots, want_prompt)
+        except Exception as e:
+            if self._state_lost():
+                raise
+            log.exception("prefilling %d sequence(s) failed; the engine goes on", len(group))
+            for seq, slot in zip(group, slots, strict=True):
+                placed = self._slots[slot] is seq
+                if seq.finish_reason is not None or (placed and seq.num_tokens > 0):
+                    continue  # finished, or running: the error was another's
+                if placed or len(group) == 1:
+                    error = GenerationError(f"sequence {seq.index} failed in its prefill: {e!r}")
+                    self._fail(seq, slot, error)
+                elif not seq.cancelled:
+                    self._prefill_isolated([seq], [slot], want_prompt)
+
+    def _state_lost(self) -> bool:
+        """Whether the device state's buffers are gone (donated to a call that failed)."""
+        leaves = jax.tree.leaves(self._state)
+        return any(isinstance(x, jax.Array) and x.is_deleted() for x in leaves)
+
+    def _deliver(
+        self,
+        seq: SequenceRequest,
+        slot: int,
+        drawn: Drawn,
+        row: int,
+        prompt_tokens: tuple[TokenInfo, ...] | None,
+    ) -> None:
+        """``_hand_out``, where an error (the tokenizer, the stop strings, the owner's sink)
+        ends this sequence with an error and the engine goes on."""
+        try:
+            self._hand_out(seq, slot, drawn, row, prompt_tokens)
+        except Exception as e:
+            log.exception("handing a token to sequence %d failed; ending it", seq.index)
+            self._fail(seq, slot, GenerationError(f"sequence {seq.index} failed: {e!r}"))
 
 
 __all__ = [
