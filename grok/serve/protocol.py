@@ -26,6 +26,9 @@ from grok.tokens import check_token_ids
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 MAX_N = 16  # choices per prompt
 MAX_STOP = 16  # stop strings per request
+# Characters per stop string: real ones are a few ("\n\n", "Human:"); each token's check of
+# the held-back tail scales with the longest, so a 1 MB one is refused rather than run.
+MAX_STOP_CHARS = 1024
 
 INVALID_REQUEST = "invalid_request_error"
 
@@ -41,9 +44,16 @@ class RequestError(GrokError):
         type: str = INVALID_REQUEST,  # noqa: A002  (OpenAI's field name)
         param: str | None = None,
         code: str | None = None,
+        retry_after: int | None = None,
     ):
+        """``retry_after``: seconds, sent as the ``Retry-After`` header (with 503s)."""
         super().__init__(message)
         self.status, self.type, self.param, self.code = status, type, param, code
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str] | None:
+        """The response's extra headers (``Retry-After``), or None."""
+        return None if self.retry_after is None else {"Retry-After": str(self.retry_after)}
 
     def body(self) -> dict[str, Any]:
         """The OpenAI error body."""
@@ -153,8 +163,41 @@ def _unsupported(body: Mapping) -> None:
         raise RequestError("only response_format {'type': 'text'} is supported")
 
 
-def _prompt_ids(body: Mapping, tokenizer: Tokenizer, vocab: int) -> list[list[int]]:
-    """``prompt``: a string, a list of strings, a list of ids, or a list of lists of ids."""
+def _check_sequences(count: int, max_sequences: int | None) -> None:
+    """400 when a request needs more sequences (prompts x n) than the server ever holds."""
+    if max_sequences is not None and count > max_sequences:
+        raise RequestError(
+            f"the request needs {count} sequences (prompts x n); this server holds at most "
+            f"{max_sequences} (--max-batch + --max-queue)",
+            param="n",
+        )
+
+
+def _check_chars(text_chars: int, max_chars: int | None, what: str) -> None:
+    """400 for a text too long for the context whatever it tokenises to, before tokenising it
+    (``max_chars``: the context times the most characters one token covers)."""
+    if max_chars is not None and text_chars > max_chars:
+        raise RequestError(
+            f"'{what}' has {text_chars} characters, more than the context can hold (at most "
+            f"{max_chars}: the context's tokens times the characters of the longest token)",
+            param=what,
+            code="context_length_exceeded",
+        )
+
+
+def _prompt_ids(
+    body: Mapping,
+    tokenizer: Tokenizer,
+    vocab: int,
+    *,
+    n: int = 1,
+    max_sequences: int | None = None,
+    max_chars: int | None = None,
+) -> list[list[int]]:
+    """``prompt``: a string, a list of strings, a list of ids, or a list of lists of ids.
+
+    The count of prompts (times ``n``) and each string's length are checked before anything
+    is tokenised (see ``parse_generation``)."""
     prompt = body.get("prompt")
     expected = "a string, a list of strings, a list of token ids or a list of lists of ids"
     if isinstance(prompt, str):
@@ -165,6 +208,10 @@ def _prompt_ids(body: Mapping, tokenizer: Tokenizer, vocab: int) -> list[list[in
         items = prompt
     else:
         raise _field_error("prompt", expected, prompt)
+    _check_sequences(len(items) * n, max_sequences)
+    for item in items:
+        if isinstance(item, str):
+            _check_chars(len(item), max_chars, "prompt")
     out = []
     for item in items:
         if isinstance(item, str):
@@ -232,6 +279,13 @@ def _stop(body: Mapping) -> tuple[str, ...]:
         raise _field_error("stop", expected, stop)
     if not all(isinstance(s, str) and s for s in stops):
         raise _field_error("stop", expected, stop)
+    longest = max((len(s) for s in stops), default=0)
+    if longest > MAX_STOP_CHARS:
+        raise RequestError(
+            f"'stop' strings may have at most {MAX_STOP_CHARS} characters, got one of {longest}",
+            param="stop",
+            code="invalid_value",
+        )
     return tuple(stops)
 
 
@@ -243,29 +297,117 @@ def parse_generation(
     served_name: str,
     max_context: int,
     vocab: int,
+    max_sequences: int | None = None,
+    max_prompt_chars: int | None = None,
 ) -> GenerationRequest:
-    """Validates a completions (``chat=False``) or chat completions body; RequestError."""
+    """Validates a completions (``chat=False``) or chat completions body; RequestError.
+
+    Every field is checked before the prompt is tokenised, and the prompt's size before that:
+    at most ``max_sequences`` sequences (prompts x n), each prompt text (or the messages'
+    text) at most ``max_prompt_chars`` characters (the context times the most characters a
+    token covers: longer text cannot fit, whatever it tokenises to).
+    """
     if not isinstance(body, Mapping):
         raise RequestError(f"the request body must be a JSON object, got {type(body).__name__}")
     check_model(body, served_name)
     _unsupported(body)
+    n = _integer(body, "n", 1, 1, MAX_N)
+    stream = _boolean(body, "stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, Mapping):
+        raise _field_error("stream_options", "an object", options)
+    include_usage = _boolean(options or {}, "include_usage")
+    echo = False if chat else _boolean(body, "echo")
+    logprobs = _logprobs(body, chat)
+    settings = _settings(body, vocab)
     if chat:
         messages = _chat_messages(body)
+        _check_sequences(n, max_sequences)
+        _check_chars(sum(len(m["content"]) for m in messages), max_prompt_chars, "messages")
         try:
             prompts = [encode_chat(tokenizer, messages)]
         except GrokError as e:  # TokenizerError, GenerationError
             raise RequestError(f"'messages': {e}", param="messages") from None
         stop_ids = frozenset(chat_stop_ids(tokenizer))
-        what = "messages"
     else:
         try:
-            prompts = _prompt_ids(body, tokenizer, vocab)
+            prompts = _prompt_ids(
+                body,
+                tokenizer,
+                vocab,
+                n=n,
+                max_sequences=max_sequences,
+                max_chars=max_prompt_chars,
+            )
         except TokenizerError as e:
             raise RequestError(f"'prompt': {e}", param="prompt") from None
         stop_ids = frozenset([tokenizer.eos_id])
-        what = "prompt"
+    max_tokens = _max_tokens(body, chat, max(len(p) for p in prompts), max_context)
+    min_tokens = _integer(body, "min_tokens", 0, 0)
+    if min_tokens > max_tokens:
+        raise RequestError(
+            f"'min_tokens' ({min_tokens}) must not exceed the completion's most tokens "
+            f"({max_tokens})",
+            param="min_tokens",
+            code="invalid_value",
+        )
+    if settings.pop("ignore_eos"):  # as vLLM: no end-of-sequence token ends it (chat's too)
+        stop_ids = frozenset()
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        min_tokens=min_tokens,
+        stop_ids=stop_ids,
+        logprobs=logprobs,
+        prompt_logprobs=echo and logprobs is not None,
+        **settings,
+    )
+    return GenerationRequest(
+        chat=chat,
+        prompts=prompts,
+        n=n,
+        params=params,
+        stream=stream,
+        include_usage=include_usage,
+        echo=echo,
+        logprobs=logprobs,
+    )
 
-    longest = max(len(p) for p in prompts)
+
+def _logprobs(body: Mapping, chat: bool) -> int | None:
+    """Alternatives per token when logprobs were asked for (chat: ``logprobs`` and
+    ``top_logprobs``; completions: ``logprobs``), else None."""
+    if not chat:
+        return _integer(body, "logprobs", None, 0, TOP_LOGPROBS)
+    wants = _boolean(body, "logprobs")
+    top = _integer(body, "top_logprobs", 0, 0, TOP_LOGPROBS)
+    if top and not wants:
+        raise RequestError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    return top if wants else None
+
+
+def _settings(body: Mapping, vocab: int) -> dict[str, Any]:
+    """The sampling fields of ``SamplingParams`` that do not depend on the prompt, with
+    ``ignore_eos``. ``top_k`` is any integer >= -1; at or past the vocabulary it keeps every
+    token, so it reaches the device as at most V."""
+    top_k = _integer(body, "top_k", 0, -1)
+    seed = _integer(body, "seed", None, 0, MAX_SEED)
+    return {
+        "temperature": _number(body, "temperature", 1.0, 0.0, 2.0),
+        "top_p": _number(body, "top_p", 1.0, 0.0, 1.0),
+        "top_k": min(max(top_k, 0), vocab),
+        "min_p": _number(body, "min_p", 0.0, 0.0, 1.0),
+        "presence_penalty": _number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        "frequency_penalty": _number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        "seed": secrets.randbits(32) if seed is None else seed,
+        "stop": _stop(body),
+        "ignore_eos": _boolean(body, "ignore_eos"),
+    }
+
+
+def _max_tokens(body: Mapping, chat: bool, longest: int, max_context: int) -> int:
+    """The completion's most tokens (``max_tokens``, or chat's ``max_completion_tokens``)
+    given the longest prompt of ``longest`` tokens; 400 when they do not fit the context."""
+    what = "messages" if chat else "prompt"
     if chat and longest >= max_context:
         raise RequestError(
             f"This model's maximum context length is {max_context} tokens. However, your "
@@ -286,48 +428,7 @@ def parse_generation(
             param=what if longest >= max_context else name,
             code="context_length_exceeded",
         )
-
-    n = _integer(body, "n", 1, 1, MAX_N)
-    stream = _boolean(body, "stream")
-    options = body.get("stream_options")
-    if options is not None and not isinstance(options, Mapping):
-        raise _field_error("stream_options", "an object", options)
-    include_usage = _boolean(options or {}, "include_usage")
-    echo = False if chat else _boolean(body, "echo")
-    if chat:
-        wants = _boolean(body, "logprobs")
-        top = _integer(body, "top_logprobs", 0, 0, TOP_LOGPROBS)
-        if top and not wants:
-            raise RequestError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-        logprobs = top if wants else None
-    else:
-        logprobs = _integer(body, "logprobs", None, 0, TOP_LOGPROBS)
-    top_k = _integer(body, "top_k", 0, -1)
-    seed = _integer(body, "seed", None, 0, MAX_SEED)
-    params = SamplingParams(
-        max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
-        top_k=max(top_k, 0),
-        min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
-        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
-        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
-        seed=secrets.randbits(32) if seed is None else seed,
-        stop=_stop(body),
-        stop_ids=stop_ids,
-        logprobs=logprobs,
-        prompt_logprobs=echo and logprobs is not None,
-    )
-    return GenerationRequest(
-        chat=chat,
-        prompts=prompts,
-        n=n,
-        params=params,
-        stream=stream,
-        include_usage=include_usage,
-        echo=echo,
-        logprobs=logprobs,
-    )
+    return max_tokens
 
 
 # -- responses -------------------------------------------------------------------------------
