@@ -4,6 +4,12 @@ Requests are validated and tokenised here, on the event loop, then queued to the
 engine thread hands each sequence's ``Update``s back through ``loop.call_soon_threadsafe``.
 A client that goes away (a dropped stream, or a closed connection while waiting for a whole
 response) cancels its sequences, which leave their slots before the next decode step.
+
+Every request is bounded before any work: its body (``max_body_bytes``, 413, checked against
+Content-Length before reading and while reading), then its fields and its prompt's size
+(``grok.serve.protocol``). An error in one request or sequence ends that one only (a 500, or
+an error chunk in a stream); ``/health`` is 503 only when the engine has stopped or the server
+is draining (``grok.serve.drain``).
 """
 
 from __future__ import annotations
@@ -19,23 +25,30 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from grok.errors import GenerationError
 from grok.serve import protocol
+from grok.serve.drain import DEFAULT_DRAIN_TIMEOUT_S, RETRY_AFTER_S, Drain
 from grok.serve.engine import Engine, QueueFull, SequenceRequest, Update
 from grok.serve.metrics import Metrics
 from grok.serve.protocol import GenerationRequest, RequestError
+from grok.serve.text import ServedTokenizer
 
 log = logging.getLogger("grok.serve")
 
 Handler = Callable[[Request], Awaitable[Response]]
 
+# The largest request body read: a --max-context prompt as JSON ids is ~7 bytes a token
+# (8192 tokens: 57 KB; 131072: 0.9 MB), so 16 MiB holds the default queue's worth of long
+# prompts in one request while a 100 MB upload is refused before it is read.
+DEFAULT_MAX_BODY_BYTES = 16 * 2**20
+
 
 def _error(e: RequestError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers())
 
 
 class _Choice:
@@ -73,11 +86,23 @@ class _Routes:
     ``Authorization: Bearer KEY`` (/health stays open for liveness probes).
     """
 
-    def __init__(self, engine: Engine, served_name: str, api_key: str | None, metrics: Metrics):
+    def __init__(
+        self,
+        engine: Engine,
+        served_name: str,
+        api_key: str | None,
+        metrics: Metrics,
+        *,
+        max_body_bytes: int,
+        drain: Drain,
+    ):
         self.engine = engine
         self.served_name = served_name
         self.api_key = api_key
         self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+        self.drain = drain
+        self.tokenizer = ServedTokenizer.wrap(engine.tokenizer, engine.model.config.vocab_size)
         self.created = int(time.time())
 
     def authorize(self, request: Request) -> None:
@@ -112,9 +137,13 @@ class _Routes:
         return handler
 
     async def health(self, _: Request) -> Response:
+        """200 while the engine serves; 503 when it has stopped (after a device-level error)
+        or the server is draining."""
         engine = self.engine
         if not engine.healthy:
             return JSONResponse({"status": "error", "error": str(engine.error)}, status_code=503)
+        if self.drain.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     async def models(self, _: Request) -> Response:
@@ -139,14 +168,17 @@ class _Routes:
 
     async def generation(self, request: Request, *, chat: bool) -> Response:
         """A completion (or chat completion): parsed, queued, then streamed or answered whole."""
-        engine, tokenizer = self.engine, self.engine.tokenizer
+        engine, tokenizer = self.engine, self.tokenizer
+        self.drain.admit()
         req = protocol.parse_generation(
-            await _read_json(request),
+            await _read_json(request, self.max_body_bytes),
             tokenizer,
             chat=chat,
             served_name=self.served_name,
             max_context=engine.max_context,
             vocab=engine.model.config.vocab_size,
+            max_sequences=engine.max_batch + engine.max_queue,
+            max_prompt_chars=engine.max_context * tokenizer.max_token_chars,
         )
         seqs, updates = self.submit(req)
         self.metrics.prompt_tokens.inc(sum(len(p) for p in req.prompts))
@@ -156,7 +188,16 @@ class _Routes:
             return StreamingResponse(
                 stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
             )
-        return await _whole(request, req, seqs, updates, request_id, self.served_name, tokenizer)
+        try:
+            return await _whole(
+                request, req, seqs, updates, request_id, self.served_name, tokenizer
+            )
+        except RequestError as e:
+            if e.status == 500 and self.drain.draining:  # ended by the drain's deadline
+                raise RequestError(
+                    str(e), status=503, type="server_error", retry_after=RETRY_AFTER_S
+                ) from None
+            raise
 
     def submit(self, req: GenerationRequest) -> tuple[list[SequenceRequest], asyncio.Queue[Update]]:
         """Queues the request's sequences (prompts x n) to the engine; their updates arrive on
@@ -169,24 +210,20 @@ class _Routes:
             loop.call_soon_threadsafe(updates.put_nowait, u)
 
         seqs = [
-            SequenceRequest(prompt, req.params, sink, engine.tokenizer, index=p * req.n + c)
+            SequenceRequest(prompt, req.params, sink, self.tokenizer, index=p * req.n + c)
             for p, prompt in enumerate(req.prompts)
             for c in range(req.n)
         ]
-        capacity = engine.max_batch + engine.max_queue
-        if len(seqs) > capacity:
-            raise RequestError(
-                f"the request needs {len(seqs)} sequences (prompts x n); this server holds "
-                f"at most {capacity} (--max-batch {engine.max_batch} + --max-queue "
-                f"{engine.max_queue})",
-                param="n",
-            )
+        self.drain.admit()  # parsing awaited the body: the drain may have begun since
         try:
             engine.submit(seqs)
         except QueueFull as e:
-            raise RequestError(str(e), status=503, type="server_error", code="overloaded") from None
+            raise RequestError(
+                str(e), status=503, type="server_error", code="overloaded", retry_after=1
+            ) from None
         except GenerationError as e:
             raise RequestError(str(e), status=503, type="server_error") from None
+        self.drain.track(seqs, updates)
         return seqs, updates
 
     async def not_found(self, request: Request, exc: Exception) -> Response:
@@ -206,23 +243,60 @@ class _Routes:
             self.engine.stop()
 
 
-async def _read_json(request: Request) -> Any:
-    raw = await request.body()
+def _too_large(size: str, limit: int) -> RequestError:
+    return RequestError(
+        f"the request body has {size} bytes; this server reads at most {limit} (--max-body-bytes)",
+        status=413,
+        code="request_too_large",
+    )
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, at most ``limit`` bytes: 413 from Content-Length before anything is read,
+    or as soon as a body without one (chunked) passes the limit."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise RequestError(f"Content-Length {declared[:40]!r} is not a number")
+        if int(declared) > limit:
+            raise _too_large(declared, limit)
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise _too_large("more than " + str(limit), limit)
+    except ClientDisconnect:  # nobody reads the answer; nginx's code for it
+        raise RequestError("the client closed the connection", status=499) from None
+    return bytes(body)
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    raw = await _read_body(request, limit)
     try:
         return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, deep nesting
         raise RequestError(f"the request body is not valid JSON: {e}") from None
 
 
 def create_app(
-    engine: Engine, *, served_name: str, api_key: str | None = None, metrics: Metrics
+    engine: Engine,
+    *,
+    served_name: str,
+    api_key: str | None = None,
+    metrics: Metrics,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S,
 ) -> Starlette:
     """The Starlette app serving ``engine`` as ``served_name``.
 
     With ``api_key``, every /v1 request and /metrics needs ``Authorization: Bearer KEY``
-    (/health stays open for liveness probes).
+    (/health stays open for liveness probes). Request bodies over ``max_body_bytes`` get 413.
+    ``app.state.drain`` is the app's ``Drain`` (``drain_timeout`` seconds), which
+    ``grok.serve.drain.serve`` runs on SIGTERM.
     """
-    r = _Routes(engine, served_name, api_key, metrics)
+    drain = Drain(engine, drain_timeout)
+    r = _Routes(engine, served_name, api_key, metrics, max_body_bytes=max_body_bytes, drain=drain)
     routes = [
         Route("/health", r.endpoint("health", r.health, auth=False), methods=["GET"]),
         Route("/v1/models", r.endpoint("models", r.models), methods=["GET"]),
@@ -230,9 +304,11 @@ def create_app(
         Route("/v1/completions", r.endpoint("completions", r.completions), methods=["POST"]),
         Route("/v1/chat/completions", r.endpoint("chat", r.chat), methods=["POST"]),
     ]
-    return Starlette(
+    app = Starlette(
         routes=routes, exception_handlers={HTTPException: r.not_found}, lifespan=r.lifespan
     )
+    app.state.drain = drain
+    return app
 
 
 def _cancel_all(seqs: list[SequenceRequest]) -> None:
@@ -345,20 +421,8 @@ async def _stream(
 
     completion_tokens = [0] * len(seqs)
     try:
-        for seq in seqs:
-            opening = _opening_piece(req, seq, tokenizer)
-            if opening is not None:
-                yield _sse(chunk(seq.index, opening, None))
-        remaining = len(seqs)
-        while remaining:
-            u = await updates.get()
-            if u.error is not None:
-                yield _sse(protocol.error_body(u.error, "server_error"))
-                return
-            remaining -= u.finish_reason is not None
-            completion_tokens[u.index] = u.num_tokens
-            for piece, finish in _update_pieces(req, seqs[u.index], u, tokenizer):
-                yield _sse(chunk(u.index, piece, finish))
+        async for event in _events(req, seqs, updates, chunk, completion_tokens, tokenizer):
+            yield event
         if req.include_usage:
             body = protocol.envelope(request_id, req.chat, model, chunk=True)
             body["choices"] = []
@@ -366,8 +430,42 @@ async def _stream(
             body["usage"] = protocol.usage(prompt_tokens, sum(completion_tokens))
             yield _sse(body)
         yield "data: [DONE]\n\n"
+    except _StreamError as e:
+        yield _sse(protocol.error_body(str(e), "server_error"))
+    except Exception as e:  # this stream only: an error chunk, the server goes on
+        log.exception("a stream failed")
+        yield _sse(protocol.error_body(f"internal error: {e!r}", "server_error"))
     finally:
         _cancel_all(seqs)
+
+
+class _StreamError(Exception):
+    """A sequence of the stream ended with an error (the engine's message)."""
+
+
+async def _events(
+    req: GenerationRequest,
+    seqs: list[SequenceRequest],
+    updates: asyncio.Queue[Update],
+    chunk: Callable[[int, dict[str, Any], str | None], dict[str, Any]],
+    completion_tokens: list[int],
+    tokenizer: Any,
+) -> AsyncIterator[str]:
+    """The stream's chunks from the opening pieces to every sequence's last update;
+    ``_StreamError`` when a sequence ends with an error."""
+    for seq in seqs:
+        opening = _opening_piece(req, seq, tokenizer)
+        if opening is not None:
+            yield _sse(chunk(seq.index, opening, None))
+    remaining = len(seqs)
+    while remaining:
+        u = await updates.get()
+        if u.error is not None:
+            raise _StreamError(u.error)
+        remaining -= u.finish_reason is not None
+        completion_tokens[u.index] = u.num_tokens
+        for piece, finish in _update_pieces(req, seqs[u.index], u, tokenizer):
+            yield _sse(chunk(u.index, piece, finish))
 
 
 def _opening_piece(

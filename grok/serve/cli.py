@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import jax.numpy as jnp
-import uvicorn
 
 import grok
 from grok.builtin import builtin_dir
@@ -27,14 +26,17 @@ from grok.cli.common import (
     Parser,
     UsageError,
     nonnegative_int,
+    positive_float,
     positive_int,
     report,
 )
 from grok.cli.sample import DTYPES, QUANTIZE, parse_mesh
 from grok.errors import GrokError
-from grok.serve.app import create_app
+from grok.serve.app import DEFAULT_MAX_BODY_BYTES, create_app
+from grok.serve.drain import DEFAULT_DRAIN_TIMEOUT_S, serve
 from grok.serve.engine import DEFAULT_MAX_CONTEXT, Engine
 from grok.serve.metrics import Metrics
+from grok.serve.text import ServedTokenizer
 from grok.sharding import make_mesh
 from grok.tokenizer import load_tokenizer
 
@@ -78,6 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the model name clients use (default: the checkpoint folder's name, "
         f"{BUILTIN_NAME} for the built-in model)",
     )
+    # Bounds and shutdown.
+    p.add_argument(
+        "--max-body-bytes",
+        type=positive_int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help="largest request body read; more gets 413 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=positive_float,
+        default=DEFAULT_DRAIN_TIMEOUT_S,
+        help="seconds running requests get to finish after SIGTERM (default: %(default)s)",
+    )
     return p
 
 
@@ -103,7 +118,7 @@ def build_engine(args: argparse.Namespace) -> tuple[Engine, str, Metrics]:
         if not checkpoint.is_dir():
             raise UsageError(f"--checkpoint {checkpoint}: not a directory")
         name = checkpoint.resolve().name
-    tokenizer = load_tokenizer(Path(args.tokenizer) if args.tokenizer else checkpoint)
+    loaded = load_tokenizer(Path(args.tokenizer) if args.tokenizer else checkpoint)
     model = grok.load_pretrained(
         checkpoint,
         dtype=jnp.dtype(args.dtype),
@@ -118,6 +133,12 @@ def build_engine(args: argparse.Namespace) -> tuple[Engine, str, Metrics]:
             f"--max-context {args.max_context} is longer than the model's context "
             f"(max_position_embeddings = {context})"
         )
+    # Decided here, once: ids the tokenizer cannot decode are served as U+FFFD (see
+    # ServedTokenizer for why a smaller tokenizer is not refused).
+    tokenizer = ServedTokenizer(loaded, model.config.vocab_size)
+    mismatch = tokenizer.mismatch()
+    if mismatch is not None:
+        print(f"{PROG}: warning: {mismatch}", file=sys.stderr, flush=True)
     metrics = Metrics(args.max_batch)
     engine = Engine(
         model,
@@ -142,14 +163,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (GrokError, OSError) as e:
         report(PROG, e)
         return EXIT_ERROR
-    app = create_app(engine, served_name=name, api_key=args.api_key, metrics=metrics)
+    app = create_app(
+        engine,
+        served_name=name,
+        api_key=args.api_key,
+        metrics=metrics,
+        max_body_bytes=args.max_body_bytes,
+        drain_timeout=args.drain_timeout,
+    )
     print(
         f"{PROG}: serving {name} (max batch {engine.max_batch}, context {engine.max_context}) "
         f"on http://{args.host}:{args.port}",
         file=sys.stderr,
         flush=True,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    serve(app, app.state.drain, host=args.host, port=args.port)  # returns after a drain
     return 0
 
 
