@@ -233,16 +233,17 @@ def test_tokenizer_smaller_than_the_vocabulary_serves_replacement_text(model, to
     engine = _engine(model, small)
     app = create_app(engine, served_name=MODEL, metrics=engine.metrics)
     with TestClient(app) as client:
-        body = {"prompt": [cut + 1, 5, 2047], "max_tokens": 24, "logprobs": 5, "echo": True}
-        whole = _completion(client, **body).json()
+        prompt = [cut + 1, 5, 2047]
+        whole = _completion(client, prompt=prompt, max_tokens=24, echo=True).json()
         assert whole["choices"][0]["finish_reason"] == "length"
         assert whole["choices"][0]["text"].startswith(REPLACEMENT)
-        streamed = _completion(client, stream=True, **body).text.splitlines()
+        body = {"prompt": prompt, "max_tokens": 24, "logprobs": 5, "stream": True}
+        streamed = _completion(client, **body).text.splitlines()
         assert streamed[-2:] == ["data: [DONE]", ""]  # no error chunk
         assert not any(line.startswith('data: {"error"') for line in streamed)
-        chat = client.post(
+        chat = client.post(  # 16 prompt tokens: the same prefill shape as the others
             "/v1/chat/completions",
-            json={"model": MODEL, "messages": [{"role": "user", "content": "Classes?"}]}
+            json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
             | {"max_tokens": 24, "temperature": 0, "logprobs": True, "top_logprobs": 5},
         )
         assert chat.status_code == 200 and chat.json()["choices"][0]["finish_reason"]
