@@ -11,6 +11,7 @@ subprocess (``test_sigterm_drains_and_exits_0``).
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -220,8 +221,12 @@ def test_tokenizer_smaller_than_the_vocabulary_serves_replacement_text(model, to
     data = json.loads((Path(builtin_dir()) / "tokenizer.tok.json").read_text())
     cut = 600
     data["regular_tokens"] = [e for e in data["regular_tokens"] if e["token"] < cut]
-    data.pop("vocab_size", None)  # the file's size, else ids cut..2047 are gaps in the table
     path = tmp_path / "tokenizer.tok.json"
+    path.write_text(json.dumps(data))  # keeps vocab_size 2048: ids cut..2047 are gaps
+    gaps = ServedTokenizer(TokJsonTokenizer.from_file(path), model.config.vocab_size)
+    assert gaps.mismatch() is not None and "1448 unassigned ids below 2048" in gaps.mismatch()
+    assert gaps.id_to_piece(cut) == REPLACEMENT
+    data.pop("vocab_size")
     path.write_text(json.dumps(data))
     small = TokJsonTokenizer.from_file(path)
     served_tok = ServedTokenizer(small, model.config.vocab_size)
@@ -362,21 +367,29 @@ def test_min_tokens_suppresses_stop_strings(tok):
 
 
 def test_held_back_tail_is_the_longest_stop_prefix():
-    """The scan over first-character places finds what the one-length-at-a-time scan does."""
+    """The scan over first-character places finds what trying every tail length finds, on
+    random texts and stop strings over a small alphabet (many partial matches)."""
     tok = load_tokenizer(builtin_dir())
-    stops = ["abcab", "bca", "cc", "abx"]
-    for text in ["xxabca", "abcabca", "zzc", "ab", "q", "abcabcab", "c"]:
+    rng = random.Random(0)
+
+    def word(lo: int, hi: int) -> str:
+        return "".join(rng.choice("abc") for _ in range(rng.randint(lo, hi)))
+
+    for _ in range(500):
+        stops = [word(1, 6) for _ in range(rng.randint(1, 4))]
+        text = word(0, 12)
         t = TextTracker(tok, stops)
         t.text = text
+        longest = max(map(len, stops))
         want = next(
             (
                 n
-                for n in range(min(4, len(text)), 0, -1)
+                for n in range(min(longest - 1, len(text)), 0, -1)
                 if any(s.startswith(text[-n:]) for s in stops)
             ),
             0,
         )
-        assert t._held_back() == want, text
+        assert t._held_back() == want, (text, stops)
 
 
 def test_protocol_keeps_retry_after_on_503():

@@ -38,7 +38,8 @@ class ServedTokenizer(Tokenizer):
       unknown: how many ids in [0, V) the tokenizer cannot decode.
       max_token_chars: an upper bound on the characters of text one token covers (the
         longest piece): a text of more than ``n * max_token_chars`` characters cannot fit
-        in ``n`` tokens, which bounds a prompt before it is tokenised.
+        in ``n`` tokens, which bounds a prompt before it is tokenised. (SentencePiece's
+        normaliser can fold runs of spaces, so there only as a bound on sensible text.)
     """
 
     def __init__(self, tokenizer: Tokenizer, vocab: int):
@@ -60,6 +61,9 @@ class ServedTokenizer(Tokenizer):
         self._holes = frozenset(holes)
         self.unknown = vocab - self._decodable + len(holes)
         self.max_token_chars = longest
+        # Same ids, none missing: decode straight through (the SentencePiece path re-decodes
+        # the whole sequence per token, where a second pass over the ids would show).
+        self._plain = self.unknown == 0 and tokenizer.vocab_size == vocab
         if hasattr(tokenizer, "decode_bytes"):  # byte-level: TextTracker decodes per token
             self.decode_bytes = self._decode_bytes
 
@@ -101,6 +105,8 @@ class ServedTokenizer(Tokenizer):
         return ids
 
     def decode(self, ids: Sequence[int], *, skip_special: bool = False) -> str:
+        if self._plain:
+            return self.inner.decode(ids, skip_special=skip_special)
         ids = self.check_ids(ids)
         out: list[str] = []
         run: list[int] = []  # known ids decode together (SentencePiece joins words by context)
@@ -118,8 +124,10 @@ class ServedTokenizer(Tokenizer):
 
     def _decode_bytes(self, ids: Sequence[int], *, skip_special: bool = False) -> bytes:
         """The bytes of ``ids`` [T] (U+FFFD's for an id the tokenizer cannot decode)."""
-        replacement = REPLACEMENT.encode()
         inner = self.inner.decode_bytes  # type: ignore[attr-defined]
+        if self._plain:
+            return inner(ids, skip_special=skip_special)
+        replacement = REPLACEMENT.encode()
         return b"".join(
             inner([i], skip_special=skip_special) if self.known(i) else replacement
             for i in self.check_ids(ids)
