@@ -219,7 +219,11 @@ class _Routes:
             engine.submit(seqs)
         except QueueFull as e:
             raise RequestError(
-                str(e), status=503, type="server_error", code="overloaded", retry_after=1
+                str(e),
+                status=503,
+                type="server_error",
+                code="overloaded",
+                retry_after=RETRY_AFTER_S,
             ) from None
         except GenerationError as e:
             raise RequestError(str(e), status=503, type="server_error") from None

@@ -30,7 +30,8 @@ log = logging.getLogger("grok.serve")
 
 # Below Kubernetes' default 30 s grace period, so a pod exits on its own before SIGKILL.
 DEFAULT_DRAIN_TIMEOUT_S = 25.0
-# What a refused client is told to wait: a load balancer has stopped routing here by then.
+# What a refused client is told to wait (503: queue full, or draining): a queue frees slots
+# within a few steps, and a load balancer stops routing to a draining server.
 RETRY_AFTER_S = 1
 # After the drain, the most uvicorn waits for responses to finish sending (the last chunks of
 # streams that just ended); then it cancels them. Exit comes within drain timeout + this.
