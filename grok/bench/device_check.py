@@ -4,6 +4,8 @@ measured against the device's own copy bandwidth and matmul rate. JSON out.
     PYTHONPATH=. python scripts/device_check.py --out device.json      # a GPU/TPU, < 8 minutes
     PYTHONPATH=. python scripts/device_check.py --small --tests none   # CPU smoke run (the suite)
 
+(``python -m grok.bench.device_check`` is the same program.)
+
 Steps, each recorded in the JSON:
 
 1. Tests: ``pytest`` on ``DEVICE_TEST_MODULES`` (the model against the float64 reference, the
@@ -17,8 +19,9 @@ Steps, each recorded in the JSON:
    array: 2 * bytes / t) and the bfloat16 matmul rate ([n, n] x [n, n], float32
    accumulation: 2 n^3 / t).
 3. N full-width Grok-2 decoder layers (D 8192, 64/8 heads of 128, dense MLP 32768, 8 experts of
-   16384, top-2) with the embedding and head (V 131072), random weights made on the device,
-   N sized to the device's memory (``--layers`` to force), in bfloat16 and with
+   16384, top-2) with the embedding and head (V 131072), random weights made on the device
+   (``grok.testing.random_params``: no host copy of a large one), N sized to the device's
+   memory (``--layers`` to force), in bfloat16 and with
    ``quantize="fp8"`` (matrices in float8_e4m3fn with per-channel scales): prefill of 2048
    and 8192 tokens (batch 1) into a KV cache, and one decode step at batch 1, 8 and 64
    against a cache of 2048 filled slots. Each is timed (median of repeats after a compiling
@@ -27,11 +30,8 @@ Steps, each recorded in the JSON:
 4. Last, one layer's experts at full width on the prefill lengths by both expert paths
    (``moe_ragged``, ``moe_blocks``): which one ``grok.moe.PREFILL_IMPL`` should pick here.
 
-FLOPs count the matmuls of the active parameters (attention projections, dense MLP, the k
-chosen experts, the router, the head at the positions computed) and causal attention. Bytes
-count every weight read once per call (for decode, the experts each batch is expected to
-touch under uniform routing, ``E * (1 - (1 - k/E)^B)`` of E, and B embedding rows), the KV
-cache read (decode) or written (prefill). Steps 2-3 stop early past ``--budget-s`` and say so.
+``grok.bench.device_costs`` holds the shapes, the rooflines and the count of FLOPs and bytes.
+Steps 2-3 stop early past ``--budget-s`` and say so.
 """
 
 from __future__ import annotations
@@ -41,11 +41,9 @@ import dataclasses
 import functools
 import importlib.util
 import json
-import math
 import os
 import platform
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,17 +55,30 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from grok.config import GrokConfig
+from grok.bench.device_costs import (
+    FULL_SHAPES,
+    SMALL_SHAPES,
+    Shapes,
+    attention_flops,
+    copy_bandwidth,
+    expected_experts,
+    kv_bytes,
+    layers_for_memory,
+    matmul_rate,
+    model_costs,
+    nbytes,
+    timed,
+)
+from grok.bench.harness import PACKAGE_ROOT as ROOT
 from grok.kernels import devices_of, select
 from grok.kv_cache import KVCache
 from grok.layers import activation
 from grok.memory_plan import device_bytes_limit
 from grok.model import forward_fns
 from grok.moe import EXPERT_IN_AXIS, moe_blocks, moe_ragged
-from grok.presets import GROK2
 from grok.rope import rope_table
+from grok.testing import random_array, random_params
 
-ROOT = Path(__file__).resolve().parent.parent
 DEVICE_TEST_MODULES = (
     "tests/test_model.py",
     "tests/test_fast_paths.py",
@@ -80,52 +91,7 @@ TESTS_TIMEOUT_S = 180  # the test step's share of the 8 minutes
 # the backend starts, so each process (the tests' and this one) sets it before touching it.
 MEM_FRACTION_ENV = ("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.90")
 ROOFLINE_REPEATS = 10  # the copy and matmul kernels are short: more runs for a stable median
-FULL = GROK2  # D 8192, 64/8 heads of 128, F 32768, 8 x 16384 experts, V 131072
-# Reduced widths with the same structure (GQA 8:1, residual MoE, 8 experts top-2): the CPU run.
-SMALL = GROK2.replace(
-    vocab_size=2048,
-    hidden_size=256,
-    num_attention_heads=8,
-    num_key_value_heads=1,
-    head_dim=32,
-    intermediate_size=1024,
-    moe_intermediate_size=512,
-    embedding_multiplier_scale=256**0.5,
-    attn_temperature_len=64,
-)
-WEIGHT_STD = 0.02  # random weights ~ N(0, 0.02^2): finite activations through every layer
-FP8_Q_STD = 16.0  # fp8 codes ~ N(0, 16^2) (well inside e4m3's 448), scale 0.02 / 16
-HEADROOM_BYTES = 24 << 30  # device memory kept free of weights and cache (activations)
-RANDOM_CHUNK_BYTES = 1 << 30  # float32 bytes drawn per call when making a weight
-
-
-@dataclasses.dataclass(frozen=True)
-class Shapes:
-    """What to measure."""
-
-    config: GrokConfig
-    prefill_lengths: tuple[int, ...]
-    decode_batches: tuple[int, ...]
-    decode_context: int  # filled cache slots a decode step attends to
-    copy_bytes: int  # bytes of the array the copy bandwidth is measured on
-    matmul_n: int  # [n, n] x [n, n]
-
-
-FULL_SHAPES = Shapes(FULL, (2048, 8192), (1, 8, 64), 2048, 4 << 30, 8192)
-SMALL_SHAPES = Shapes(SMALL, (64, 256), (1, 8, 64), 128, 64 << 20, 1024)
-
-
-def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
-    """(first call's seconds, compiling included; median of ``repeats`` further calls)."""
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return first, statistics.median(times)
+WEIGHT_STD = 0.02  # the expert paths' random weights (the model's: random_params' default)
 
 
 # Step 1: tests.
@@ -203,156 +169,7 @@ def measure_loading(small: bool, skip: str | None) -> dict[str, Any]:
         return json.loads(out.read_text())
 
 
-# Step 2: rooflines.
-
-
-def copy_bandwidth(nbytes: int, repeats: int) -> dict[str, float]:
-    """``y = x + 1`` over ``nbytes`` of bfloat16: reads and writes each byte once."""
-    x = jnp.zeros((nbytes // 2 // 4096, 4096), jnp.bfloat16)  # 2-D: no index past 2^31
-    add = jax.jit(lambda x: x + jnp.asarray(1, x.dtype))
-    _, t = timed(lambda: add(x), repeats)
-    return {"bytes": nbytes, "seconds": t, "bytes_per_s": 2 * nbytes / t}
-
-
-def matmul_rate(n: int, repeats: int) -> dict[str, float]:
-    """[n, n] x [n, n] in bfloat16 with float32 accumulation, bfloat16 out."""
-    a = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
-    b = jax.random.normal(jax.random.key(2), (n, n), jnp.bfloat16)
-    mm = jax.jit(
-        lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
-    )
-    _, t = timed(lambda: mm(a, b), repeats)
-    return {"n": n, "seconds": t, "flops_per_s": 2 * n**3 / t}
-
-
-# Step 3: the layers.
-
-
-def _init_shapes(config: GrokConfig, quant: str | None) -> dict[str, dict[str, Any]]:
-    fns = forward_fns(config, jnp.dtype(jnp.bfloat16), "auto", quant)
-    one = jnp.zeros((1, 1), jnp.int32)
-    return jax.eval_shape(
-        fns.init, jax.random.key(0), one, one, rope_table(config, 1), None, jnp.ones(1, jnp.int32)
-    )
-
-
-def _value(key: jax.Array, module: str, name: str, shape: tuple[int, ...], dtype: Any) -> jax.Array:
-    """A random weight (traced): norms 1, fp8 scales ``WEIGHT_STD / FP8_Q_STD``, fp8 codes
-    ~ N(0, FP8_Q_STD^2) clipped to e4m3's range, everything else ~ N(0, WEIGHT_STD^2)."""
-    if "norm" in module:
-        return jnp.ones(shape, dtype)
-    if name.endswith("_scale"):
-        return jnp.full(shape, WEIGHT_STD / FP8_Q_STD, dtype)
-    if jnp.dtype(dtype) == jnp.dtype(jnp.float8_e4m3fn):
-        x = jax.random.normal(key, shape, jnp.float32) * FP8_Q_STD
-        return jnp.clip(x, -448.0, 448.0).astype(dtype)
-    return (jax.random.normal(key, shape, jnp.float32) * WEIGHT_STD).astype(dtype)
-
-
-@functools.partial(jax.jit, static_argnames=("module", "name", "shape", "dtype"))
-def _chunk(key: jax.Array, module: str, name: str, shape: tuple[int, ...], dtype: Any):
-    return _value(key, module, name, shape, dtype)
-
-
-@functools.partial(jax.jit, donate_argnames=("out",))
-def _place(out: jax.Array, chunk: jax.Array, start: jax.Array) -> jax.Array:
-    return jax.lax.dynamic_update_slice_in_dim(out, chunk, start, axis=0)
-
-
-def _large_leaf(key: jax.Array, module: str, name: str, s: jax.ShapeDtypeStruct) -> jax.Array:
-    """A weight above ``RANDOM_CHUNK_BYTES`` in float32, drawn chunk by chunk along its first
-    axis (layers, experts or vocab rows) into one device buffer."""
-    row = math.prod(s.shape[1:]) * 4
-    rows = max(1, min(s.shape[0], RANDOM_CHUNK_BYTES // row))
-    while s.shape[0] % rows:
-        rows -= 1
-    out = jnp.zeros(s.shape, s.dtype)
-    for i, start in enumerate(range(0, s.shape[0], rows)):
-        chunk = _chunk(jax.random.fold_in(key, i), module, name, (rows, *s.shape[1:]), s.dtype)
-        out = _place(out, chunk, jnp.int32(start))
-    return out
-
-
-def random_params(config: GrokConfig, quant: str | None, seed: int = 0) -> dict:
-    """Random parameters made on the default device: the small ones in one compiled call,
-    the large ones one chunk at a time (so no float32 copy of a whole weight exists)."""
-    leaves = [
-        (module, name, s)
-        for module, tree in sorted(_init_shapes(config, quant).items())
-        for name, s in sorted(tree.items())
-    ]
-    small = [i for i, (_, _, s) in enumerate(leaves) if s.size * 4 <= RANDOM_CHUNK_BYTES]
-
-    @jax.jit
-    def make_small(key: jax.Array) -> list[jax.Array]:
-        return [
-            _value(jax.random.fold_in(key, i), m, n, s.shape, s.dtype)
-            for i, (m, n, s) in ((i, leaves[i]) for i in small)
-        ]
-
-    key = jax.random.key(seed, impl="rbg")  # XLA's own generator: quick to compile and run
-    values = dict(zip(small, make_small(key), strict=True))
-    for i, (module, name, s) in enumerate(leaves):
-        if i not in values:
-            values[i] = jax.block_until_ready(
-                _large_leaf(jax.random.fold_in(key, i), module, name, s)
-            )
-    params: dict[str, dict[str, jax.Array]] = {}
-    for i, (module, name, _) in enumerate(leaves):
-        params.setdefault(module, {})[name] = values[i]
-    return params
-
-
-def _nbytes(tree: Any) -> int:
-    return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree))
-
-
-@dataclasses.dataclass(frozen=True)
-class Costs:
-    """Per-call work of the model: parameter bytes by part, active matmul parameters."""
-
-    expert_bytes: int  # all layers' experts (scales included)
-    embed_bytes: int
-    other_bytes: int  # everything else (attention, dense MLP, router, norms, head)
-    active_params: int  # matmul parameters one token uses in the layers (k experts)
-    head_params: int  # D * V
-
-
-def model_costs(config: GrokConfig, shapes: dict[str, dict[str, Any]]) -> Costs:
-    c = config
-    expert = embed = other = 0
-    for module, leaves in shapes.items():
-        for name, s in leaves.items():
-            n = s.size * jnp.dtype(s.dtype).itemsize
-            if module.endswith("experts"):
-                expert += n
-            elif name == "embed_tokens":
-                embed += n
-            else:
-                other += n
-    d, h = c.hidden_size, c.head_dim
-    attn = d * h * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
-    dense = 3 * d * c.intermediate_size if c.has_dense_mlp else 0
-    experts = c.num_experts_per_tok * 3 * d * c.moe_intermediate_size
-    router = d * c.num_local_experts
-    active = c.num_hidden_layers * (attn + dense + experts + router)
-    return Costs(expert, embed, other, active, d * c.vocab_size)
-
-
-def expected_experts(batch: int, experts: int, k: int) -> float:
-    """Experts a batch of ``batch`` tokens touches per layer under uniform top-k routing."""
-    return experts * (1.0 - (1.0 - k / experts) ** batch)
-
-
-def _kv_bytes(config: GrokConfig, batch: int, slots: int, itemsize: int) -> int:
-    c = config
-    return c.num_hidden_layers * batch * slots * 2 * c.num_key_value_heads * c.head_dim * itemsize
-
-
-def _attention_flops(config: GrokConfig, queries: int, keys: int) -> float:
-    """Q K^T and P V over ``keys`` positions for ``queries`` rows, every layer."""
-    c = config
-    return 4.0 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * queries * keys
+# Steps 2 and 3: the rooflines (grok.bench.device_costs), then the layers.
 
 
 def measure_model(
@@ -365,10 +182,9 @@ def measure_model(
     """Prefill and decode timings of one weight format."""
     config = shapes.config
     dtype = jnp.dtype(jnp.bfloat16)
-    init_shapes = _init_shapes(config, quant)
-    costs = model_costs(config, init_shapes)
+    costs = model_costs(config, quant)
     start = time.perf_counter()
-    params = random_params(config, quant)
+    params = random_params(config, dtype=dtype, quant=quant)
     made_s = time.perf_counter() - start
     kernels = select(dtype, devices=devices_of(params), quant=quant)  # as grok.Model picks
     fns = forward_fns(config, dtype, "auto", quant, kernels=kernels)
@@ -377,7 +193,7 @@ def measure_model(
     weights = costs.expert_bytes + costs.embed_bytes + costs.other_bytes
     out: dict[str, Any] = {
         "quantize": quant,
-        "param_bytes": _nbytes(params),
+        "param_bytes": nbytes(params),
         "make_weights_s": round(made_s, 2),
         "prefill": [],
         "decode": [],
@@ -402,9 +218,9 @@ def measure_model(
     def prefill_case(t: int) -> dict[str, Any]:
         tokens = jax.random.randint(jax.random.key(t), (1, t), 0, config.vocab_size)
         first, secs = timed(lambda: prefill(params, rope, tokens, t), repeats)
-        flops = 2.0 * t * costs.active_params + _attention_flops(config, t, t) / 2
+        flops = 2.0 * t * costs.active_params + attention_flops(config, t, t) / 2
         flops += 2.0 * costs.head_params  # the head at the last position only
-        nbytes = weights + _kv_bytes(config, 1, t, dtype.itemsize)
+        nbytes = weights + kv_bytes(config, 1, t, dtype.itemsize)
         return {"first_call_s": first, **fractions(flops, nbytes, secs)}
 
     for t in shapes.prefill_lengths:
@@ -432,10 +248,10 @@ def measure_model(
             costs.other_bytes
             + costs.expert_bytes * used / config.num_local_experts
             + costs.embed_bytes * b / config.vocab_size
-            + _kv_bytes(config, b, ctx + 1, dtype.itemsize)
+            + kv_bytes(config, b, ctx + 1, dtype.itemsize)
         )
         flops = b * (2.0 * (costs.active_params + costs.head_params))
-        flops += _attention_flops(config, b, ctx + 1)
+        flops += attention_flops(config, b, ctx + 1)
         return {
             "context": ctx,
             "tokens_per_s": b / secs,
@@ -467,10 +283,10 @@ def measure_moe_paths(
     grouped-matmul path and the block path: the data behind ``grok.moe.PREFILL_IMPL``."""
     c = shapes.config
     e, d, fe, k = c.num_local_experts, c.hidden_size, c.moe_intermediate_size, c.num_experts_per_tok
-    key = jax.random.key(7, impl="rbg")
+    key = jax.random.key(7)
     in_out = [(e, d, fe), (e, d, fe), (e, fe, d)]  # w1, w3, w2 as [E, In, Out]
     w1, w3, w2 = (
-        _chunk(jax.random.fold_in(key, i), "experts", "w", shape, jnp.bfloat16)
+        random_array(shape, jnp.bfloat16, WEIGHT_STD, name=f"w{i}")
         for i, shape in enumerate(
             in_out if EXPERT_IN_AXIS == 1 else [(s[0], s[2], s[1]) for s in in_out]
         )
@@ -496,19 +312,6 @@ def measure_moe_paths(
         for t in shapes.prefill_lengths
         for path in paths
     ]
-
-
-def layers_for_memory(shapes: Shapes, limit: int | None, quant: str | None) -> int:
-    """How many layers fit in ``limit`` bytes beside ``HEADROOM_BYTES``: the bf16 weights
-    (the larger format, so one N serves both) and the largest decode cache; 2 without a limit."""
-    if limit is None:
-        return 2
-    one = shapes.config.replace(num_hidden_layers=1)
-    costs = model_costs(one, _init_shapes(one, quant))
-    per_layer = costs.expert_bytes + costs.other_bytes - 2 * costs.head_params
-    per_layer += _kv_bytes(one, max(shapes.decode_batches), shapes.decode_context + 1, 2)
-    fixed = costs.embed_bytes + 2 * costs.head_params  # the embedding and the head
-    return max(1, int((limit - HEADROOM_BYTES - fixed) // per_layer))
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -595,7 +398,3 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.out:
         Path(args.out).write_text(text + "\n")
     return report
-
-
-if __name__ == "__main__":
-    main()

@@ -3,32 +3,27 @@
     python scripts/bench_generate.py                      # the small config below, float32
     python scripts/bench_generate.py --dtype bfloat16 --new-tokens 256
 
-Weights are random (the speed does not depend on them). Each batch size runs once to compile
-and then ``--repeats`` times; the best run is reported. The KV cache's bytes per token are
-measured from the cache the run allocates and printed beside the formula of spec section 1,
-``L * 2 * K * H * bytes``.
+Weights are random (``grok.testing.random_params``: the speed does not depend on them). Each
+batch size runs once to compile and then ``--repeats`` times; the best run is reported. The KV
+cache's bytes per token are measured from the cache the run allocates and printed beside the
+formula of spec section 1, ``L * 2 * K * H * bytes``.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from grok.api import Model  # noqa: E402
-from grok.config import GrokConfig  # noqa: E402
-from grok.generate import bucket_length  # noqa: E402
-from grok.kv_cache import KVCache  # noqa: E402
-from grok.model import forward_fns  # noqa: E402
+from grok.api import Model
+from grok.config import GrokConfig
+from grok.generate import bucket_length
+from grok.kv_cache import KVCache
 from grok.presets import GROK2, TINY_GROK2
-from grok.rope import rope_table  # noqa: E402
+from grok.testing import random_params
 
 # A small Grok-2-shaped model: every feature on (residual MoE, GQA with G = 4, caps,
 # temperature), about 30M parameters, so one CPU core decodes it at a readable speed.
@@ -48,25 +43,6 @@ SMALL = TINY_GROK2.replace(
 )
 
 
-def random_params(config: GrokConfig, dtype: jnp.dtype, seed: int = 0) -> dict:
-    """Random weights shaped like the model's, drawn on the host (no compiled init)."""
-    fns = forward_fns(config, dtype)
-    one = jnp.zeros((1, 1), jnp.int32)
-    shapes = jax.eval_shape(
-        fns.init, jax.random.key(0), one, one, rope_table(config, 1), None, jnp.ones(1, jnp.int32)
-    )
-    rng = np.random.default_rng(seed)
-
-    def draw(module: str, s: jax.ShapeDtypeStruct) -> jax.Array:
-        if "norm" in module:
-            value = np.ones(s.shape, np.float32)
-        else:
-            value = 0.02 * rng.standard_normal(s.shape, dtype=np.float32)
-        return jnp.asarray(value, s.dtype)
-
-    return {m: {n: draw(m, s) for n, s in t.items()} for m, t in shapes.items()}
-
-
 def kv_bytes_per_token(config: GrokConfig, dtype: jnp.dtype) -> tuple[int, int]:
     """(measured from a cache's arrays, spec formula L * 2 * K * H * bytes) per token."""
     cache = jax.eval_shape(lambda: KVCache.create(config, 1, 16, dtype))
@@ -81,18 +57,18 @@ def kv_bytes_per_token(config: GrokConfig, dtype: jnp.dtype) -> tuple[int, int]:
     return measured, formula
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--prompt-len", type=int, default=100)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     dtype = jnp.dtype(args.dtype)
     config = SMALL
 
-    model = Model(config, random_params(config, dtype), dtype=dtype)
+    model = Model(config, random_params(config, dtype=dtype), dtype=dtype)
     print(
         f"config: L={config.num_hidden_layers} D={config.hidden_size} "
         f"N={config.num_attention_heads} K={config.num_key_value_heads} H={config.head_dim} "
@@ -130,7 +106,3 @@ def main() -> None:
             f"spec L*2*K*H*bytes = {cfg.num_hidden_layers}*2*{cfg.num_key_value_heads}*"
             f"{cfg.head_dim}*{jnp.dtype(dt).itemsize} = {formula:,} bytes"
         )
-
-
-if __name__ == "__main__":
-    main()

@@ -14,17 +14,13 @@ kernel where ``grok.kernels.cpu.available`` is False, and says why.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from grok.kernels import cpu  # noqa: E402
+from grok.kernels import cpu
 
 
 def _median_s(fn, *args, repeats: int) -> float:
@@ -65,7 +61,3 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 line += f", native unavailable ({cpu.why_unavailable() or 'no kernel'})"
             print(line)
-
-
-if __name__ == "__main__":
-    main()
