@@ -398,3 +398,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.out:
         Path(args.out).write_text(text + "\n")
     return report
+
+
+if __name__ == "__main__":
+    main()

@@ -106,3 +106,7 @@ def main(argv: list[str] | None = None) -> None:
             f"spec L*2*K*H*bytes = {cfg.num_hidden_layers}*2*{cfg.num_key_value_heads}*"
             f"{cfg.head_dim}*{jnp.dtype(dt).itemsize} = {formula:,} bytes"
         )
+
+
+if __name__ == "__main__":
+    main()

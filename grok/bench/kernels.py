@@ -61,3 +61,7 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 line += f", native unavailable ({cpu.why_unavailable() or 'no kernel'})"
             print(line)
+
+
+if __name__ == "__main__":
+    main()
