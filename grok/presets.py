@@ -121,7 +121,7 @@ PRESETS: dict[str, GrokConfig] = {
 def get_preset(name: str) -> GrokConfig:
     """A preset by name: ``grok2``, ``grok1``, ``tiny-grok2``, ``tiny-grok1``.
 
-    The benchmarks' shapes live with them, in ``scripts/bench_shapes.py``.
+    The benchmarks' shapes live with them, in ``grok/bench/shapes.py``.
     """
     try:
         return PRESETS[name]

@@ -26,74 +26,36 @@ os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="grok-tests-cache-")
 
 import functools  # noqa: E402
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from grok import testing  # noqa: E402
 from grok.kernels import cpu  # noqa: E402
-from grok.model import forward_fns  # noqa: E402
-from grok.rope import rope_table  # noqa: E402
+from grok.testing import WeightScales, random_hf_tensors  # noqa: E402
 
-
-def numpy_hf_tensors(config, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random float32 released-name tensors without compiling Haiku's init (fast).
-
-    Matrices ~ N(0, 1/in) (unit-scale activations), norms ~ 1 + N(0, 0.1^2) (never all ones,
-    so a swapped norm shows), embedding/head ~ N(0, 1/D).
-    """
-    from grok.params import weight_specs
-
-    rng = np.random.default_rng(seed)
-    out = {}
-    for spec in weight_specs(config):
-        for _, name in spec.hf_names():
-            shape = spec.hf_shape
-            if len(shape) == 1:
-                value = 1.0 + 0.1 * rng.standard_normal(shape)
-            else:
-                value = rng.standard_normal(shape) / np.sqrt(shape[1])
-            out[name] = value.astype(np.float32)
-    return out
+# Random weights: grok.testing.random_params, the one maker of them (the tests', the
+# benchmarks' and the checkpoints' alike). The tests' own scales: matrices 0.2 and the embedding
+# 1 (large enough that every layer moves the residual stream), norms jittered around 1.
+TEST_SCALES = WeightScales(matrix=0.2, embedding=1.0, norm_jitter=0.1)
 
 
 @pytest.fixture(scope="session")
 def hf_tensors():
-    """``hf_tensors(config, seed)``: see ``numpy_hf_tensors``."""
-    return numpy_hf_tensors
+    """``hf_tensors(config, seed)``: ``grok.testing.random_hf_tensors`` (released names,
+    float32, fan-in scales)."""
+    return random_hf_tensors
 
 
 def random_params(config, seed: int = 0) -> dict:
-    """Random float32 parameters shaped like the model's Haiku tree, without compiling its init.
-
-    The tree comes from ``jax.eval_shape`` of the model's init; values are numpy draws: norms
-    ~ 1 + N(0, 0.1^2), the embedding ~ N(0, 1), every other weight ~ N(0, 0.2^2). Cached per
-    (config, seed): the arrays are shared by every test (jax arrays are immutable), the dicts
-    holding them are fresh on each call.
-    """
+    """``grok.testing.random_params`` in float32 with ``TEST_SCALES``, cached per (config,
+    seed): the arrays are shared by every test (jax arrays are immutable), the dicts holding
+    them are fresh on each call."""
     return {module: dict(tensors) for module, tensors in _random_params(config, seed).items()}
 
 
 @functools.lru_cache(maxsize=8)
 def _random_params(config, seed: int) -> dict:
-    fns = forward_fns(config, jnp.dtype(jnp.float32))
-    one = jnp.zeros((1, 1), jnp.int32)
-    shapes = jax.eval_shape(
-        fns.init, jax.random.key(0), one, one, rope_table(config, 1), None, jnp.ones(1, jnp.int32)
-    )
-    rng = np.random.default_rng(seed)
-    params = {}
-    for module, tensors in shapes.items():
-        params[module] = {}
-        for name, s in tensors.items():
-            if "norm" in module:
-                value = 1.0 + 0.1 * rng.standard_normal(s.shape)
-            elif name == "embed_tokens":
-                value = rng.standard_normal(s.shape)
-            else:
-                value = 0.2 * rng.standard_normal(s.shape)
-            params[module][name] = jnp.asarray(value, jnp.float32)
-    return params
+    return testing.random_params(config, seed, scales=TEST_SCALES)
 
 
 # The native kernels' tests (tests/test_native*.py): skip where a kernel does not exist here.

@@ -1,10 +1,9 @@
-"""``scripts/device_check.py`` on the CPU with reduced widths, so the accelerator check cannot
-rot between the runs on a real device: the command runs end to end and its JSON holds every
-figure, and its test step runs pytest and reads the outcome."""
+"""``scripts/device_check.py`` (``grok.bench.device_check``) on the CPU with reduced widths, so
+the accelerator check cannot rot between the runs on a real device: the command runs end to
+end and its JSON holds every figure, and its test step runs pytest and reads the outcome."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -14,18 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from grok.bench import device_check
+from grok.bench.device_costs import FULL_SHAPES, expected_experts, layers_for_memory
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "device_check.py"
-
-
-@pytest.fixture(scope="module")
-def device_check():
-    """The script as a module (for its pure helpers)."""
-    spec = importlib.util.spec_from_file_location("device_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["device_check"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -82,16 +74,15 @@ def test_small_run_reports_every_figure(report):
         assert 7 < decode["expected_experts_per_layer"] < 8
 
 
-def test_expected_experts_and_layers_for_memory(device_check):
-    assert device_check.expected_experts(1, 8, 2) == 2
-    assert device_check.expected_experts(64, 8, 2) == pytest.approx(8, abs=1e-6)
-    full = device_check.FULL_SHAPES
+def test_expected_experts_and_layers_for_memory():
+    assert expected_experts(1, 8, 2) == 2
+    assert expected_experts(64, 8, 2) == pytest.approx(8, abs=1e-6)
     # One H200 (about 139 GiB): bf16 Grok-2 layers are ~8.4 GB each, so about a dozen fit.
-    assert 10 <= device_check.layers_for_memory(full, 139 << 30, None) <= 16
-    assert device_check.layers_for_memory(full, None, None) == 2
+    assert 10 <= layers_for_memory(FULL_SHAPES, 139 << 30, None) <= 16
+    assert layers_for_memory(FULL_SHAPES, None, None) == 2
 
 
-def test_test_step_runs_pytest_and_reads_the_outcome(device_check, tmp_path):
+def test_test_step_runs_pytest_and_reads_the_outcome(tmp_path):
     for module in device_check.DEVICE_TEST_MODULES:
         assert (ROOT / module).is_file(), module
     probe = tmp_path / "test_probe.py"
@@ -101,7 +92,7 @@ def test_test_step_runs_pytest_and_reads_the_outcome(device_check, tmp_path):
     assert any("test_bad" in line for line in result["failures"])
 
 
-def test_a_case_past_the_budget_or_failing_is_recorded(device_check):
+def test_a_case_past_the_budget_or_failing_is_recorded():
     def fails(_: int) -> dict:
         raise MemoryError("out of device memory")
 

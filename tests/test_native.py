@@ -412,15 +412,12 @@ def test_grouped_matvec_panel_path_matches_float64(dtype):
 
 
 def test_bench_kernels_script_reports_both_engines(capsys):
-    """``scripts/bench_kernels.py`` on a tiny weight: one line per dtype and row count, with a
-    positive rate for XLA and, where the kernels exist, for them (else the reason)."""
-    import importlib.util
+    """``scripts/bench_kernels.py`` (``grok.bench.kernels``) on a tiny weight: one line per
+    dtype and row count, with a positive rate for XLA and, where the kernels exist, for them
+    (else the reason)."""
+    from grok.bench.kernels import main
 
-    path = REPO / "scripts" / "bench_kernels.py"
-    spec = importlib.util.spec_from_file_location("bench_kernels", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main(["--out", "40", "--in", "36", "--rows", "1", "3", "--repeats", "2"])
+    main(["--out", "40", "--in", "36", "--rows", "1", "3", "--repeats", "2"])
     lines = capsys.readouterr().out.strip().splitlines()[1:]
     assert len(lines) == 4
     for line in lines:
