@@ -80,13 +80,14 @@ class _Device:
 def test_select_native_for_one_cpu_device():
     one = jax.devices("cpu")[:1]
     assert select(jnp.float32, devices=one) == CPU
+    for mode in ("fp8", "fp8-block", "int8"):  # quantised weights too (src/quant.cc)
+        assert select(jnp.float32, devices=one, quant=mode) == CPU
     params = jax.device_put(random_params(TINY_GROK2), one[0])
     assert Model(TINY_GROK2, params, dtype=jnp.float32).kernels == CPU
 
 
 def test_select_xla_elsewhere(monkeypatch):
     one = jax.devices("cpu")[:1]
-    assert select(jnp.float32, devices=one, quant="fp8") == XLA_CPU
     assert select(jnp.float32, devices=one, training=True) == XLA_CPU
     # No kernel for float16: one CPU device still gets the CPU views and bits, without calls.
     assert select(jnp.float16, devices=one) == CpuKernels(native=False)
