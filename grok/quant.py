@@ -78,6 +78,19 @@ def scale_shape(shape: Sequence[int], in_dims: Sequence[int], mode: str = "fp8")
     return (*shape[:n_out], -(-math.prod(shape[n_out:]) // FP8_BLOCK))
 
 
+def scale_partition(
+    entries: Sequence, shape: Sequence[int], in_dims: Sequence[int], mode: str
+) -> tuple:
+    """A weight's scale's sharding in ``mode`` (a PartitionSpec's entries, one per dim of
+    ``scale_shape``) from that of its per-channel scale (``entries``, the in dims unsplit):
+    row blocks keep the out dims' entries and leave the blocks whole."""
+    if not row_blocks(mode):
+        return tuple(entries)
+    n_out = len(shape) - len(in_dims)
+    padded = tuple(entries) + (None,) * (len(shape) - len(entries))
+    return (*padded[:n_out], None)
+
+
 def scale_from_amax(amax: Array, kind: str) -> Array:
     """amax / qmax (the largest value maps to the format's largest); 1 where amax is 0."""
     xp = _xp(amax)
@@ -135,6 +148,20 @@ def _broadcasts(scale: Array, shape: tuple[int, ...]) -> bool:
     if len(s) != len(shape):
         return len(s) == 0
     return all(a in (1, b) for a, b in zip(s, shape, strict=True))
+
+
+def mode_of(params: dict, requested: str | None) -> str | None:
+    """The mode a load asking for ``requested`` gave ``params`` (a Haiku tree): an FP8
+    checkpoint's tiled scales kept as row blocks make "fp8" "fp8-block" (seen from any scale
+    that is not per channel: o_proj's, at least, has another rank)."""
+    if requested not in ("fp8", "fp8-block"):
+        return requested
+    for module in params.values():
+        for name, scale in module.items():
+            w = module.get(name.removesuffix("_scale"))
+            if name.endswith("_scale") and w is not None and not _broadcasts(scale, w.shape):
+                return "fp8-block"
+    return "fp8"
 
 
 def _expand(scale: Array, shape: tuple[int, ...]) -> Array:

@@ -149,8 +149,7 @@ def test_device_dequantising_matches_the_host_path_bit_for_bit(
     tmp_path, hf_tensors, convention, monkeypatch
 ):
     """FP8 codes dequantised on the device (whole, or a layer at a time where sharded) give
-    the host path's bfloat16 bits exactly, on one device and on a (1, 8) mesh, plain and with
-    ``quantize="fp8"`` on top."""
+    the host path's bfloat16 bits exactly, on one device and on a (1, 8) mesh."""
     from grok.checkpoint import ReleasedCheckpoint, fp8
 
     config = BIG.replace(num_hidden_layers=2)
@@ -165,11 +164,7 @@ def test_device_dequantising_matches_the_host_path_bit_for_bit(
     def loads():
         return [
             jax.tree_util.tree_map(np.asarray, load_pretrained(tmp_path, **kw, quiet=True).params)
-            for kw in (
-                {"dtype": jnp.bfloat16},
-                {"dtype": jnp.bfloat16, "mesh": make_mesh(1, 8)},
-                {"dtype": jnp.bfloat16, "quantize": "fp8"},
-            )
+            for kw in ({"dtype": jnp.bfloat16}, {"dtype": jnp.bfloat16, "mesh": make_mesh(1, 8)})
         ]
 
     monkeypatch.setattr(fp8, "on_device", lambda *args: True)  # as on accelerators

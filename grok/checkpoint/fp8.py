@@ -10,8 +10,11 @@ or per output row) or ``<name>_scale_inv`` (128x128 blocks), each TP slice with 
 - on the host (``codes_to_float32``, ``scale_on_host``): unit by unit as the codes are copied,
   by a 256-entry lookup and a multiply.
 
-``on_device`` picks between them. ``quantize="fp8"`` (a float checkpoint stored as float8 with
-per-output-channel scales) is one jitted update a layer at a time (``quantize_into_fn``).
+``on_device`` picks between them. ``quantize="fp8"`` of a float weight (stored as float8
+with per-output-channel scales) is one jitted update a layer at a time (``quantize_into_fn``);
+of an FP8 weight whose scales the model's layout holds exactly (``kept_scale``: per tensor or
+channel, or 128 x 128 tiles as "fp8-block"'s row blocks), the codes are copied as bytes and
+the scales rearranged on the host (``kept_codes`` decides which, and the mode).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +30,17 @@ import numpy as np
 
 from grok.checkpoint.files import CheckpointFiles
 from grok.checkpoint.plan import ParamPlan
+from grok.kernels.cpu import host
 from grok.params import WeightSpec
-from grok.quant import FP8_BLOCK, block_scales, dequantize, quantize
+from grok.quant import (
+    FP8_BLOCK,
+    QUANT_DTYPES,
+    block_scales,
+    dequantize,
+    quantize,
+    row_blocks,
+    scale_shape,
+)
 
 FLOAT_DTYPES = {
     np.dtype(jnp.bfloat16),
@@ -165,6 +178,58 @@ def _scale_grid(files: CheckpointFiles, scale_name: str, name: str, spec: Weight
     return grid, maps[0], maps[1]
 
 
+# Kept as they are.
+def kept_scale(device: DeviceScales | None, spec: WeightSpec, mode: str) -> np.ndarray | None:
+    """The model's scale of FP8 weight ``spec`` in ``mode`` (``grok.quant.scale_shape``, a
+    "fp8"/"fp8-block" mode) holding the checkpoint's scales exactly, so that its codes load
+    as they are; None where they do not fit that layout (a TP slice's scales varying along
+    the inputs of a row, in "fp8" mode; tiles not on 128-input boundaries of the stitched
+    row, in "fp8-block") or the codes are not float8_e4m3fn.
+    """
+    if device is None or device.codes_dtype != np.dtype(QUANT_DTYPES["fp8"]):
+        return None
+    rows, cols = device.rows.reshape(-1), device.cols.reshape(-1)  # [O], [I]
+    if row_blocks(mode):
+        starts = cols[::FP8_BLOCK]  # [G]
+        if not np.array_equal(cols, np.repeat(starts, FP8_BLOCK)[: cols.size]):
+            return None
+    elif np.any(cols != cols[0]):
+        return None
+    else:
+        starts = cols[:1]
+    scale = device.grid[..., rows[:, None], starts[None, :]]  # [*lead, O, G]
+    return np.ascontiguousarray(scale.reshape(scale_shape(spec.shape, spec.in_dims, mode)))
+
+
+def kept_codes(
+    quantize: str | None, specs: Sequence[WeightSpec], scales_of: Callable
+) -> tuple[str | None, frozenset[str]]:
+    """(the mode, the parameters kept as codes) of a load asking for ``quantize``.
+
+    ``scales_of(spec)`` gives a weight's ``DeviceScales`` (None: not FP8 throughout). With
+    "fp8", FP8 weights whose scales fit one per output channel are kept; where some fit only
+    "fp8-block"'s row blocks (128 x 128 tiles, a column-split slice's own per-channel
+    scales) and more are kept so, the load becomes "fp8-block". Kept parameters are named
+    ``"module/name"``; the others are quantised from their values.
+    """
+    if quantize not in ("fp8", "fp8-block"):
+        return quantize, frozenset()
+
+    def kept(mode: str) -> frozenset[str]:
+        return frozenset(
+            f"{s.module}/{s.name}"
+            for s in specs
+            if s.quantized and kept_scale(scales_of(s), s, mode) is not None
+        )
+
+    keep = kept(quantize)
+    if quantize == "fp8":
+        blocks = kept("fp8-block")
+        if len(blocks) > len(keep):
+            return "fp8-block", blocks
+    return quantize, keep
+
+
 # Where.
 def whole(param: ParamPlan) -> bool:
     """Whether ``param``'s codes (all shards this process holds, 1 byte an element) take no
@@ -173,19 +238,22 @@ def whole(param: ParamPlan) -> bool:
     return sum(s.size for s in param.shards) <= largest
 
 
-def on_device(param: ParamPlan, layer: int | None) -> bool:
+def on_device(param: ParamPlan, layer: int | None, codes_dtype: np.dtype) -> bool:
     """Whether FP8 ``param`` (``layer`` alone if given) is dequantised on the device.
 
     Always on an accelerator. On the CPU backend, where "device" work takes the same cores
-    as the host's, only where the whole parameter goes at once: one layer at a time (a
-    sharded parameter, each shard smaller than all its codes) loaded at 0.50-0.54 GB/s on
-    the (1, 8) mesh against 0.80-0.83 GB/s on the host (scripts/bench_load.py, this
-    2-core machine), the zeroed result and one extra compile per shape costing more than
-    they save.
+    as the host's, never where the native library dequantises the codes in the copy threads
+    (``grok.kernels.cpu.host``, e4m3): one pass over the bytes as they are copied. Without
+    it, only where the whole parameter goes at once: one layer at a time (a sharded
+    parameter, each shard smaller than all its codes) loaded at 0.50-0.54 GB/s on the
+    (1, 8) mesh against 0.80-0.83 GB/s on the host (scripts/bench_load.py, this 2-core
+    machine), the zeroed result and one extra compile per shape costing more than they save.
     """
     device_set = param.sharding.device_set
     if device_set and next(iter(device_set)).platform != "cpu":
         return True
+    if np.dtype(codes_dtype) == np.dtype(QUANT_DTYPES["fp8"]) and host.available():
+        return False
     return layer is not None or not param.spec.per_layer or whole(param)
 
 
@@ -227,15 +295,16 @@ def dequantize_into_fn(lead: int, dtype: jnp.dtype, sharding: jax.sharding.Shard
     return jax.jit(update, donate_argnums=0, out_shardings=sharding)
 
 
-def quantize_into_fn(in_dims, sharding, scale_sharding):
+def quantize_into_fn(in_dims, mode, sharding, scale_sharding):
     """A jitted ``(qs, ss, w, layer) -> (qs, ss)`` writing layer ``w`` [1, ...] quantised.
 
-    Per output channel (the ``in_dims`` reduced; the compiler gathers their max across
-    shards); ``qs``/``ss`` are donated, updated in place, and keep their shardings.
+    Per output channel, or per channel and 128 inputs in "fp8-block" (``mode``; the
+    ``in_dims`` reduced, the compiler gathering their max across shards); ``qs``/``ss`` are
+    donated, updated in place, and keep their shardings.
     """
 
     def update(qs, ss, w, layer):
-        q, s = quantize(w, "fp8", in_dims)
+        q, s = quantize(w, mode, in_dims)
         start = (layer,) + (0,) * (qs.ndim - 1)
         return (
             jax.lax.dynamic_update_slice(qs, q, start),

@@ -160,6 +160,12 @@ def _load() -> int:
     return int(_state["isa"])
 
 
+def library() -> ctypes.CDLL | None:
+    """The loaded library (its plain C functions, ``host``), or None where it is unavailable."""
+    _load()
+    return _state["lib"]  # type: ignore[return-value]
+
+
 def why_unavailable() -> str:
     """Why the kernels are off ("" when they are on)."""
     _load()
