@@ -182,22 +182,21 @@ def _scale_grid(files: CheckpointFiles, scale_name: str, name: str, spec: Weight
 def kept_scale(device: DeviceScales | None, spec: WeightSpec, mode: str) -> np.ndarray | None:
     """The model's scale of FP8 weight ``spec`` in ``mode`` (``grok.quant.scale_shape``, a
     "fp8"/"fp8-block" mode) holding the checkpoint's scales exactly, so that its codes load
-    as they are; None where they do not fit that layout (a TP slice's scales varying along
-    the inputs of a row, in "fp8" mode; tiles not on 128-input boundaries of the stitched
-    row, in "fp8-block") or the codes are not float8_e4m3fn.
+    as they are; None where they do not fit that layout (a row's scales differing along its
+    inputs in "fp8" mode; within one block of 128 inputs in "fp8-block": tiles or TP slices
+    not on 128-input boundaries of the stitched row) or the codes are not float8_e4m3fn.
     """
     if device is None or device.codes_dtype != np.dtype(QUANT_DTYPES["fp8"]):
         return None
     rows, cols = device.rows.reshape(-1), device.cols.reshape(-1)  # [O], [I]
-    if row_blocks(mode):
-        starts = cols[::FP8_BLOCK]  # [G]
-        if not np.array_equal(cols, np.repeat(starts, FP8_BLOCK)[: cols.size]):
+    width = FP8_BLOCK if row_blocks(mode) else cols.size  # inputs under one kept scale
+    grid = device.grid  # [*lead, R, C]
+    for g0 in range(0, cols.size, width):
+        used = np.unique(cols[g0 : g0 + width])  # the grid columns this block reads
+        if used.size > 1 and not np.all(grid[..., used] == grid[..., used[:1]]):
             return None
-    elif np.any(cols != cols[0]):
-        return None
-    else:
-        starts = cols[:1]
-    scale = device.grid[..., rows[:, None], starts[None, :]]  # [*lead, O, G]
+    starts = cols[::width]  # [G]
+    scale = grid[..., rows[:, None], starts[None, :]]  # [*lead, O, G]
     return np.ascontiguousarray(scale.reshape(scale_shape(spec.shape, spec.in_dims, mode)))
 
 

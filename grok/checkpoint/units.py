@@ -31,6 +31,7 @@ import numpy as np
 from grok.checkpoint import fp8
 from grok.checkpoint.files import CheckpointFiles, TensorInfo
 from grok.checkpoint.finite import all_finite
+from grok.checkpoint.fresh import populate
 from grok.kernels.cpu import host
 from grok.params import WeightSpec, hf_region
 from grok.quant import FP8_BLOCK
@@ -226,13 +227,16 @@ class Copier:
         self.non_finite: list[str] = []
 
     def run(self, unit: CopyUnit, buffer: np.ndarray) -> None:
-        """Runs ``unit`` into ``buffer`` (a shard's host buffer)."""
+        """Runs ``unit`` into ``buffer`` (a shard's host buffer), its span of the buffer
+        faulted in first (``fresh.populate``)."""
         dst = buffer[unit.pos]
         if unit.gather is None:
             view = dst.reshape(unit.view)
+            populate(_span(view, unit.parts))
             for part in unit.parts:
                 self.copy(part, view[part.dst])
             return
+        populate(dst)
         region = np.empty(unit.gather.region, dst.dtype)
         for part in unit.parts:
             self.copy(part, region[part.dst])
@@ -288,6 +292,11 @@ class Copier:
         if bad and self.check_finite:
             self.non_finite.append(part.entry.name)
         return True
+
+
+def _span(view: np.ndarray, parts: tuple[Part, ...]) -> np.ndarray:
+    """The rows of ``view`` (or elements, flat) the ``parts`` write: a unit's span."""
+    return view[min(p.dst[0].start for p in parts) : max(p.dst[0].stop for p in parts)]
 
 
 def _to_bfloat16(x: np.ndarray, out: np.ndarray) -> None:
