@@ -304,10 +304,9 @@ def quantize_into_fn(in_dims, mode, sharding, scale_sharding):
 
     def update(qs, ss, w, layer):
         q, s = quantize(w, mode, in_dims)
-        start = (layer,) + (0,) * (qs.ndim - 1)
         return (
-            jax.lax.dynamic_update_slice(qs, q, start),
-            jax.lax.dynamic_update_slice(ss, s, start),
+            jax.lax.dynamic_update_slice(qs, q, (layer,) + (0,) * (qs.ndim - 1)),
+            jax.lax.dynamic_update_slice(ss, s, (layer,) + (0,) * (ss.ndim - 1)),
         )
 
     return jax.jit(update, donate_argnums=(0, 1), out_shardings=(sharding, scale_sharding))

@@ -30,7 +30,7 @@ import mmap
 import numpy as np
 
 # (huge pages, populate each unit's span before copying): the measured winner (see above).
-METHOD = (True, True)
+METHOD = (False, True)
 MADV_POPULATE_WRITE = 23  # Linux 5.14+; older kernels say EINVAL and the copy faults instead
 PAGE = mmap.PAGESIZE
 

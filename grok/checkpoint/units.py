@@ -30,7 +30,7 @@ import numpy as np
 
 from grok.checkpoint import fp8
 from grok.checkpoint.files import CheckpointFiles, TensorInfo
-from grok.checkpoint.finite import all_finite
+from grok.checkpoint.finite import NON_FINITE_FROM, all_finite
 from grok.checkpoint.fresh import populate
 from grok.kernels.cpu import host
 from grok.params import WeightSpec, hf_region
@@ -259,6 +259,8 @@ class Copier:
             fp8.scale_on_host(
                 src, self.files.view(scale), blocks, part.rows, part.cols, entry.shape[1]
             )
+        if src.dtype == dst.dtype and self._copy_natively(entry.name, src, dst):
+            return
         if src.dtype == dst.dtype:  # raw bits: a plain memory copy, whatever the float type
             bits = np.dtype(f"u{dst.dtype.itemsize}")
             dst.view(bits)[...] = src.view(bits)
@@ -271,6 +273,20 @@ class Copier:
             all_finite(dst) and (src.dtype == dst.dtype or all_finite(src))
         ):
             self.non_finite.append(entry.name)
+
+    def _copy_natively(self, name: str, src: np.ndarray, dst: np.ndarray) -> bool:
+        """``dst[...] = src`` as raw bytes, checked on the way, by the native library
+        (``grok.kernels.cpu.host.copy_checked``): one pass where numpy's copy and check
+        made two. False where it does not apply (no library, a layout it does not take)."""
+        threshold = NON_FINITE_FROM.get(dst.dtype) if self.check_finite else 0
+        if threshold is None:
+            return False
+        bad = host.copy_checked(src, dst, threshold)
+        if bad is None:
+            return False
+        if bad:
+            self.non_finite.append(name)
+        return True
 
     def _dequantize_natively(self, part: Part, src: np.ndarray, dst: np.ndarray) -> bool:
         """``dst[...] = `` FP8 ``src`` times its scales by the native library, checked: one

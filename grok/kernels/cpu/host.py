@@ -1,8 +1,8 @@
 """The native library's host-side helpers for the checkpoint loader (``src/host.cc``), called
 through ctypes from its copy threads: ctypes releases the GIL, so the threads run in parallel.
 
-``dequantize_fp8`` returns None where the library is unavailable (``build.library``); the
-loader then keeps its numpy path.
+``copy_checked`` and ``dequantize_fp8`` return None where the library is unavailable
+(``build.library``); the loader then keeps its numpy path.
 """
 
 from __future__ import annotations
@@ -20,26 +20,59 @@ _E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
 _OUT = {np.dtype(np.float32): 0, np.dtype(ml_dtypes.bfloat16): 1}
 _NO_BLOCK = sys.maxsize  # a block size that covers every row or column
 _lock = threading.Lock()
-_fn: list = []  # the bound function, once
+_fns: dict[str, ctypes._CFuncPtr | None] = {}  # bound once
+_i64, _ptr, _i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32
+_SIGNATURES = {
+    "grok_copy_checked": [_ptr, _i64, _ptr, _i64, _i64, _i64, _i32, ctypes.c_uint64],
+    "grok_dequantize_fp8": [_ptr, _i64, _i64, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _ptr, _i64]
+    + [_i32],
+}
 
 
-def _dequantize():
+def _function(name: str):
     with _lock:
-        if not _fn:
+        if name not in _fns:
             lib = library()
-            fn = None if lib is None else lib.grok_dequantize_fp8
+            fn = None if lib is None else getattr(lib, name)
             if fn is not None:
-                i64, ptr = ctypes.c_int64, ctypes.c_void_p
-                fn.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, i64, i64, i64, ptr, i64]
-                fn.argtypes.append(ctypes.c_int32)
-                fn.restype = i64
-            _fn.append(fn)
-    return _fn[0]
+                fn.argtypes = _SIGNATURES[name]
+                fn.restype = _i64
+            _fns[name] = fn
+    return _fns[name]
 
 
 def available() -> bool:
-    """Whether ``dequantize_fp8`` runs (the native library is built and loaded)."""
-    return _dequantize() is not None
+    """Whether the helpers run (the native library is built and loaded)."""
+    return _function("grok_dequantize_fp8") is not None
+
+
+def copy_checked(src: np.ndarray, dst: np.ndarray, threshold: int) -> int | None:
+    """``dst[...] = src`` as raw bytes (equal dtypes and shapes, 1-D contiguous or 2-D views
+    with contiguous rows), returning how many elements have their bits without the sign at
+    or above ``threshold`` (``grok.checkpoint.finite.NON_FINITE_FROM``: not finite; 0: no
+    check); None without the library (nothing copied)."""
+    fn = _function("grok_copy_checked")
+    if fn is None or src.dtype != dst.dtype or src.shape != dst.shape:
+        return None
+    if src.ndim == 1:
+        if not (src.flags.c_contiguous and dst.flags.c_contiguous):
+            return None
+        src, dst = src.reshape(1, -1), dst.reshape(1, -1)
+    if src.ndim != 2 or src.size == 0:
+        return None if src.ndim != 2 else 0
+    item = src.itemsize
+    return int(
+        fn(
+            src.ctypes.data,
+            _row_stride(src) * item,
+            dst.ctypes.data,
+            _row_stride(dst) * item,
+            src.shape[0],
+            src.shape[1] * item,
+            item,
+            threshold,
+        )
+    )
 
 
 def _row_stride(a: np.ndarray) -> int:
@@ -66,7 +99,7 @@ def dequantize_fp8(
     Returns how many values are not finite (NaN codes, overflow), or None without the library
     (nothing written).
     """
-    fn = _dequantize()
+    fn = _function("grok_dequantize_fp8")
     if fn is None or codes.dtype != _E4M3 or out.dtype not in _OUT:
         return None
     if codes.shape != out.shape or codes.ndim != 2:

@@ -1,6 +1,10 @@
 // Host-side helpers of the checkpoint loader, called through ctypes from its copy threads
 // (grok/kernels/cpu/host.py; ctypes releases the GIL, so the threads run in parallel):
 //
+// grok_copy_checked: rows of raw bytes copied, counting the elements that are not finite on the
+// way (their bits without the sign at or above a threshold: exponent all ones), one pass where
+// numpy took two (the copy, then the check over the copied bytes in chunks).
+//
 // grok_dequantize_fp8: a rectangle of float8_e4m3fn codes times its scales (per tensor, per
 // row, or 128 x 128 tiles: one scale per block_rows x block_cols of the whole tensor) into
 // float32 or bfloat16 (rounded to nearest even, as numpy's integer rounding in
@@ -97,6 +101,71 @@ inline void store_bf16(uint16_t* dst, __m512 v, __mmask16 m) {  // nearest even,
 #endif
 
 }  // namespace
+
+// dst rows [rows, row_bytes] (rows `dst_stride` bytes apart) = src rows (`src_stride` apart);
+// returns how many elements of `itemsize` bytes (1, 2, 4 or 8) have their bits without the
+// sign >= `threshold` (0: no check).
+extern "C" int64_t grok_copy_checked(const uint8_t* src, int64_t src_stride, uint8_t* dst,
+                                     int64_t dst_stride, int64_t rows, int64_t row_bytes,
+                                     int32_t itemsize, uint64_t threshold) {
+  int64_t bad = 0;
+  const uint64_t no_sign = itemsize >= 8 ? ~(uint64_t(1) << 63) : (uint64_t(1) << (8 * itemsize - 1)) - 1;
+#if defined(__AVX512BW__)
+  const bool check = threshold != 0;
+  const __m512i sign_off = _mm512_set1_epi64(int64_t(
+      itemsize == 1 ? 0x7F7F7F7F7F7F7F7FULL
+      : itemsize == 2 ? 0x7FFF7FFF7FFF7FFFULL
+      : itemsize == 4 ? 0x7FFFFFFF7FFFFFFFULL
+                      : 0x7FFFFFFFFFFFFFFFULL));
+  const __m512i thr = itemsize == 1   ? _mm512_set1_epi8(char(threshold))
+                      : itemsize == 2 ? _mm512_set1_epi16(short(threshold))
+                      : itemsize == 4 ? _mm512_set1_epi32(int(threshold))
+                                      : _mm512_set1_epi64(int64_t(threshold));
+  auto count = [&](__m512i v, __mmask64 m) -> int64_t {
+    const __m512i mag = _mm512_and_si512(v, sign_off);
+    switch (itemsize) {
+      case 1: return __builtin_popcountll(_mm512_mask_cmpge_epu8_mask(m, mag, thr));
+      case 2: return __builtin_popcount(_mm512_mask_cmpge_epu16_mask(__mmask32(m), mag, thr));
+      case 4: return __builtin_popcount(_mm512_mask_cmpge_epu32_mask(__mmask16(m), mag, thr));
+      default: return __builtin_popcount(_mm512_mask_cmpge_epu64_mask(__mmask8(m), mag, thr));
+    }
+  };
+  // The lanes of an element-aligned tail of n bytes, as a mask of the element size's lanes.
+  auto tail_mask = [&](int64_t n) -> __mmask64 {
+    const int64_t k = n / itemsize;
+    return k >= 64 ? ~__mmask64(0) : (__mmask64(1) << k) - 1;
+  };
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* s = src + r * src_stride;
+    uint8_t* d = dst + r * dst_stride;
+    int64_t b = 0;
+    for (; b + 64 <= row_bytes; b += 64) {
+      const __m512i v = _mm512_loadu_si512(s + b);
+      _mm512_storeu_si512(d + b, v);
+      if (check) bad += count(v, ~__mmask64(0));
+    }
+    if (b < row_bytes) {
+      const int64_t n = row_bytes - b;
+      const __mmask64 bytes = (__mmask64(1) << n) - 1;
+      const __m512i v = _mm512_maskz_loadu_epi8(bytes, s + b);
+      _mm512_mask_storeu_epi8(d + b, bytes, v);
+      if (check) bad += count(v, tail_mask(n));
+    }
+  }
+#else
+  for (int64_t r = 0; r < rows; ++r) {
+    std::memcpy(dst + r * dst_stride, src + r * src_stride, row_bytes);
+    if (threshold == 0) continue;
+    for (int64_t b = 0; b < row_bytes; b += itemsize) {
+      uint64_t bits = 0;
+      std::memcpy(&bits, dst + r * dst_stride + b, itemsize);
+      bad += (bits & no_sign) >= threshold;
+    }
+  }
+#endif
+  (void)no_sign;
+  return bad;
+}
 
 // out[r, c] = value(codes[r, c]) * scale[(row0 + r) / block_rows, (col0 + c) / block_cols] for
 // r < rows, c < cols; codes and out rows `code_stride` / `out_stride` elements apart, scale
