@@ -204,8 +204,8 @@ def fill_new_memory(directory: Path, method: str) -> float:
 
     def copy(job) -> None:
         target, source, i = job
-        if way is not None:
-            fresh.populate(target[i : i + unit], enabled=way[1])
+        if way is not None and way[1]:
+            fresh.populate(target[i : i + unit])
         target[i : i + unit] = source[i : i + unit]
 
     with ThreadPoolExecutor(FLOOR_THREADS) as pool:
