@@ -12,7 +12,7 @@ or per output row) or ``<name>_scale_inv`` (128x128 blocks), each TP slice with 
 
 ``on_device`` picks between them. ``quantize="fp8"`` of a float weight (stored as float8
 with per-output-channel scales) is one jitted update a layer at a time (``quantize_into_fn``);
-of an FP8 weight whose scales the model's layout holds exactly (``kept_scale``: per tensor or
+of an FP8 weight whose scales the model's layout holds exactly (``fits``: per tensor or
 channel, or 128 x 128 tiles as "fp8-block"'s row blocks), the codes are copied as bytes and
 the scales rearranged on the host (``kept_codes`` decides which, and the mode).
 """
@@ -179,24 +179,28 @@ def _scale_grid(files: CheckpointFiles, scale_name: str, name: str, spec: Weight
 
 
 # Kept as they are.
-def kept_scale(device: DeviceScales | None, spec: WeightSpec, mode: str) -> np.ndarray | None:
-    """The model's scale of FP8 weight ``spec`` in ``mode`` (``grok.quant.scale_shape``, a
-    "fp8"/"fp8-block" mode) holding the checkpoint's scales exactly, so that its codes load
-    as they are; None where they do not fit that layout (a row's scales differing along its
-    inputs in "fp8" mode; within one block of 128 inputs in "fp8-block": tiles or TP slices
-    not on 128-input boundaries of the stitched row) or the codes are not float8_e4m3fn.
-    """
+def fits(device: DeviceScales | None, mode: str) -> bool:
+    """Whether the model's scale in ``mode`` ("fp8"/"fp8-block") holds these FP8 scales
+    exactly, so that the codes load as they are: float8_e4m3fn codes whose row's scales do not
+    differ along its inputs ("fp8") or within a block of 128 of them ("fp8-block": tiles and
+    TP slices on 128-input boundaries of the stitched row)."""
     if device is None or device.codes_dtype != np.dtype(QUANT_DTYPES["fp8"]):
-        return None
-    rows, cols = device.rows.reshape(-1), device.cols.reshape(-1)  # [O], [I]
+        return False
+    cols, grid = device.cols.reshape(-1), device.grid  # [I], [*lead, R, C]
     width = FP8_BLOCK if row_blocks(mode) else cols.size  # inputs under one kept scale
-    grid = device.grid  # [*lead, R, C]
     for g0 in range(0, cols.size, width):
         used = np.unique(cols[g0 : g0 + width])  # the grid columns this block reads
         if used.size > 1 and not np.all(grid[..., used] == grid[..., used[:1]]):
-            return None
-    starts = cols[::width]  # [G]
-    scale = grid[..., rows[:, None], starts[None, :]]  # [*lead, O, G]
+            return False
+    return True
+
+
+def kept_scale(device: DeviceScales, spec: WeightSpec, mode: str) -> np.ndarray:
+    """The model's scale of FP8 weight ``spec`` in ``mode`` (``grok.quant.scale_shape``)
+    from its checkpoint scales, which ``fits`` that mode."""
+    rows, cols = device.rows.reshape(-1), device.cols.reshape(-1)  # [O], [I]
+    starts = cols[:: FP8_BLOCK if row_blocks(mode) else cols.size]  # [G]: each block's column
+    scale = device.grid[..., rows[:, None], starts[None, :]]  # [*lead, O, G]
     return np.ascontiguousarray(scale.reshape(scale_shape(spec.shape, spec.in_dims, mode)))
 
 
@@ -213,19 +217,14 @@ def kept_codes(
     """
     if quantize not in ("fp8", "fp8-block"):
         return quantize, frozenset()
+    fp8 = [s for s in specs if s.quantized and fits(scales_of(s), "fp8-block")]
 
     def kept(mode: str) -> frozenset[str]:
-        return frozenset(
-            f"{s.module}/{s.name}"
-            for s in specs
-            if s.quantized and kept_scale(scales_of(s), s, mode) is not None
-        )
+        return frozenset(f"{s.module}/{s.name}" for s in fp8 if fits(scales_of(s), mode))
 
     keep = kept(quantize)
-    if quantize == "fp8":
-        blocks = kept("fp8-block")
-        if len(blocks) > len(keep):
-            return "fp8-block", blocks
+    if quantize == "fp8" and len(keep) < len(fp8):  # some fit only row blocks
+        return "fp8-block", kept("fp8-block")
     return quantize, keep
 
 
