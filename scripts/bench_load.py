@@ -12,8 +12,8 @@ router float8_e4m3fn with a per-output-channel ``_scale`` / 128x128-block ``_sca
   2. the fresh-memory floor: every file copied into new memory kept allocated, by 2 threads
      in the loader's 8 MiB units, each way of asking for memory (``grok.checkpoint.fresh``:
      4 KiB or huge pages, each unit's span populated first or not, numpy's own ``np.empty``)
-     in a fresh process, ``--tries`` times, alternating; the floor is the best try of the
-     fastest way (the highest median; every try is printed). On the CPU backend, whose
+     ``--tries`` times, alternating, each in a fresh process; the floor is the best try of
+     the fastest way (the highest median; every try is printed). On the CPU backend, whose
      arrays are host memory, no load beats it by much;
   3. ``load_pretrained`` onto one device, then onto an 8-device ("data", "model") = (1, 8)
      CPU mesh, each in a fresh process (the JAX backend started before the clock), bfloat16
@@ -33,6 +33,7 @@ with whatever else the machine runs.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -43,22 +44,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from grok.api import load_pretrained  # noqa: E402
-from grok.params import weight_specs  # noqa: E402
-from grok.presets import TINY_GROK2  # noqa: E402
-from grok.quant import FP8_BLOCK  # noqa: E402
-from grok.sharding import make_mesh  # noqa: E402
-
-GB = 1e9
-READ_BUFFER = 64 << 20
-KINDS = ("bf16", "fp8-scale", "fp8-block")
+# The fresh-memory floor: its ways and its child process, which needs no JAX (so that its
+# process starts in a fraction of a second), hence before the heavy imports below.
 # The ways of asking for new memory the floor is measured with (grok.checkpoint.fresh):
 # name -> (huge pages, each unit's span populated before its copy); "numpy": np.empty.
 FILL_METHODS = {
@@ -69,6 +58,65 @@ FILL_METHODS = {
     "numpy": None,
 }
 FLOOR_THREADS = 2
+GB = 1e9
+
+
+def _fresh_module():
+    """``grok.checkpoint.fresh`` loaded by itself (the package would import JAX)."""
+    path = Path(__file__).resolve().parent.parent / "grok" / "checkpoint" / "fresh.py"
+    spec = importlib.util.spec_from_file_location("grok_checkpoint_fresh", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fill_new_memory(directory: Path, method: str, unit: int) -> float:
+    """Seconds to copy every file into new memory kept allocated to the end (page faults
+    included), by ``FLOOR_THREADS`` threads in ``unit``-byte pieces (the loader's copy
+    units), memory asked for as ``method`` (``FILL_METHODS``)."""
+    fresh = _fresh_module()
+    way = FILL_METHODS[method]
+    kept, jobs = [], []
+    start = time.perf_counter()
+    for path in sorted(directory.glob("*.safetensors")):
+        source = np.memmap(path, dtype=np.uint8, mode="r")
+        if way is None:
+            target = np.empty(source.shape, np.uint8)
+        else:
+            target = fresh.aligned_empty(source.shape, np.dtype(np.uint8), huge=way[0])
+        kept.append(target)
+        jobs += [(target, source, i) for i in range(0, source.size, unit)]
+
+    def copy(job) -> None:
+        target, source, i = job
+        if way is not None and way[1]:
+            fresh.populate(target[i : i + unit])
+        target[i : i + unit] = source[i : i + unit]
+
+    with ThreadPoolExecutor(FLOOR_THREADS) as pool:
+        list(pool.map(copy, jobs))
+    return time.perf_counter() - start
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--fill-only"]:  # one try, a fresh process
+    _, _, root, method, unit = sys.argv
+    print(fill_new_memory(Path(root), method, int(unit)))
+    sys.exit(0)
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from grok.api import load_pretrained  # noqa: E402
+from grok.params import weight_specs  # noqa: E402
+from grok.presets import TINY_GROK2  # noqa: E402
+from grok.quant import FP8_BLOCK  # noqa: E402
+from grok.sharding import make_mesh  # noqa: E402
+
+READ_BUFFER = 64 << 20
+KINDS = ("bf16", "fp8-scale", "fp8-block")
 TARGETS = {None: 0.6, "fp8": 0.6, "dequantised": 0.4}  # load / floor
 # About 1.0e9 parameters: 2.0 GB in bf16. Grok-2's proportions, scaled down.
 BENCH = TINY_GROK2.replace(
@@ -184,46 +232,20 @@ def plain_read(directory: Path) -> tuple[int, float]:
     return total, time.perf_counter() - start
 
 
-def fill_new_memory(directory: Path, method: str) -> float:
-    """Seconds to copy every file into new memory kept allocated to the end (page faults
-    included; memory freed and taken again would hide them), by ``FLOOR_THREADS`` threads
-    over the loader's copy units, memory asked for as ``method`` (``FILL_METHODS``)."""
-    from grok.checkpoint import fresh
-    from grok.checkpoint.units import UNIT_BYTES as unit
-
-    way = FILL_METHODS[method]
-    kept, jobs = [], []
-    start = time.perf_counter()
-    for path in sorted(directory.glob("*.safetensors")):
-        source = np.memmap(path, dtype=np.uint8, mode="r")
-        if way is None:
-            target = np.empty(source.shape, np.uint8)
-        else:
-            target = fresh.aligned_empty(source.shape, np.dtype(np.uint8), huge=way[0])
-        kept.append(target)
-        jobs += [(target, source, i) for i in range(0, source.size, unit)]
-
-    def copy(job) -> None:
-        target, source, i = job
-        if way is not None and way[1]:
-            fresh.populate(target[i : i + unit])
-        target[i : i + unit] = source[i : i + unit]
-
-    with ThreadPoolExecutor(FLOOR_THREADS) as pool:
-        list(pool.map(copy, jobs))
-    return time.perf_counter() - start
-
-
 def fresh_memory_floor(directory: Path, size: int, tries: int) -> tuple[str, float, dict]:
     """(the fastest way, its best GB/s, {way: [GB/s of each try]}): each way ``tries`` times,
-    alternating, each try in a fresh process (as each load runs). The fastest way is the one
-    with the highest median: huge pages are bimodal on the measuring VM (fast only right after
-    another process freed huge pages, see ``grok.checkpoint.fresh``), and the best single try
-    of every way would be such a lucky one; every way's tries are printed beside it."""
+    alternating, each try in a fresh process (as each load runs; one that follows another in
+    the same process finds the memory just freed). The fastest way is the one with the
+    highest median: huge pages are bimodal on the measuring VM (fast only right after huge
+    pages were freed, see ``grok.checkpoint.fresh``), and the best single try of every way
+    would be such a lucky one; every way's tries are printed beside it."""
+    from grok.checkpoint.units import UNIT_BYTES
+
     rates: dict[str, list[float]] = {m: [] for m in FILL_METHODS}
     for t in range(tries):
         for method in FILL_METHODS if t % 2 == 0 else list(FILL_METHODS)[::-1]:
-            child = [sys.executable, __file__, "--dir", str(directory), "--fill-only", method]
+            child = [sys.executable, __file__, "--fill-only", str(directory), method]
+            child.append(str(UNIT_BYTES))
             out = subprocess.run(child, check=True, capture_output=True, text=True).stdout
             rates[method].append(size / float(out) / GB)
     fastest = max(rates, key=lambda m: float(np.median(rates[m])))
@@ -266,21 +288,20 @@ def main() -> int:
     parser.add_argument(
         "--loads", default="single,mesh", help="comma-separated, of single (one device), mesh"
     )
-    parser.add_argument("--tries", type=int, default=3, help="tries of each fill method")
+    parser.add_argument(
+        "--tries", type=int, help="tries of each way of filling new memory (3; --small: 1)"
+    )
     parser.add_argument("--small", action="store_true", help="a 45 MB checkpoint (smoke test)")
     parser.add_argument("--json", help="also write the figures here, as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints afterwards")
     parser.add_argument("--write-only", choices=KINDS, help=argparse.SUPPRESS)
     parser.add_argument("--load-only", choices=["single", "mesh"], help=argparse.SUPPRESS)
     parser.add_argument("--quantize", help=argparse.SUPPRESS)
-    parser.add_argument("--fill-only", choices=list(FILL_METHODS), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.tries = args.tries or (1 if args.small else 3)
     root = Path(args.dir)
     if args.write_only:
         write(root, args.write_only, SMALL if args.small else BENCH)
-        return 0
-    if args.fill_only:  # one fill in a fresh process
-        print(fill_new_memory(root, args.fill_only))
         return 0
     if args.load_only:  # one load in a fresh process, so peak memory is this load's alone
         mesh = make_mesh(1, 8) if args.load_only == "mesh" else None
@@ -321,7 +342,7 @@ def bench_kind(directory: Path, kind: str, args: argparse.Namespace) -> dict:
     how = f"{method}: the highest median, its best of {args.tries}, {FLOOR_THREADS} threads"
     print(f"fresh-memory floor:         {floor:6.2f} GB/s ({how})")
     figures = {"bytes": size, "plain_read_gb_s": plain_rate, "floor_gb_s": floor}
-    figures |= {"floor_method": method, "fill_gb_s": rates}
+    figures |= {"new_memory_copy_gb_s": floor, "floor_method": method, "fill_gb_s": rates}
     quantizes = [None] if kind == "bf16" else [None, "fp8"]
     for which in args.loads.split(","):
         for quantize in quantizes:
@@ -347,10 +368,11 @@ def bench_kind(directory: Path, kind: str, args: argparse.Namespace) -> dict:
                 f"{limit / GB:.3f} GB ({'met' if anon <= limit else 'NOT met'}); peak "
                 f"file-backed {r['peak']['RssFile'] / GB:.2f} GB"
             )
-            figures[f"{which}-{quantize or 'bf16'}"] = {
+            figures[which if quantize is None else f"{which}-{quantize}"] = {
                 "seconds": r["seconds"],
                 "gb_s": rate,
                 "of_floor": rate / floor,
+                "of_new_memory_copy": rate / floor,
                 "target_of_floor": target,
                 "of_plain_read": rate / plain_rate,
                 "host_overhead_bytes": anon,
