@@ -19,6 +19,7 @@ from grok.generate import GenerationResult, TokenCallback, generate
 from grok.kernels import Kernels, devices_of, select
 from grok.kv_cache import KVCache
 from grok.model import forward_fns
+from grok.quant import mode_of
 from grok.rope import RopeTable, rope_table
 from grok.sampling import Sampler
 from grok.sharding import ShardingRules, activation_sharding, auto_axes
@@ -34,7 +35,8 @@ class Model:
       dtype: the compute/parameter dtype (router kept in float32).
       mesh: the device mesh the parameters live on (it may span processes: see
         ``grok.distributed``), or None for one device.
-      quant: None, or "fp8"/"int8" when matrices are kept quantised on the device.
+      quant: None, or the mode ("fp8", "fp8-block", "int8", ``grok.quant``) of matrices kept
+        quantised on the device.
       kernels: the implementation of the platform-dependent operations, picked by
         ``grok.kernels.select`` for the mesh's devices, or else the parameters' device.
       apply_fn: the pure (un-jitted) Haiku apply function ``generate`` compiles.
@@ -188,7 +190,9 @@ def load_pretrained(
         Explicit or Auto axes (the model runs on its Auto-axes twin); None: one device.
       quantize: None, or ``"fp8"`` to keep the matrices in float8_e4m3fn on the device with
         per-output-channel float32 scales (router, norms, embedding and head stay ``dtype``);
-        ``"int8"`` for a Grok-1 checkpoint.
+        an FP8 checkpoint's codes are kept as they are, its 128 x 128 tiles as "fp8-block"
+        (``Model.quant`` says which; "fp8-block" may also be asked for: a scale per output
+        channel and 128 inputs); ``"int8"`` for a Grok-1 checkpoint.
       config: use this config instead of the directory's.
       rules: a ``grok.sharding.ShardingRules`` (default: ``DEFAULT_RULES``).
       device_memory_bytes: memory of one device for the plan check; default: the device's
@@ -212,4 +216,5 @@ def load_pretrained(
         check_finite=check_finite,
     )
     mesh = auto_axes(mesh) if mesh is not None else None
-    return Model(config, params, dtype=dtype, mesh=mesh, quant=quantize)
+    quant = mode_of(params, quantize)  # an FP8 checkpoint's tiles may make "fp8" "fp8-block"
+    return Model(config, params, dtype=dtype, mesh=mesh, quant=quant)

@@ -1,5 +1,5 @@
 """Small shared pieces: the soft cap, RMSNorm, GELU variants, and how a matrix parameter is
-stored (plain, or quantised with per-output-channel scales).
+stored (plain, or quantised: codes and float32 scales, ``grok.quant``).
 
 Pure functions live here so that they test without ``hk.transform``; the Haiku module
 ``RMSNorm`` only owns its weight.
@@ -60,9 +60,11 @@ class RMSNorm(hk.Module):
 class QuantWeight:
     """A weight kept quantised on the device: ``W = q * scale``.
 
-    ``q`` is float8_e4m3fn or int8; ``scale`` is float32 with the weight's shape except the
-    ``in`` axes, which are 1 (one scale per output channel). Indexing the leading axes (layer,
-    expert) indexes both, so an expert can be picked before it is dequantised.
+    ``q`` is float8_e4m3fn or int8; ``scale`` is float32 shaped by ``grok.quant.scale_shape``
+    of the mode: the weight's shape with the ``in`` axes 1 (one scale per output channel), or
+    in "fp8-block" with the ``in`` axes replaced by one axis of blocks of 128 inputs. Indexing
+    the leading axes (layer, expert) indexes both, so an expert can be picked before it is
+    dequantised.
     """
 
     q: jax.Array
@@ -78,8 +80,17 @@ class QuantWeight:
 
 def dequant(w, dtype: jnp.dtype):
     """A weight in ``dtype``: a ``QuantWeight`` as ``q * scale``; any other weight (an array,
-    or a kernel implementation's view of one) as is when it has ``dtype``, else cast."""
+    or a kernel implementation's view of one) as is when it has ``dtype``, else cast.
+
+    Where a ``QuantWeight``'s codes are a kernel implementation's view rather than an array
+    (``grok.kernels.base``), the view makes the weight: ``w.q.dequantized(w.scale, dtype)``,
+    which that implementation's products may read as codes and scales in place (the native
+    CPU kernels do) instead of a dequantised copy.
+    """
     if isinstance(w, QuantWeight):
+        lazy = getattr(w.q, "dequantized", None)
+        if lazy is not None:
+            return lazy(w.scale, dtype)
         return dequantize(w.q, w.scale, dtype)
     return w if w.dtype == jnp.dtype(dtype) else w.astype(dtype)
 
@@ -93,14 +104,16 @@ def get_weight(
     quant: str | None,
     in_dims: tuple[int, ...],
 ) -> jax.Array | QuantWeight:
-    """A matrix parameter, plain or quantised (``quant`` = "fp8" or "int8").
+    """A matrix parameter, plain or quantised (``quant``: a mode of ``grok.quant.QUANT_MODES``).
 
     A quantised weight is two parameters: ``name`` (float8/int8, ``shape``) and
-    ``name + "_scale"`` (float32, ``scale_shape(shape, in_dims)``). ``in_dims`` are the
-    contracted (input) dims of ``shape``, as seen inside the module (no layer axis).
+    ``name + "_scale"`` (float32, ``scale_shape(shape, in_dims, quant)``). ``in_dims`` are
+    the contracted (input) dims of ``shape``, its trailing ones, as seen inside the module (no
+    layer axis).
     """
     if quant is None:
         return hk.get_parameter(name, shape, dtype, init=init)
     q = hk.get_parameter(name, shape, QUANT_DTYPES[quant], init=jnp.zeros)
-    s = hk.get_parameter(name + "_scale", scale_shape(shape, in_dims), jnp.float32, init=jnp.ones)
+    s_shape = scale_shape(shape, in_dims, quant)
+    s = hk.get_parameter(name + "_scale", s_shape, jnp.float32, init=jnp.ones)
     return QuantWeight(q, s)

@@ -21,7 +21,7 @@ import numpy as np
 from grok.config import GrokConfig
 from grok.errors import MemoryPlanError
 from grok.params import weight_specs
-from grok.quant import scale_shape
+from grok.quant import scale_partition, scale_shape
 from grok.sharding import (
     DATA,
     MODEL,
@@ -104,8 +104,8 @@ def plan_memory(
     ``quantize``; ShardingError (as the loader would) if the mesh cannot split a dimension.
     """
     sizes = _check_sizes(mesh_sizes, batch, context)
-    if quantize not in (None, "fp8"):
-        raise MemoryPlanError(f"quantize must be None or 'fp8', got {quantize!r}")
+    if quantize not in (None, "fp8", "fp8-block"):
+        raise MemoryPlanError(f"quantize must be None, 'fp8' or 'fp8-block', got {quantize!r}")
     if placements is None:
         placements = place_weights(weight_specs(config), sizes, rules)
     by_dtype: dict[str, int] = {}
@@ -117,10 +117,11 @@ def plan_memory(
     for placed in placements:
         spec = placed.spec
         n = _shard_elements(spec.shape, placed.pspec, sizes)
-        if quantize == "fp8" and placed.scale_pspec is not None:
+        if quantize is not None and placed.scale_pspec is not None:
             add(jnp.float8_e4m3fn, n)
-            s_shape = scale_shape(spec.shape, spec.in_dims)
-            add(jnp.float32, _shard_elements(s_shape, placed.scale_pspec, sizes))
+            s_shape = scale_shape(spec.shape, spec.in_dims, quantize)
+            s_pspec = scale_partition(placed.scale_pspec, spec.shape, spec.in_dims, quantize)
+            add(jnp.float32, _shard_elements(s_shape, s_pspec, sizes))
         else:
             add(spec.dtype(dtype), n)
 

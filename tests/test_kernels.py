@@ -80,13 +80,14 @@ class _Device:
 def test_select_native_for_one_cpu_device():
     one = jax.devices("cpu")[:1]
     assert select(jnp.float32, devices=one) == CPU
+    for mode in ("fp8", "fp8-block", "int8"):  # quantised weights too (src/quant.cc)
+        assert select(jnp.float32, devices=one, quant=mode) == CPU
     params = jax.device_put(random_params(TINY_GROK2), one[0])
     assert Model(TINY_GROK2, params, dtype=jnp.float32).kernels == CPU
 
 
 def test_select_xla_elsewhere(monkeypatch):
     one = jax.devices("cpu")[:1]
-    assert select(jnp.float32, devices=one, quant="fp8") == XLA_CPU
     assert select(jnp.float32, devices=one, training=True) == XLA_CPU
     # No kernel for float16: one CPU device still gets the CPU views and bits, without calls.
     assert select(jnp.float16, devices=one) == CpuKernels(native=False)
@@ -356,6 +357,64 @@ def test_model_bfloat16_kernel_no_worse_than_xla(config):
     )
     text = _apply(config, "bfloat16", "auto", True).lower(*_decode_args(config, params, cache))
     assert "grok_matvec" in text.as_text()
+
+
+# Quantised weights (grok.quant's modes) on the kernels that read codes and scales in place.
+# Widths past 128 inputs: several scales per row in "fp8-block", and tails.
+QUANT_CONFIG = TINY_GROK1.replace(hidden_size=160, moe_intermediate_size=136)
+needs_codes = pytest.mark.skipif(
+    not cpu.available_codes(jnp.bfloat16, jnp.float8_e4m3fn),
+    reason=f"no quantised kernels: {cpu.why_unavailable() or 'no AVX512-BF16 and AVX512-VBMI'}",
+)
+
+
+@functools.cache
+def _quantised(mode: str) -> tuple[dict, dict]:
+    """(bfloat16 parameters with every matrix quantised in ``mode``, the same values
+    dequantised to float32 as plain parameters)."""
+    from grok.params import weight_specs
+    from grok.quant import dequantize, quantize
+
+    params = _params(QUANT_CONFIG, "bfloat16")
+    quant = {m: dict(leaves) for m, leaves in params.items()}
+    exact = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+    for spec in weight_specs(QUANT_CONFIG):
+        if spec.quantized:
+            w = np.asarray(params[spec.module][spec.name], np.float32)
+            q, scale = quantize(w, mode, spec.in_dims)
+            quant[spec.module][spec.name] = jnp.asarray(q)
+            quant[spec.module][spec.name + "_scale"] = jnp.asarray(scale)
+            exact[spec.module][spec.name] = jnp.asarray(dequantize(q, scale))
+    return quant, exact
+
+
+@needs_codes
+@pytest.mark.parametrize(
+    ("mode", "moe_impl"), [("fp8", "auto"), ("fp8-block", "gather"), ("int8", "auto")]
+)
+def test_model_quantised_kernel_no_worse_than_xla(mode, moe_impl):
+    """Prefill and a decode step on the quantised kernels (grouped experts, or each chosen
+    expert's matrix) against XLA dequantising to bfloat16, both against float32 on the same
+    values: no worse, and the program calls the kernels."""
+    quant, exact = _quantised(mode)
+    config = QUANT_CONFIG
+    _, _, want, _ = _run(config, exact, jnp.float32, False, moe_impl)
+    steps = {}
+    for on in (True, False):
+        fns = forward_fns(
+            config, jnp.dtype(jnp.bfloat16), moe_impl, mode, kernels=CPU if on else XLA_CPU
+        )
+        apply = jax.jit(fns.apply)
+        logits, cache = apply(*_prefill_args(config, quant, jnp.bfloat16))
+        steps[on] = apply(*_decode_args(config, quant, cache))[0]
+        if on:
+            text = apply.lower(*_decode_args(config, quant, cache)).as_text()
+            assert cpu.QUANT_MATVEC_TARGET in text
+            grouped = cpu.QUANT_GROUPED_TARGET in text
+            assert grouped == (moe_impl == "auto"), text.count(cpu.QUANT_GROUPED_TARGET)
+    err_native, err_xla = _rel_err(steps[True], want), _rel_err(steps[False], want)
+    assert err_native <= 1.5 * err_xla + 1e-3, (err_native, err_xla)
+    assert err_xla < 0.05, err_xla
 
 
 def _bf16_router_logits(on: bool, dtype=jnp.bfloat16) -> np.ndarray:

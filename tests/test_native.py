@@ -293,14 +293,18 @@ def test_library_is_kept_per_source():
 
 
 # The kernels must build where they cannot run too: a CPU without AVX-512 (or without
-# AVX512-BF16) gets the library's own "no kernels" answer, not a compiler error (which once
-# happened: the non-AVX-512 build referred to an ffi::Error that does not exist).
+# AVX512-BF16; with it but without AVX512-VBMI, no quantised kernels) gets the library's own
+# "no kernels" answer, not a compiler error (which once happened: the non-AVX-512 build
+# referred to an ffi::Error that does not exist).
 @pytest.mark.slow
 @pytest.mark.skipif(
     platform.machine().lower() not in ("x86_64", "amd64") or shutil.which("c++") is None,
     reason="needs an x86-64 C++ compiler",
 )
-@pytest.mark.parametrize(("march", "isa"), [("x86-64-v3", 0), ("skylake-avx512", 1)])
+@pytest.mark.parametrize(
+    ("march", "isa"),
+    [("x86-64-v3", 0), ("skylake-avx512", 1), ("cooperlake", 3)],
+)
 def test_kernels_build_for_other_cpus(tmp_path, march, isa):
     import ctypes
 

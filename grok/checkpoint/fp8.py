@@ -10,8 +10,11 @@ or per output row) or ``<name>_scale_inv`` (128x128 blocks), each TP slice with 
 - on the host (``codes_to_float32``, ``scale_on_host``): unit by unit as the codes are copied,
   by a 256-entry lookup and a multiply.
 
-``on_device`` picks between them. ``quantize="fp8"`` (a float checkpoint stored as float8 with
-per-output-channel scales) is one jitted update a layer at a time (``quantize_into_fn``).
+``on_device`` picks between them. ``quantize="fp8"`` of a float weight (stored as float8
+with per-output-channel scales) is one jitted update a layer at a time (``quantize_into_fn``);
+of an FP8 weight whose scales the model's layout holds exactly (``fits``: per tensor or
+channel, or 128 x 128 tiles as "fp8-block"'s row blocks), the codes are copied as bytes and
+the scales rearranged on the host (``kept_codes`` decides which, and the mode).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +30,17 @@ import numpy as np
 
 from grok.checkpoint.files import CheckpointFiles
 from grok.checkpoint.plan import ParamPlan
+from grok.kernels.cpu import host
 from grok.params import WeightSpec
-from grok.quant import FP8_BLOCK, block_scales, dequantize, quantize
+from grok.quant import (
+    FP8_BLOCK,
+    QUANT_DTYPES,
+    block_scales,
+    dequantize,
+    quantize,
+    row_blocks,
+    scale_shape,
+)
 
 FLOAT_DTYPES = {
     np.dtype(jnp.bfloat16),
@@ -165,6 +178,56 @@ def _scale_grid(files: CheckpointFiles, scale_name: str, name: str, spec: Weight
     return grid, maps[0], maps[1]
 
 
+# Kept as they are.
+def fits(device: DeviceScales | None, mode: str) -> bool:
+    """Whether the model's scale in ``mode`` ("fp8"/"fp8-block") holds these FP8 scales
+    exactly, so that the codes load as they are: float8_e4m3fn codes whose row's scales do not
+    differ along its inputs ("fp8") or within a block of 128 of them ("fp8-block": tiles and
+    TP slices on 128-input boundaries of the stitched row)."""
+    if device is None or device.codes_dtype != np.dtype(QUANT_DTYPES["fp8"]):
+        return False
+    cols, grid = device.cols.reshape(-1), device.grid  # [I], [*lead, R, C]
+    width = FP8_BLOCK if row_blocks(mode) else cols.size  # inputs under one kept scale
+    for g0 in range(0, cols.size, width):
+        used = np.unique(cols[g0 : g0 + width])  # the grid columns this block reads
+        if used.size > 1 and not np.all(grid[..., used] == grid[..., used[:1]]):
+            return False
+    return True
+
+
+def kept_scale(device: DeviceScales, spec: WeightSpec, mode: str) -> np.ndarray:
+    """The model's scale of FP8 weight ``spec`` in ``mode`` (``grok.quant.scale_shape``)
+    from its checkpoint scales, which ``fits`` that mode."""
+    rows, cols = device.rows.reshape(-1), device.cols.reshape(-1)  # [O], [I]
+    starts = cols[:: FP8_BLOCK if row_blocks(mode) else cols.size]  # [G]: each block's column
+    scale = device.grid[..., rows[:, None], starts[None, :]]  # [*lead, O, G]
+    return np.ascontiguousarray(scale.reshape(scale_shape(spec.shape, spec.in_dims, mode)))
+
+
+def kept_codes(
+    quantize: str | None, specs: Sequence[WeightSpec], scales_of: Callable
+) -> tuple[str | None, frozenset[str]]:
+    """(the mode, the parameters kept as codes) of a load asking for ``quantize``.
+
+    ``scales_of(spec)`` gives a weight's ``DeviceScales`` (None: not FP8 throughout). With
+    "fp8", FP8 weights whose scales fit one per output channel are kept; where some fit only
+    "fp8-block"'s row blocks (128 x 128 tiles, a column-split slice's own per-channel
+    scales) and more are kept so, the load becomes "fp8-block". Kept parameters are named
+    ``"module/name"``; the others are quantised from their values.
+    """
+    if quantize not in ("fp8", "fp8-block"):
+        return quantize, frozenset()
+    fp8 = [s for s in specs if s.quantized and fits(scales_of(s), "fp8-block")]
+
+    def kept(mode: str) -> frozenset[str]:
+        return frozenset(f"{s.module}/{s.name}" for s in fp8 if fits(scales_of(s), mode))
+
+    keep = kept(quantize)
+    if quantize == "fp8" and len(keep) < len(fp8):  # some fit only row blocks
+        return "fp8-block", kept("fp8-block")
+    return quantize, keep
+
+
 # Where.
 def whole(param: ParamPlan) -> bool:
     """Whether ``param``'s codes (all shards this process holds, 1 byte an element) take no
@@ -173,19 +236,22 @@ def whole(param: ParamPlan) -> bool:
     return sum(s.size for s in param.shards) <= largest
 
 
-def on_device(param: ParamPlan, layer: int | None) -> bool:
+def on_device(param: ParamPlan, layer: int | None, codes_dtype: np.dtype) -> bool:
     """Whether FP8 ``param`` (``layer`` alone if given) is dequantised on the device.
 
     Always on an accelerator. On the CPU backend, where "device" work takes the same cores
-    as the host's, only where the whole parameter goes at once: one layer at a time (a
-    sharded parameter, each shard smaller than all its codes) loaded at 0.50-0.54 GB/s on
-    the (1, 8) mesh against 0.80-0.83 GB/s on the host (scripts/bench_load.py, this
-    2-core machine), the zeroed result and one extra compile per shape costing more than
-    they save.
+    as the host's, never where the native library dequantises the codes in the copy threads
+    (``grok.kernels.cpu.host``, e4m3): one pass over the bytes as they are copied. Without
+    it, only where the whole parameter goes at once: one layer at a time (a sharded
+    parameter, each shard smaller than all its codes) loaded at 0.50-0.54 GB/s on the
+    (1, 8) mesh against 0.80-0.83 GB/s on the host (scripts/bench_load.py, this 2-core
+    machine), the zeroed result and one extra compile per shape costing more than they save.
     """
     device_set = param.sharding.device_set
     if device_set and next(iter(device_set)).platform != "cpu":
         return True
+    if np.dtype(codes_dtype) == np.dtype(QUANT_DTYPES["fp8"]) and host.available():
+        return False
     return layer is not None or not param.spec.per_layer or whole(param)
 
 
@@ -227,19 +293,19 @@ def dequantize_into_fn(lead: int, dtype: jnp.dtype, sharding: jax.sharding.Shard
     return jax.jit(update, donate_argnums=0, out_shardings=sharding)
 
 
-def quantize_into_fn(in_dims, sharding, scale_sharding):
+def quantize_into_fn(in_dims, mode, sharding, scale_sharding):
     """A jitted ``(qs, ss, w, layer) -> (qs, ss)`` writing layer ``w`` [1, ...] quantised.
 
-    Per output channel (the ``in_dims`` reduced; the compiler gathers their max across
-    shards); ``qs``/``ss`` are donated, updated in place, and keep their shardings.
+    Per output channel, or per channel and 128 inputs in "fp8-block" (``mode``; the
+    ``in_dims`` reduced, the compiler gathering their max across shards); ``qs``/``ss`` are
+    donated, updated in place, and keep their shardings.
     """
 
     def update(qs, ss, w, layer):
-        q, s = quantize(w, "fp8", in_dims)
-        start = (layer,) + (0,) * (qs.ndim - 1)
+        q, s = quantize(w, mode, in_dims)
         return (
-            jax.lax.dynamic_update_slice(qs, q, start),
-            jax.lax.dynamic_update_slice(ss, s, start),
+            jax.lax.dynamic_update_slice(qs, q, (layer,) + (0,) * (qs.ndim - 1)),
+            jax.lax.dynamic_update_slice(ss, s, (layer,) + (0,) * (ss.ndim - 1)),
         )
 
     return jax.jit(update, donate_argnums=(0, 1), out_shardings=(sharding, scale_sharding))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -49,27 +50,26 @@ def load(
     grok1 = {"config": config, "dtype": dtype, "quantize": quantize, "check_finite": check_finite}
     if is_grok1_checkpoint(path):  # Grok-1 ckpt-0 pickles (or their parent)
         return load_grok1_params(path, mesh=mesh, **grok1)
-    if quantize not in (None, "fp8"):
-        raise ConfigError(f"quantize must be None or 'fp8', got {quantize!r}")
+    if quantize not in (None, "fp8", "fp8-block"):
+        raise ConfigError(f"quantize must be None, 'fp8' or 'fp8-block', got {quantize!r}")
     if not os.path.isdir(path):
         raise ConfigError(f"{path}: not a checkpoint directory")
     config = config or load_config(path)
-    plan = plan_load(
-        config,
-        mesh,
-        dtype=dtype,
-        quantize=quantize,
-        rules=rules,
-        kv_batch=kv_batch,
-        kv_context=kv_context,
+    planned = functools.partial(
+        plan_load, config, mesh, dtype=dtype, rules=rules, kv_batch=kv_batch, kv_context=kv_context
     )
+    plan = planned(quantize=quantize)
     limit = device_memory_bytes or memory_plan.device_bytes_limit(plan.device)
     memory_plan.check_fits(plan.memory, limit, os.fspath(path))
     desc = f"loading {os.fspath(path)}"
     files = CheckpointFiles(path)  # every header, checked by the safetensors library
-    with (
-        ReleasedCheckpoint(files, config, specs=plan.specs) as ckpt,
-        progress_bar(plan.read_bytes, desc=desc, quiet=quiet) as bar,
-    ):
-        params = ckpt.read(plan, on_bytes=bar.update, check_finite=check_finite)
+    with ReleasedCheckpoint(files, config, specs=plan.specs) as ckpt:
+        # An FP8 checkpoint's codes kept as they are where the mode holds their scales
+        # (which may make "fp8" "fp8-block"): planned again, with its scales' shapes.
+        mode, kept = ckpt.kept_codes(quantize)
+        if kept:
+            plan = planned(quantize=mode, specs=plan.specs, kept=kept)
+            memory_plan.check_fits(plan.memory, limit, os.fspath(path))
+        with progress_bar(plan.read_bytes, desc=desc, quiet=quiet) as bar:
+            params = ckpt.read(plan, on_bytes=bar.update, check_finite=check_finite)
     return config, params

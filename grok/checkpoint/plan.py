@@ -7,9 +7,10 @@ a checkpoint is read:
   dimension the mesh cannot split;
 - plans each device's memory from those placements (``grok.memory_plan.plan_memory``):
   MemoryPlanError for a bad KV cache request;
-- lists, for each parameter (``ParamPlan``), its sharding (and its scale's where
-  ``quantize="fp8"`` stores it quantised), the dtype its host buffers are filled with, and
-  the distinct device shards this process builds, of the whole array and of one layer.
+- lists, for each parameter (``ParamPlan``), its sharding (and its scale's where ``quantize``
+  stores it quantised), the dtype its host buffers are filled with (an FP8 checkpoint's
+  codes, where they are kept as they are), and the distinct device shards this process
+  builds, of the whole array and of one layer.
 
 Everything after it reads from this plan: the memory check, the header validation (its
 ``specs``), the progress total, the host buffers' size and the reader's shards.
@@ -20,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import jax
@@ -30,6 +31,7 @@ import numpy as np
 from grok.config import GrokConfig
 from grok.memory_plan import MemoryPlan, plan_memory
 from grok.params import WeightSpec, weight_specs
+from grok.quant import QUANT_DTYPES, scale_partition
 from grok.sharding import ShardingRules, auto_axes, mesh_sizes, place_weights
 
 
@@ -86,10 +88,12 @@ class ParamPlan:
     Attributes:
       spec: its row of the weight table.
       sharding: the sharding of its array.
-      scale_sharding: the sharding of its float32 per-output-channel scale where it is
-        stored quantised (``quantize="fp8"``), else None.
+      scale_sharding: the sharding of its float32 scale (``grok.quant.scale_shape`` of the
+        load's mode) where it is stored quantised (``quantize``), else None.
       dtype: the dtype of its loaded array (before quantising): ``spec.dtype(model dtype)``.
       shards: this process's distinct shards of the whole array.
+      kept: quantised by keeping an FP8 checkpoint's codes and scales as they are (their
+        bytes copied), not by quantising the weights.
     """
 
     spec: WeightSpec
@@ -97,6 +101,7 @@ class ParamPlan:
     scale_sharding: jax.sharding.Sharding | None
     dtype: np.dtype
     shards: tuple[Shard, ...]
+    kept: bool = False
 
     @functools.cached_property
     def layer_shards(self) -> tuple[Shard, ...]:
@@ -106,13 +111,15 @@ class ParamPlan:
 
     @property
     def quantized(self) -> bool:
-        """Stored as float8_e4m3fn codes plus a float32 scale (``quantize="fp8"``)."""
+        """Stored as float8_e4m3fn codes plus a float32 scale (``quantize``)."""
         return self.scale_sharding is not None
 
     @property
     def build_dtype(self) -> np.dtype:
-        """What the host buffers hold: float32 where it is quantised on the device a layer
-        at a time, else its dtype."""
+        """What the host buffers hold: the codes where they are kept, float32 where it is
+        quantised on the device a layer at a time, else its dtype."""
+        if self.kept:
+            return np.dtype(QUANT_DTYPES["fp8"])
         return np.dtype(np.float32) if self.quantized else self.dtype
 
     @property
@@ -123,7 +130,7 @@ class ParamPlan:
     @property
     def largest_buffer_bytes(self) -> int:
         """The largest host buffer one of its shards is read into."""
-        shards = self.layer_shards if self.quantized else self.shards
+        shards = self.layer_shards if self.quantized and not self.kept else self.shards
         return max(s.size for s in shards) * self.build_dtype.itemsize
 
     def region(self, layer: int | None) -> tuple[tuple[int, ...], tuple[Shard, ...]]:
@@ -141,7 +148,7 @@ class LoadPlan:
     Attributes:
       config: the model's config.
       dtype: the model dtype (the router stays float32).
-      quantize: None or "fp8".
+      quantize: None or a mode of ``grok.quant.QUANT_MODES`` ("fp8", "fp8-block").
       params: one ``ParamPlan`` per row of the weight table, in its order.
       memory: the per-device memory plan of the loaded weights and the KV cache request.
       device: the first of this process's devices the arrays go to.
@@ -177,13 +184,16 @@ def plan_load(
     kv_batch: int = 0,
     kv_context: int = 0,
     specs: Sequence[WeightSpec] | None = None,
+    kept: Collection[str] = (),
 ) -> LoadPlan:
     """The plan of loading ``config``'s weights onto ``mesh`` (None: the first device).
 
     ``mesh`` may have Explicit or Auto axes: the arrays go on its Auto-axes twin
     (``grok.sharding.auto_axes``). ``kv_batch`` x ``kv_context`` is the KV cache the memory
     plan leaves room for (the context capped at ``max_position_embeddings``). ``specs``: the
-    weight table when the caller has it already (default ``weight_specs(config)``).
+    weight table when the caller has it already (default ``weight_specs(config)``). ``kept``:
+    the parameters (``"module/name"``) whose FP8 codes a ``quantize`` load keeps as they are
+    (``grok.checkpoint.fp8.kept_codes``).
     Raises ShardingError, then MemoryPlanError, before anything is read or allocated.
     """
     mesh = auto_axes(mesh) if mesh is not None else None
@@ -211,13 +221,18 @@ def plan_load(
     for placed in placements:
         spec, array = placed.spec, sharding(placed.pspec)
         quantized = quantize is not None and placed.scale_pspec is not None
+        scale = None
+        if quantized:
+            entries = scale_partition(placed.scale_pspec, spec.shape, spec.in_dims, quantize)
+            scale = sharding(jax.sharding.PartitionSpec(*entries))
         params.append(
             ParamPlan(
                 spec=spec,
                 sharding=array,
-                scale_sharding=sharding(placed.scale_pspec) if quantized else None,
+                scale_sharding=scale,
                 dtype=np.dtype(spec.dtype(dtype)),
                 shards=shards_of(spec.shape, array),
+                kept=quantized and f"{spec.module}/{spec.name}" in kept,
             )
         )
     return LoadPlan(config, np.dtype(dtype), quantize, tuple(params), memory, local[0])

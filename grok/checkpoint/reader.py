@@ -8,8 +8,10 @@ a ``LoadPlan`` (``plan``) in turn, each by one of three routes:
   unit by unit) and placed (``staging``, ``units``);
 - FP8 on the device: the 1-byte codes read and placed as they are, then dequantised there,
   whole or a layer at a time (``fp8``);
-- ``quantize="fp8"``: each layer built as float32 by one of the above, then quantised to
-  float8 with per-output-channel scales on the device.
+- ``quantize`` of an FP8 weight whose scales the mode's layout holds (``ParamPlan.kept``):
+  the codes read and placed as they are, their scales rearranged on the host;
+- ``quantize`` otherwise: each layer built as float32 by one of the first two, then
+  quantised to float8 on the device (per output channel, or per channel and 128 inputs).
 
 On any error the arrays built so far are deleted and nothing is returned.
 """
@@ -59,6 +61,19 @@ class ReleasedCheckpoint:
         self.config = config
         self.specs = tuple(weight_specs(config) if specs is None else specs)
         self.scales = check_tensors(self.files, self.specs)  # FP8 weight -> its scale's name
+        self._device_scales: dict[str, fp8.DeviceScales | None] = {}
+
+    def device_scales(self, spec: WeightSpec) -> fp8.DeviceScales | None:
+        """``fp8.device_scales`` of ``spec`` (its scale tensors read once)."""
+        key = f"{spec.module}/{spec.name}"
+        if key not in self._device_scales:
+            self._device_scales[key] = fp8.device_scales(self.files, self.scales, spec)
+        return self._device_scales[key]
+
+    def kept_codes(self, quantize: str | None) -> tuple[str | None, frozenset[str]]:
+        """(the mode, the parameters kept as codes) of a load asking for ``quantize``
+        (``fp8.kept_codes``: a plan's ``quantize`` and ``kept``)."""
+        return fp8.kept_codes(quantize, self.specs, self.device_scales)
 
     def close(self) -> None:
         self.files.close()
@@ -82,9 +97,10 @@ class ReleasedCheckpoint:
 
         ``read`` of ``plan_load(config, mesh, ...)``; see there.
         """
-        if quantize not in (None, "fp8"):
-            raise CheckpointError(f"quantize must be None or 'fp8', got {quantize!r}")
-        plan = plan_load(self.config, mesh, dtype=dtype, quantize=quantize, specs=self.specs)
+        if quantize not in (None, "fp8", "fp8-block"):
+            raise CheckpointError(f"quantize must be None, 'fp8' or 'fp8-block', got {quantize!r}")
+        mode, kept = self.kept_codes(quantize)
+        plan = plan_load(self.config, mesh, dtype=dtype, quantize=mode, specs=self.specs, kept=kept)
         return self.read(plan, on_bytes=on_bytes, check_finite=check_finite)
 
     def read(
@@ -98,9 +114,10 @@ class ReleasedCheckpoint:
         """The whole Haiku parameter tree that ``plan`` describes, each array built shard by shard.
 
         ``on_bytes(n)`` is called after each shard with the bytes it produced (progress; they
-        add up to ``plan.read_bytes``). With ``plan.quantize == "fp8"`` every matrix but the
-        router is float8_e4m3fn ``name`` plus float32 ``name_scale`` (one scale per output
-        channel over the whole input dims), quantised on the device one layer at a time.
+        add up to ``plan.read_bytes``). With ``plan.quantize`` every matrix but the router is
+        float8_e4m3fn ``name`` plus float32 ``name_scale`` (``grok.quant.scale_shape`` of the
+        mode): an FP8 weight's codes kept as they are where the plan says so, any other
+        quantised on the device one layer at a time.
         ``check_finite`` checks every weight as it is read (CheckpointError naming the bad
         tensor); quantising always checks. ``workers``: copy threads (default: every core).
         """
@@ -115,9 +132,10 @@ class ReleasedCheckpoint:
                 for param in plan.params:
                     spec = param.spec
                     module = params.setdefault(spec.module, {})
-                    device = fp8.device_scales(self.files, self.scales, spec)
+                    device = self.device_scales(spec)
                     if param.quantized:
-                        q, s = self._load_quantized(param, device, pipeline, on_bytes)
+                        load = self._load_kept if param.kept else self._load_quantized
+                        q, s = load(param, device, plan.quantize, pipeline, on_bytes)
                         module[spec.name], module[spec.name + "_scale"] = q, s
                         continue
                     module[spec.name] = self.build(param, device, pipeline, on_bytes)
@@ -143,7 +161,7 @@ class ReleasedCheckpoint:
         their scales allow it (``device``, from ``fp8.device_scales``) and ``fp8.on_device``
         says so; otherwise on the host, unit by unit.
         """
-        if device is not None and fp8.on_device(param, layer):
+        if device is not None and fp8.on_device(param, layer, device.codes_dtype):
             return self._build_fp8(param, device, pipeline, on_bytes, layer)
         return self._read(param, param.build_dtype, pipeline, on_bytes, layer)
 
@@ -168,10 +186,8 @@ class ReleasedCheckpoint:
         one compile per (layer shape, sharding, dtype), shared by all layers.
         """
         spec, grid = param.spec, device.grid
-        if pipeline.copier.check_finite and not np.all(np.isfinite(grid)):
-            bad = np.nonzero(~np.isfinite(grid.reshape(math.prod(grid.shape[: spec.lead]), -1)))
-            unit = np.unravel_index(bad[0][0], grid.shape[: spec.lead])
-            raise non_finite_error(self.directory, [spec.unit_name(tuple(int(i) for i in unit))])
+        if pipeline.copier.check_finite:
+            self._check_scales(spec, grid)
         out_dtype = jnp.dtype(param.build_dtype)
         counted = None if on_bytes is None else (lambda n: on_bytes(n * out_dtype.itemsize))
         codes_dtype = device.codes_dtype
@@ -195,12 +211,35 @@ class ReleasedCheckpoint:
             raise
         return out
 
-    def _load_quantized(self, param, device, pipeline, on_bytes):
-        """(float8 weight, float32 per-output-channel scale), one layer at a time."""
+    def _check_scales(self, spec: WeightSpec, grid: np.ndarray) -> None:
+        """CheckpointError naming the first unit whose scales are not all finite."""
+        if np.all(np.isfinite(grid)):
+            return
+        bad = np.nonzero(~np.isfinite(grid.reshape(math.prod(grid.shape[: spec.lead]), -1)))
+        unit = np.unravel_index(bad[0][0], grid.shape[: spec.lead])
+        raise non_finite_error(self.directory, [spec.unit_name(tuple(int(i) for i in unit))])
+
+    def _load_kept(self, param, device, mode, pipeline, on_bytes):
+        """(float8 weight, float32 scale) of an FP8 weight kept as it is: its codes' bytes
+        copied into shard buffers (checked for NaN codes), its scales rearranged on the host
+        into the mode's layout (``fp8.kept_scale``)."""
+        self._check_scales(param.spec, device.grid)
+        scale = fp8.kept_scale(device, param.spec, mode)
+        q = self._read(param, device.codes_dtype, pipeline, on_bytes, None)
+        try:
+            s = jax.make_array_from_callback(scale.shape, param.scale_sharding, scale.__getitem__)
+        except BaseException:
+            q.delete()
+            raise
+        return q, s
+
+    def _load_quantized(self, param, device, mode, pipeline, on_bytes):
+        """(float8 weight, float32 scale in ``mode``'s layout), one layer at a time."""
         spec = param.spec
-        qs = fp8.zeros(spec.shape, QUANT_DTYPES["fp8"], param.sharding)
-        ss = fp8.zeros(scale_shape(spec.shape, spec.in_dims), jnp.float32, param.scale_sharding)
-        update = fp8.quantize_into_fn(spec.in_dims, param.sharding, param.scale_sharding)
+        qs = fp8.zeros(spec.shape, QUANT_DTYPES[mode], param.sharding)
+        s_shape = scale_shape(spec.shape, spec.in_dims, mode)
+        ss = fp8.zeros(s_shape, jnp.float32, param.scale_sharding)
+        update = fp8.quantize_into_fn(spec.in_dims, mode, param.sharding, param.scale_sharding)
         for layer in range(spec.shape[0]):
             w = self.build(param, device, pipeline, on_bytes, layer=layer)
             qs, ss = update(qs, ss, w, layer)

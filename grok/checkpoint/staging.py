@@ -16,7 +16,6 @@ import collections
 import concurrent.futures
 import dataclasses
 import math
-import mmap
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,27 +23,13 @@ import jax
 import numpy as np
 
 from grok.checkpoint.finite import non_finite_error
+from grok.checkpoint.fresh import aligned_empty
 from grok.checkpoint.plan import LoadPlan, Shard
 from grok.checkpoint.units import Copier, CopyUnit
 
 # The second host buffer (reads overlapping transfers) is kept only where the largest shard
 # is at most this fraction of the checkpoint: the host-memory target of a load.
 SECOND_BUFFER_FRACTION = 0.05
-
-
-def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """An uninitialised C-order array on fresh page-aligned memory, without huge pages.
-
-    Page-aligned (the CPU backend adopts buffers aligned to 64 bytes without a copy). No huge
-    pages: with transparent huge pages on, first touching a several-hundred-MB shard made the
-    kernel zero and gather 2 MB pages, and a 2 GB one-device load took 4.6-8.1 s instead of
-    1.9-2.2 s (this machine, under load).
-    """
-    nbytes = math.prod(shape) * dtype.itemsize
-    memory = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux
-        memory.madvise(mmap.MADV_NOHUGEPAGE)
-    return np.frombuffer(memory, np.uint8, nbytes).view(dtype).reshape(shape)
 
 
 def stages_on_host(device: jax.Device) -> bool:

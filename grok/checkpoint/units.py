@@ -13,8 +13,9 @@ thread (copies out of a memory map release the GIL, so the threads run in parall
   covering region into a temporary and copies the slice out of it.
 
 ``Copier.run`` is the one place a unit runs: each part copied as raw bits when the dtypes
-agree, else cast (float32 -> bfloat16 in integer ops) or dequantised (FP8 codes -> float32 ->
-scaled), then checked for NaN/Inf (``grok.checkpoint.finite``).
+agree, else cast (float32 -> bfloat16 in integer ops) or dequantised (e4m3 codes by the native
+library's ``grok.kernels.cpu.host.dequantize_fp8``, else FP8 codes -> float32 -> scaled in
+numpy), then checked for NaN/Inf (``grok.checkpoint.finite``).
 """
 
 from __future__ import annotations
@@ -29,8 +30,11 @@ import numpy as np
 
 from grok.checkpoint import fp8
 from grok.checkpoint.files import CheckpointFiles, TensorInfo
-from grok.checkpoint.finite import all_finite
+from grok.checkpoint.finite import NON_FINITE_FROM, all_finite
+from grok.checkpoint.fresh import populate
+from grok.kernels.cpu import host
 from grok.params import WeightSpec, hf_region
+from grok.quant import FP8_BLOCK
 
 UNIT_BYTES = 8 << 20  # rows per copy unit: about this many bytes, so big tensors split
 
@@ -223,13 +227,16 @@ class Copier:
         self.non_finite: list[str] = []
 
     def run(self, unit: CopyUnit, buffer: np.ndarray) -> None:
-        """Runs ``unit`` into ``buffer`` (a shard's host buffer)."""
+        """Runs ``unit`` into ``buffer`` (a shard's host buffer), its span of the buffer
+        faulted in first (``fresh.populate``)."""
         dst = buffer[unit.pos]
         if unit.gather is None:
             view = dst.reshape(unit.view)
+            populate(_span(view, unit.parts))
             for part in unit.parts:
                 self.copy(part, view[part.dst])
             return
+        populate(dst)
         region = np.empty(unit.gather.region, dst.dtype)
         for part in unit.parts:
             self.copy(part, region[part.dst])
@@ -244,12 +251,16 @@ class Copier:
         src = self.files.view(entry)
         src = src.reshape(-1)[part.rows] if part.cols is None else src[part.rows, part.cols]
         if entry.dtype in fp8.FP8_DTYPES and dst.dtype != entry.dtype:  # host dequantising
+            if self._dequantize_natively(part, src, dst):
+                return
             src = fp8.codes_to_float32(src)
             scale = part.scale
             blocks = fp8.is_block_scale(scale.name)
             fp8.scale_on_host(
                 src, self.files.view(scale), blocks, part.rows, part.cols, entry.shape[1]
             )
+        if src.dtype == dst.dtype and self._copy_natively(entry.name, src, dst):
+            return
         if src.dtype == dst.dtype:  # raw bits: a plain memory copy, whatever the float type
             bits = np.dtype(f"u{dst.dtype.itemsize}")
             dst.view(bits)[...] = src.view(bits)
@@ -262,6 +273,46 @@ class Copier:
             all_finite(dst) and (src.dtype == dst.dtype or all_finite(src))
         ):
             self.non_finite.append(entry.name)
+
+    def _copy_natively(self, name: str, src: np.ndarray, dst: np.ndarray) -> bool:
+        """``dst[...] = src`` as raw bytes, checked on the way, by the native library
+        (``grok.kernels.cpu.host.copy_checked``): one pass where numpy's copy and check
+        made two. False where it does not apply (no library, a layout it does not take)."""
+        threshold = NON_FINITE_FROM.get(dst.dtype) if self.check_finite else 0
+        if threshold is None:
+            return False
+        bad = host.copy_checked(src, dst, threshold)
+        if bad is None:
+            return False
+        if bad:
+            self.non_finite.append(name)
+        return True
+
+    def _dequantize_natively(self, part: Part, src: np.ndarray, dst: np.ndarray) -> bool:
+        """``dst[...] = `` FP8 ``src`` times its scales by the native library, checked: one
+        pass where numpy made four (lookup, scale, rounding, check); 2 copy threads, bf16 out:
+        see ``grok.kernels.cpu.host``. False where it does not apply (no library, e5m2 codes,
+        a float16 model)."""
+        scale = part.scale
+        blocks = (FP8_BLOCK, FP8_BLOCK) if fp8.is_block_scale(scale.name) else None
+        bad = host.dequantize_fp8(
+            src,
+            self.files.view(scale),
+            dst,
+            row0=part.rows.start,
+            col0=part.cols.start,
+            blocks=blocks,
+        )
+        if bad is None:
+            return False
+        if bad and self.check_finite:
+            self.non_finite.append(part.entry.name)
+        return True
+
+
+def _span(view: np.ndarray, parts: tuple[Part, ...]) -> np.ndarray:
+    """The rows of ``view`` (or elements, flat) the ``parts`` write: a unit's span."""
+    return view[min(p.dst[0].start for p in parts) : max(p.dst[0].stop for p in parts)]
 
 
 def _to_bfloat16(x: np.ndarray, out: np.ndarray) -> None:

@@ -2,8 +2,9 @@
 the one place that picks their implementation for a program (``select``).
 
 - ``xla.XlaKernels``: the reference, plain XLA operations. GPUs, TPUs, device meshes,
-  training, quantised weights, and the CPU wherever the native kernels do not apply.
-- ``cpu.CpuKernels``: the native CPU kernels (C++ through XLA FFI) on one CPU device.
+  training, and the CPU wherever the native kernels do not apply.
+- ``cpu.CpuKernels``: the native CPU kernels (C++ through XLA FFI) on one CPU device, plain
+  or quantised weights.
 
 The choice follows the platform of the devices the program is compiled for (a mesh's, or the
 devices the parameters live on), never the host's default backend, and the chosen object is
@@ -45,17 +46,19 @@ def select(
     """The kernels for a program compiled for ``mesh``'s devices, or else for ``devices`` (those
     its parameters live on: ``devices_of(params)``), computing in ``dtype``.
 
-    ``CpuKernels`` for one CPU device with no mesh, no quantised weights (``quant``), not for
-    training; its native kernels run where they exist for ``dtype`` (``cpu.available``:
-    float32, or bfloat16 with AVX512-BF16, and not switched off by ``GROK_NATIVE=0``), and
-    without them it still feeds XLA:CPU the views it needs. Else the XLA reference for the
-    devices' platform. ValueError for no devices or mixed platforms.
+    ``CpuKernels`` for one CPU device with no mesh, not for training, whether the matrices are
+    quantised (``quant``, a mode of ``grok.quant.QUANT_MODES``) or not; its native kernels run
+    where they exist for ``dtype`` (``cpu.available``: float32, or bfloat16 with AVX512-BF16,
+    and not switched off by ``GROK_NATIVE=0``; the quantised ones, ``cpu.available_codes``,
+    for bfloat16 with AVX512-VBMI too), and without them it still feeds XLA:CPU the views it
+    needs. Else the XLA reference for the devices' platform. ValueError for no devices or
+    mixed platforms.
     """
     devices = list(mesh.devices.flat) if mesh is not None else list(devices)
     platforms = {d.platform for d in devices}
     if len(platforms) != 1:
         raise ValueError(f"select: expected the devices of one platform, got {sorted(platforms)}")
     platform = platforms.pop()
-    if platform == "cpu" and mesh is None and len(devices) == 1 and quant is None and not training:
+    if platform == "cpu" and mesh is None and len(devices) == 1 and not training:
         return cpu.CpuKernels(native=cpu.available(dtype))
     return XlaKernels(platform)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from grok.errors import ConfigError
 from grok.kv_cache import KVCache, LayerCache
-from grok.layers import QuantWeight, soft_cap
+from grok.layers import QuantWeight, dequant, soft_cap
 
 # The expert path for many assignments (prefill), by platform. XLA's GPU and TPU backends run
 # ragged_dot as a grouped matmul. On CPU (jaxlib 0.10.2, D 512, Fe 1024, E 8, k 2, float32
@@ -343,6 +343,8 @@ class XlaKernels:
         # A quantised weight is multiplied as stored (cast to the activations' dtype) and its
         # per-output-channel scale (1 on the In axis) applied to each row's output afterwards
         # (the same product, without a dequantised copy in float32).
+        if isinstance(w, QuantWeight) and w.scale.shape[in_axis] != 1:  # row blocks
+            w = dequant(w, xs.dtype)
         q = w.q if isinstance(w, QuantWeight) else w
         y = jax.lax.ragged_dot_general(
             xs, q.astype(xs.dtype), sizes, numbers, preferred_element_type=jnp.float32

@@ -8,10 +8,20 @@ from grok.kernels.cpu.build import (
     ENV_SWITCH,
     GROUPED_TARGET,
     MATVEC_TARGET,
+    QUANT_GROUPED_TARGET,
+    QUANT_MATVEC_TARGET,
     available,
+    available_codes,
     why_unavailable,
 )
-from grok.kernels.cpu.ffi import MAX_ROWS, attention, grouped_matvec, matvec
+from grok.kernels.cpu.ffi import (
+    MAX_ROWS,
+    attention,
+    grouped_matvec,
+    matvec,
+    quant_grouped_matvec,
+    quant_matvec,
+)
 from grok.kernels.cpu.ops import CpuKernels
 
 __all__ = [
@@ -21,10 +31,15 @@ __all__ = [
     "GROUPED_TARGET",
     "MATVEC_TARGET",
     "MAX_ROWS",
+    "QUANT_GROUPED_TARGET",
+    "QUANT_MATVEC_TARGET",
     "CpuKernels",
     "attention",
     "available",
+    "available_codes",
     "grouped_matvec",
     "matvec",
+    "quant_grouped_matvec",
+    "quant_matvec",
     "why_unavailable",
 ]

@@ -35,17 +35,21 @@ from grok.compile_cache import user_cache_root
 MATVEC_TARGET = "grok_matvec"
 GROUPED_TARGET = "grok_grouped_matvec"
 ATTENTION_TARGET = "grok_attention"
+QUANT_MATVEC_TARGET = "grok_quant_matvec"
+QUANT_GROUPED_TARGET = "grok_quant_grouped_matvec"
 # The FFI targets and the library symbols of their handlers.
 TARGETS = {
     MATVEC_TARGET: "GrokMatvec",
     GROUPED_TARGET: "GrokGroupedMatvec",
     ATTENTION_TARGET: "GrokAttention",
+    QUANT_MATVEC_TARGET: "GrokQuantMatvec",
+    QUANT_GROUPED_TARGET: "GrokQuantGroupedMatvec",
 }
 ENV_SWITCH = "GROK_NATIVE"  # "0" turns the kernels off
 ENV_CACHE = "GROK_NATIVE_CACHE"  # where the built library goes (default: user cache)
 SOURCE_DIR = "src"  # the C++ sources, inside this package
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
-_ISA_F32, _ISA_BF16 = 1, 2  # grok_native_isa()'s bits (src/isa.cc)
+_ISA_F32, _ISA_BF16, _ISA_CODES = 1, 2, 4  # grok_native_isa()'s bits (src/isa.cc)
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "isa": int, "lib": ctypes.CDLL, "why": str
@@ -156,6 +160,12 @@ def _load() -> int:
     return int(_state["isa"])
 
 
+def library() -> ctypes.CDLL | None:
+    """The loaded library (its plain C functions, ``host``), or None where it is unavailable."""
+    _load()
+    return _state["lib"]  # type: ignore[return-value]
+
+
 def why_unavailable() -> str:
     """Why the kernels are off ("" when they are on)."""
     _load()
@@ -169,3 +179,14 @@ def available(dtype: jnp.dtype) -> bool:
     dtype = jnp.dtype(dtype)
     need = {jnp.dtype(jnp.float32): _ISA_F32, jnp.dtype(jnp.bfloat16): _ISA_BF16}.get(dtype)
     return need is not None and bool(_load() & need)
+
+
+def available_codes(dtype: jnp.dtype, codes: jnp.dtype) -> bool:
+    """Whether this machine runs the kernels for weights stored as ``codes`` (float8_e4m3fn
+    or int8, with float32 scales) times ``dtype`` activations: bfloat16 only, on CPUs with
+    AVX512-BF16 and AVX512-VBMI (``src/quant.cc``)."""
+    return (
+        jnp.dtype(dtype) == jnp.bfloat16
+        and jnp.dtype(codes) in (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.int8))
+        and bool(_load() & _ISA_CODES)
+    )

@@ -27,7 +27,10 @@ from grok.kernels.cpu.build import (
     ATTENTION_TARGET,
     GROUPED_TARGET,
     MATVEC_TARGET,
+    QUANT_GROUPED_TARGET,
+    QUANT_MATVEC_TARGET,
     available,
+    available_codes,
     why_unavailable,
 )
 from grok.kernels.xla import take
@@ -161,6 +164,75 @@ def grouped_matvec(
         raise ValueError(f"grouped_matvec: sizes {sizes.shape} for {w.shape[-3]} groups")
     _check("grouped_matvec", x=x, w=w)
     return _grouped(x, w, _indices(index), sizes.astype(jnp.int32))
+
+
+# The products of weights stored as 8-bit codes.
+
+CODE_GROUP = 128  # inputs per scale where a row has several (the kernels' kGroup)
+
+
+def _check_codes(kernel: str, x: jax.Array, w: jax.Array, scale: jax.Array) -> None:
+    """ValueError unless ``x`` is bfloat16 (or its uint16 bits), ``w`` codes with a kernel
+    here and ``scale`` float32 [..., O, 1 or ceil(I / CODE_GROUP)] beside ``w`` [..., O, I]."""
+    logical = jnp.bfloat16 if x.dtype == jnp.uint16 else x.dtype
+    if not available_codes(logical, w.dtype):
+        why = why_unavailable() or "dtypes, or a CPU without AVX512-BF16 and AVX512-VBMI"
+        raise ValueError(f"{kernel}: no kernel for x {x.dtype} and w {w.dtype} here ({why})")
+    groups = -(-w.shape[-1] // CODE_GROUP)
+    if (
+        scale.dtype != jnp.float32
+        or scale.shape[:-1] != w.shape[:-1]
+        or scale.shape[-1] not in (1, groups)
+    ):
+        raise ValueError(
+            f"{kernel}: scale {scale.dtype}{list(scale.shape)} for w {list(w.shape)}: expected "
+            f"float32 [..., {w.shape[-2]}, 1 or {groups}]"
+        )
+
+
+def quant_matvec(
+    x: jax.Array, w: jax.Array, scale: jax.Array, index: tuple[jax.Array | int, ...] = ()
+) -> jax.Array:
+    """``x @ (w[index] * scale[index])^T`` in float32, reading the codes and scales in place.
+
+    Args:
+      x: [R, I] bfloat16 activations (or their uint16 bits); any R (from ``ffi``'s panel
+        threshold on, packed panels).
+      w: [*lead, O, I] float8_e4m3fn or int8 codes.
+      scale: [*lead, O, G] float32: G = 1, one scale per output row, or ceil(I / 128), one per
+        row and 128 inputs (the last group partial).
+      index: one int32 scalar per leading axis, clamped like ``lax.dynamic_slice``.
+    Returns:
+      [R, O] float32. Not differentiable (quantised weights are for inference).
+    """
+    if x.ndim != 2 or w.ndim != 2 + len(index) or x.shape[1] != w.shape[-1]:
+        raise ValueError(f"quant_matvec: x {x.shape} and w {w.shape} with {len(index)} indices")
+    _check_codes("quant_matvec", x, w, scale)
+    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[-2]), jnp.float32)
+    call = jax.ffi.ffi_call(QUANT_MATVEC_TARGET, out, vmap_method="sequential")
+    return call(x, w, scale, _indices(index))
+
+
+def quant_grouped_matvec(
+    x: jax.Array,
+    w: jax.Array,
+    scale: jax.Array,
+    sizes: jax.Array,
+    index: tuple[jax.Array | int, ...] = (),
+) -> jax.Array:
+    """``grouped_matvec`` with the matrices stored as codes: rows of ``x`` [A, I] sorted by
+    group, each times its group's ``w[index][g] * scale[index][g]`` (w [*lead, E, O, I] codes,
+    scale [*lead, E, O, G] as ``quant_matvec``'s), ``sizes`` [E] rows per group; [A, O]
+    float32, rows past the sizes' total 0. A group without rows reads nothing."""
+    lead = len(index)
+    if x.ndim != 2 or w.ndim != 3 + lead or x.shape[1] != w.shape[-1]:
+        raise ValueError(f"quant_grouped_matvec: x {x.shape} and w {w.shape} with {lead} indices")
+    if sizes.shape != (w.shape[-3],):
+        raise ValueError(f"quant_grouped_matvec: sizes {sizes.shape} for {w.shape[-3]} groups")
+    _check_codes("quant_grouped_matvec", x, w, scale)
+    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[-2]), jnp.float32)
+    call = jax.ffi.ffi_call(QUANT_GROUPED_TARGET, out, vmap_method="sequential")
+    return call(x, w, scale, _indices(index), sizes.astype(jnp.int32))
 
 
 # attention.

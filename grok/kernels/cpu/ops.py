@@ -1,6 +1,7 @@
 """The model's operations on one CPU device, as native kernel calls (``ffi``) where a kernel
 applies and as XLA's otherwise, with what it takes to feed XLA:CPU well: weights read where
-they lie (``Stacked`` views) and 16-bit floats moved as their uint16 bits.
+they lie (``Stacked`` views, ``QuantStacked`` for codes and their scales) and 16-bit floats
+moved as their uint16 bits.
 
 Glossary: B batch, T query positions, S cache slots, K kv heads, H head dim, L layers,
 V vocab, D model width.
@@ -16,10 +17,11 @@ import jax
 import jax.numpy as jnp
 
 from grok.kernels.cpu import ffi
-from grok.kernels.cpu.build import available
+from grok.kernels.cpu.build import available, available_codes
 from grok.kernels.xla import XlaKernels, take
 from grok.kv_cache import KVCache, LayerCache
 from grok.layers import QuantWeight
+from grok.quant import dequantize
 
 # XLA:CPU's float normalisation treats a bf16 (or f16) slice, update or gather as unsupported:
 # it converts the whole array to float32 around it, and hoists that conversion out of loops.
@@ -86,6 +88,52 @@ class Stacked:
     def astype(self, dtype: jnp.dtype) -> jax.Array:
         return self.materialize().astype(dtype)
 
+    def dequantized(self, scale: Stacked, dtype: jnp.dtype) -> QuantStacked:
+        """These codes times ``scale`` as a weight of ``dtype``, still unread (``dequant``'s
+        hook, ``grok.layers``)."""
+        return QuantStacked(self, scale, jnp.dtype(dtype))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantStacked:
+    """A quantised weight inside stacked arrays, as the weight it stands for: ``codes *
+    scale`` in ``dtype``, not read yet. The quantised kernels read the codes and scales in
+    place; ``materialize`` dequantises a copy for every other use.
+
+    ``codes`` and ``scale`` are ``Stacked`` views at the same indices, shaped as a
+    ``QuantWeight``'s q and scale (``grok.quant.scale_shape``).
+    """
+
+    codes: Stacked
+    scale: Stacked
+    dtype: jnp.dtype = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.codes.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.codes.ndim
+
+    def __getitem__(self, index) -> QuantStacked:
+        return QuantStacked(self.codes[index], self.scale[index], self.dtype)
+
+    def reshape(self, rows: int, cols: int) -> QuantStacked:
+        """The weight as an [O, I] matrix (its trailing dims flattened into I): the codes
+        reshaped, the scale to [O, 1] (per channel) or [O, G] (row blocks)."""
+        size = math.prod(self.scale.shape)
+        return QuantStacked(
+            self.codes.reshape(rows, cols), self.scale.reshape(rows, size // rows), self.dtype
+        )
+
+    def materialize(self) -> jax.Array:
+        return dequantize(self.codes.materialize(), self.scale.materialize(), self.dtype)
+
+    def astype(self, dtype: jnp.dtype) -> jax.Array:
+        return self.materialize().astype(dtype)
+
 
 def stacked(array: jax.Array, dtype: jnp.dtype | None = None) -> Stacked:
     """A ``Stacked`` view of a whole array (``dtype``: its own dtype when ``array`` holds its
@@ -136,14 +184,14 @@ class CpuKernels(XlaKernels):
         }
 
     def layer_experts(self, w, layer: jax.Array):
-        if isinstance(w, QuantWeight):
-            return super().layer_experts(w, layer)
         # ``view[e]`` takes layer and expert together: a decode step reads only the chosen
-        # expert's weights, in place through the kernel.
+        # expert's weights, in place through the kernel (codes and scales alike).
+        if isinstance(w, QuantWeight):
+            return QuantWeight(stacked(w.q)[layer], stacked(w.scale)[layer])
         return stacked(w)[layer]
 
     def dense(self, w):
-        if isinstance(w, Stacked):
+        if isinstance(w, (Stacked, QuantStacked)):
             return w.materialize()
         if isinstance(w, QuantWeight):
             return QuantWeight(self.dense(w.q), self.dense(w.scale))
@@ -170,6 +218,17 @@ class CpuKernels(XlaKernels):
         return super().project(equation, x, self.dense(w), out_dtype)
 
     def grouped(self, xs, w, sizes, row_group, in_axis) -> jax.Array:
+        if (
+            in_axis == 2
+            and isinstance(w, QuantWeight)
+            and isinstance(w.q, Stacked)
+            and w.q.ndim == 3
+            and self.native
+            and available_codes(xs.dtype, w.q.array.dtype)
+        ):
+            e, o, i = w.q.shape
+            scale = w.scale.reshape(e, o, math.prod(w.scale.shape) // (e * o))  # [E, O, G]
+            return ffi.quant_grouped_matvec(xs, w.q.array, scale.array, sizes, w.q.index)
         if (
             in_axis == 2  # [G, Out, In]: the kernel's layout
             and not isinstance(w, QuantWeight)
@@ -258,19 +317,26 @@ def _native_any_rows(w) -> bool:
 def _native_product(equation: str, x: jax.Array, w) -> jax.Array | None:
     """``x [..., I] . w [O, I]`` (float32 [..., O]) by the native kernel (the caller has checked
     that it may run), or None where it does not apply (too many rows, another equation or
-    dtype, a quantised weight)."""
+    dtype, a quantised weight other than a ``QuantStacked`` the quantised kernels take)."""
     if isinstance(w, QuantWeight) or w.ndim != 2 or jnp.dtype(x.dtype) != jnp.dtype(w.dtype):
         return None
     inputs, out_letters = equation.split("->")
     x_letters, w_letters = inputs.split(",")
-    rows = math.prod(x.shape[:-1])
     if (
-        (rows > ffi.MAX_ROWS and not _native_any_rows(w))
-        or len(w_letters) != 2
+        len(w_letters) != 2
         or x_letters[-1] != w_letters[1]
         or out_letters != x_letters[:-1] + w_letters[0]
     ):
         return None
-    array, index = (w.array, w.index) if isinstance(w, Stacked) else (w, ())
-    y = ffi.matvec(x.reshape(rows, x.shape[-1]), array, index)  # [rows, O]
+    rows = math.prod(x.shape[:-1])
+    x2 = x.reshape(rows, x.shape[-1])  # [rows, I]
+    if isinstance(w, QuantStacked):  # codes read in place at any row count
+        if not available_codes(x.dtype, w.codes.array.dtype):
+            return None
+        y = ffi.quant_matvec(x2, w.codes.array, w.scale.array, w.codes.index)
+    elif rows > ffi.MAX_ROWS and not _native_any_rows(w):
+        return None
+    else:
+        array, index = (w.array, w.index) if isinstance(w, Stacked) else (w, ())
+        y = ffi.matvec(x2, array, index)  # [rows, O]
     return y.reshape(*x.shape[:-1], w.shape[0])
