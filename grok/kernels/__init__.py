@@ -4,6 +4,8 @@ the one place that picks their implementation for a program (``select``).
 - ``xla.XlaKernels``: the reference, plain XLA operations. GPUs, TPUs, device meshes,
   training, quantised weights, and the CPU wherever the native kernels do not apply.
 - ``cpu.CpuKernels``: the native CPU kernels (C++ through XLA FFI) on one CPU device.
+- ``tpu.TpuKernels``: XLA's with Pallas TPU kernels for attention and the experts, on TPUs
+  (a mesh of them, or one).
 
 The choice follows the platform of the devices the program is compiled for (a mesh's, or the
 devices the parameters live on), never the host's default backend, and the chosen object is
@@ -48,7 +50,9 @@ def select(
     ``CpuKernels`` for one CPU device with no mesh, no quantised weights (``quant``), not for
     training; its native kernels run where they exist for ``dtype`` (``cpu.available``:
     float32, or bfloat16 with AVX512-BF16, and not switched off by ``GROK_NATIVE=0``), and
-    without them it still feeds XLA:CPU the views it needs. Else the XLA reference for the
+    without them it still feeds XLA:CPU the views it needs. ``TpuKernels`` for TPUs, on a
+    mesh or one device (its kernels run per device inside ``shard_map``, so it must know the
+    mesh), not for training (the kernels have no gradients). Else the XLA reference for the
     devices' platform. ValueError for no devices or mixed platforms.
     """
     devices = list(mesh.devices.flat) if mesh is not None else list(devices)
@@ -58,4 +62,8 @@ def select(
     platform = platforms.pop()
     if platform == "cpu" and mesh is None and len(devices) == 1 and quant is None and not training:
         return cpu.CpuKernels(native=cpu.available(dtype))
+    if platform == "tpu" and not training and (mesh is not None or len(devices) == 1):
+        from grok.kernels.tpu import TpuKernels  # Pallas: imported for TPU programs only
+
+        return TpuKernels(mesh=mesh)
     return XlaKernels(platform)
