@@ -124,6 +124,7 @@ class ProgramReport:
       compile_s: seconds to trace, lower and compile.
       flops, bytes_accessed: XLA's cost analysis (it counts each loop body once: one layer
         of one step), or None where the backend gives none.
+      hlo: the compiled program's text (what each buffer is, for checking copies).
     """
 
     name: str
@@ -134,6 +135,7 @@ class ProgramReport:
     compile_s: float
     flops: float | None
     bytes_accessed: float | None
+    hlo: str = dataclasses.field(default="", repr=False)
 
     @property
     def peak_bytes(self) -> int:
@@ -259,6 +261,7 @@ def _report(name: str, lowered: Any, began: float, device_bytes: int | None) -> 
         compile_s=time.perf_counter() - began,
         flops=cost.get("flops"),
         bytes_accessed=cost.get("bytes accessed"),
+        hlo=compiled.as_text(),
     )
     if device_bytes is not None and report.peak_bytes > device_bytes:
         raise MemoryPlanError(
