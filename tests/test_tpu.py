@@ -149,25 +149,35 @@ def test_grouped_matmul_matches_float64(case):
 # The kernels in the model.
 
 
-def test_tpu_kernels_in_the_model_equal_xla():
-    """The tiny Grok-2 (float32): a prefill into a cache and a decode step on ``TpuKernels``
-    (interpreted, on the CPU) give XLA's logits and cache."""
-    cfg, dt = TINY_GROK2, jnp.dtype(jnp.float32)
-    params, rope = random_params(cfg), rope_table(cfg, 32)
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (the CPU mesh of conftest)")
+@pytest.mark.parametrize(
+    ("config", "mesh_shape"),
+    [(TINY_GROK2, (1, 2)), (TINY_GROK2, (2, 4)), (TINY_GROK1, (1, 8))],
+    ids=["kv-heads-split", "kv-heads-replicated-rows-split", "xla-attention"],
+)
+def test_tpu_kernels_in_the_model_equal_xla(config, mesh_shape):
+    """A tiny model (float32) on ``TpuKernels`` (interpreted) over a CPU mesh: a prefill into a
+    cache and a decode step give XLA's logits and cache, with the kv heads split over
+    ``model`` (the Grok-2 slices), replicated over it with the batch over ``data``, and where
+    a device's query heads span several kv heads (XLA's attention)."""
+    dt = jnp.dtype(jnp.float32)
+    mesh = auto_axes(make_mesh(*mesh_shape))
+    params, rope = random_params(config), rope_table(config, 32)
     rng = np.random.default_rng(0)
-    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 8)), jnp.int32)
+    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (2, 8)), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (2, 8))
     lengths = jnp.asarray([8, 5], jnp.int32)
     step = jnp.asarray([[3], [7]], jnp.int32)
 
-    def run(kernels):
-        apply = jax.jit(forward_fns(cfg, dt, kernels=kernels).apply)
-        cache = KVCache.create(cfg, 2, 16, dt)
+    def run(kernels, sharding):
+        apply = jax.jit(forward_fns(config, dt, "auto", None, sharding, kernels).apply)
+        cache = KVCache.create(config, 2, 16, dt)
         prompt, cache = apply(params, tokens, positions, rope, cache, lengths)
         decoded, cache = apply(params, step, lengths[:, None], rope, cache, lengths + 1)
         return prompt, decoded, cache.k, cache.v
 
-    for got, want in zip(run(TpuKernels(interpret=True)), run(XlaKernels("cpu")), strict=True):
+    kernels = run(TpuKernels(mesh=mesh, interpret=True), activation_sharding(mesh))
+    for got, want in zip(kernels, run(XlaKernels("cpu"), None), strict=True):
         assert _rel_err(got, want) < RTOL
 
 

@@ -187,7 +187,8 @@ class TpuKernels(XlaKernels):
         if n % m or g % (n // m):
             keys = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False)
             values = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False)
-            return super().attend(q, keys, values, tau, positions, lengths, **attend.keywords)
+            logits = {"scale": attend.keywords["scale"], "cap": attend.keywords["cap"]}
+            return super().attend(q, keys, values, tau, positions, lengths, **logits)
         local_heads = n // m
         cache_spec = self._spec(KV_CACHE_AXES, k_all.shape, "KV cache")
         data = cache_spec[1]
