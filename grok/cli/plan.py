@@ -118,7 +118,11 @@ def _run_topology(args: argparse.Namespace, name: str, config: GrokConfig, conte
     tpu_plan.compile_only_environment()
     if context < 1 or args.batch < 1:
         raise UsageError("--batch and --context must be >= 1 with --topology")
-    prefill = min(context, args.prefill or PREFILL_TOKENS)
+    prefill = args.prefill or min(context, PREFILL_TOKENS)
+    if prefill > config.max_position_embeddings:
+        raise UsageError(
+            f"--prefill {prefill}: longer than the context of {config.max_position_embeddings}"
+        )
     devices = tpu_plan.topology_devices(args.topology)
     setup = tpu_plan.slice_setup(
         config,
@@ -164,18 +168,37 @@ def _run_topology(args: argparse.Namespace, name: str, config: GrokConfig, conte
     _print_programs(reports, memory)
     _print_roofline(tpu_plan, setup, reports[-1], args.batch, context, devices)
     if device_bytes:
-        compiled = (args.batch, context)
-        batch = tpu_plan.largest_batch(
-            setup, reports[-1], compiled, slots=context, device_bytes=device_bytes
-        )
-        slots = tpu_plan.largest_context(
-            setup, reports[-1], compiled, batch=args.batch, device_bytes=device_bytes
-        )
-        print(
-            f"fits: up to batch {batch} at S={context}; up to S={slots} at batch {args.batch} "
-            "(the plan's weights and cache, and the decode's temporaries grown in proportion)"
-        )
+        _print_largest(tpu_plan, setup, reports[-1], args.batch, context, device_bytes)
     return EXIT_OK
+
+
+def _print_largest(tpu_plan, setup, decode, batch, context, device_bytes) -> None:
+    """The largest batch at the context and context at the batch that fit, each estimated
+    from the plan and the decode's temporaries and then compiled (a tenth less, up to three
+    times, where the compiler refuses)."""
+    for what, estimate in (
+        ("batch", tpu_plan.largest_batch(setup, decode, slots=context, device_bytes=device_bytes)),
+        (
+            "context",
+            tpu_plan.largest_context(setup, decode, batch=batch, device_bytes=device_bytes),
+        ),
+    ):
+        for _ in range(3):
+            if estimate < 1:
+                break
+            b, s = (estimate, context) if what == "batch" else (batch, estimate)
+            found = tpu_plan.confirm(setup, batch=b, slots=s, device_bytes=device_bytes)
+            if found is not None:
+                spare = (device_bytes - found.peak_bytes) / GIB
+                print(
+                    f"largest {what}: B={b} x S={s} (compiled: temporaries "
+                    f"{found.temp_bytes / GIB:.2f} GiB, {spare:.2f} GiB to spare)"
+                )
+                break
+            step = setup.mesh.shape["data"]  # a batch the data axis splits
+            estimate = estimate * 9 // 10 // step * step if what == "batch" else estimate // 2
+        else:
+            print(f"largest {what}: not found (the compiler refused three estimates)")
 
 
 def _print_programs(reports, memory) -> None:

@@ -92,8 +92,22 @@ def _column(row: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(eye, square, 0.0), axis=1, keepdims=True)
 
 
+def _head(ref, h: int, layer_ref, select: bool) -> jax.Array:
+    """Kv head h of a key or value block [Sk, K, H] ([Sk, H]: the one head), or with ``select``
+    the head ``layer_ref[1]`` of the block's K (the sublane index must be static: a chain of
+    selects reads each head from VMEM once)."""
+    if ref.ndim == 2:
+        return ref[...]
+    if not select:
+        return ref[:, h, :]
+    out = ref[:, 0, :]
+    for c in range(1, ref.shape[1]):
+        out = jnp.where(layer_ref[1] == c, ref[:, c, :], out)
+    return out
+
+
 def _kernel(
-    layer_ref,  # [1] int32 (SMEM)
+    layer_ref,  # [2] int32 (SMEM): the layer, and the kv head to read (``kv_head``)
     lengths_ref,  # [B] int32 (SMEM)
     visits_ref,  # [B * nq] int32 (SMEM): key blocks each query block reads
     q_ref,  # [K, G, Tq, H] (or [K, G, H] for Tq 1)
@@ -112,8 +126,8 @@ def _kernel(
     group: int,
     key_block_size: int,
     num_query_blocks: int,
+    select: bool,
 ):
-    del layer_ref  # used by the index maps only
     b, i, kb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     visits = visits_ref[b * num_query_blocks + i]
 
@@ -138,8 +152,8 @@ def _kernel(
         visible = (j <= p) & (j < lengths_ref[b].astype(jnp.float32))  # [R, Sk]
         for h in range(heads):  # static: the kv heads of this device
             q = q_ref[h].reshape(rows, q_ref.shape[-1])  # [R, H]
-            k = k_ref[...] if k_ref.ndim == 2 else k_ref[:, h, :]  # [Sk, H]
-            v = v_ref[...] if v_ref.ndim == 2 else v_ref[:, h, :]
+            k = _head(k_ref, h, layer_ref, select)  # [Sk, H]
+            v = _head(v_ref, h, layer_ref, select)
             s = jax.lax.dot_general(
                 q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
             )  # [R, Sk]
@@ -175,6 +189,7 @@ def flash_attention(
     *,
     scale: float,
     cap: float | None,
+    kv_head: jax.Array | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """Causal grouped-query attention of q over layer ``layer`` of a cache.
@@ -186,6 +201,10 @@ def flash_attention(
       layer: () int32, the layer read.
       tau: [B, T] float32 temperatures; positions: [B, T] int32 (< 2^24); lengths: [B] int32.
       scale, cap: the logits are ``cap * tanh(q . k * scale / cap) * tau`` (cap None: no tanh).
+      kv_head: () int32, or None. Given, q is [B, T, 1, G, H]: query heads of the one kv head
+        ``kv_head`` of the cache's K, read in place (each key block holds every head: K times
+        the bytes of that head). For kv heads replicated over devices whose query heads are
+        split.
       interpret: run the kernel in Pallas' interpreter (any backend; for tests).
     Returns:
       [B, T, K, G, H] in the values' dtype; a query that sees no key gets 0.
@@ -194,10 +213,12 @@ def flash_attention(
         keys, values, layer = keys[None], values[None], jnp.zeros((), jnp.int32)
     b, t, heads, group, h = q.shape
     s_len = keys.shape[2]
+    select = kv_head is not None
+    block_heads = keys.shape[3] if select else heads  # the kv heads of one key block
     tq = query_block(t, heads * group)
     rows = heads * group * tq
     block_of = functools.partial(
-        key_block, rows=rows, heads=heads, head_dim=h, itemsize=keys.dtype.itemsize
+        key_block, rows=rows, heads=block_heads, head_dim=h, itemsize=keys.dtype.itemsize
     )
     sk = block_of(s_len)
     if sk == 0:  # no block divides S: pad the keys (a copy; a cache of power-of-two S never)
@@ -227,11 +248,11 @@ def flash_attention(
         qk = jnp.transpose(pad_t(q, "constant"), (0, 2, 3, 1, 4))  # [B, K, G, Tp, H]
         q_spec = pl.BlockSpec((None, heads, group, tq, h), lambda b, i, kb, *_: (b, 0, 0, i, 0))
 
-    if heads == 1:  # XLA keeps a one-head shard as [L, B, 1, S, H]: read it as [L, B, S, H]
+    if block_heads == 1:  # XLA keeps a one-head shard as [L, B, 1, S, H]: read it as [L, B, S, H]
         keys, values = keys[:, :, :, 0], values[:, :, :, 0]
         kv_block = (None, None, sk, h)
     else:
-        kv_block = (None, None, sk, heads, h)
+        kv_block = (None, None, sk, block_heads, h)
 
     def kv_index(b, i, kb, layer_ref, lengths_ref, visits_ref):
         # Blocks past the last visited one map to it: the pipeline does not fetch them again.
@@ -249,6 +270,7 @@ def flash_attention(
         group=group,
         key_block_size=sk,
         num_query_blocks=nq,
+        select=select,
     )
     out = pl.pallas_call(
         kernel,
@@ -270,11 +292,11 @@ def flash_attention(
         cost_estimate=pl.CostEstimate(
             flops=4 * b * t * heads * group * s_len * h,
             transcendentals=2 * b * t * heads * group * s_len,
-            bytes_accessed=2 * b * s_len * heads * h * keys.dtype.itemsize + 2 * qk.nbytes,
+            bytes_accessed=2 * b * s_len * block_heads * h * keys.dtype.itemsize + 2 * qk.nbytes,
         ),
         interpret=interpret,
     )(
-        jnp.reshape(layer, (1,)).astype(jnp.int32),
+        jnp.stack([layer, jnp.int32(0) if kv_head is None else kv_head]).astype(jnp.int32),
         lengths.astype(jnp.int32),
         visits,
         qk,

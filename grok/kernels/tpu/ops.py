@@ -179,8 +179,9 @@ class TpuKernels(XlaKernels):
 
     def _attend_replicated_kv(self, q, k_all, v_all, layer, tau, positions, lengths, attend):
         """The kv heads replicated over ``model`` (K smaller than it), the query heads split:
-        each device's query heads read one kv head, sliced out of the layer (a copy of one
-        head of one layer); XLA's attention where a device's heads span several kv heads."""
+        each device's query heads read their one kv head of the cache in place (the kernel
+        reads every head's block and keeps that one; slicing the head out first, XLA laid the
+        whole cache out anew). XLA's attention where a device's heads span several kv heads."""
         b, t, kh, g, h = q.shape
         n = kh * g
         m = mesh_sizes(self.mesh)[MODEL]
@@ -195,13 +196,8 @@ class TpuKernels(XlaKernels):
 
         def local(q, k_all, v_all, layer, tau, positions, lengths):  # q [B, T, N/m, H]
             kv_head = jax.lax.axis_index(MODEL) * local_heads // g
-            start = (layer, 0, 0, kv_head, 0)
-            size = (1, *k_all.shape[1:3], 1, h)
-            k = jax.lax.dynamic_slice(k_all, start, size)  # [1, B, S, 1, H]
-            v = jax.lax.dynamic_slice(v_all, start, size)
             q = q.reshape(*q.shape[:2], 1, local_heads, h)  # [B, T, 1, N/m, H]
-            zero = jnp.zeros((), jnp.int32)
-            out = attend(q, k, v, zero, tau, positions, lengths)
+            out = attend(q, k_all, v_all, layer, tau, positions, lengths, kv_head=kv_head)
             return out.reshape(*out.shape[:2], local_heads, h)
 
         q_spec = P(data, None, MODEL, None)
