@@ -231,28 +231,41 @@ class _Programs:
         )
 
 
-def _report(name: str, lowered: Any, began: float, device_bytes: int | None) -> ProgramReport:
-    """Compiles ``lowered``: its report, or MemoryPlanError naming ``name`` when it does not fit
-    the device (the compiler's verdict, or ``device_bytes``)."""
-    try:
+@dataclasses.dataclass(frozen=True)
+class _Refused:
+    """A program the compiler refused for want of memory: the bytes it counted, its message."""
+
+    needed_bytes: int
+    message: str
+
+
+def _compile(name: str, lowered: Any, began: float) -> ProgramReport | _Refused:
+    """Compiles ``lowered``: its report, or ``_Refused`` when the chip's memory is too small
+    for it (any other compiler error is raised)."""
+    cached = jax.config.jax_enable_compilation_cache
+    try:  # a program compiled for devices that are not here never runs: nothing to cache
+        jax.config.update("jax_enable_compilation_cache", False)
         compiled = lowered.compile()
     except Exception as e:  # XLA raises JaxRuntimeError; only an out-of-memory is ours
         text = " ".join(str(e).split())
         if "RESOURCE_EXHAUSTED" not in text:
             raise
         found = re.search(r"\(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", text)
-        short = (
-            f"{float(found.group(1)) - float(found.group(2)):.2f} GiB short (the compiler's "
-            f"count: {found.group(1)} GiB of the chip's {found.group(2)} GiB)"
-            if found
-            else text[:300]
+        if not found:
+            return _Refused(0, text[:300])
+        need, have = float(found.group(1)), float(found.group(2))
+        message = (
+            f"{need - have:.2f} GiB short (the compiler's count: {need} GiB of the chip's "
+            f"{have} GiB)"
         )
-        raise MemoryPlanError(f"{name} does not fit one chip: {short}") from None
+        return _Refused(int(need * GIB), message)
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cached)
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis() or {}
     if isinstance(cost, list):  # older JAX: one dict per program
         cost = cost[0] if cost else {}
-    report = ProgramReport(
+    return ProgramReport(
         name=name,
         argument_bytes=int(memory.argument_size_in_bytes),
         output_bytes=int(memory.output_size_in_bytes),
@@ -263,35 +276,47 @@ def _report(name: str, lowered: Any, began: float, device_bytes: int | None) -> 
         bytes_accessed=cost.get("bytes accessed"),
         hlo=compiled.as_text(),
     )
-    if device_bytes is not None and report.peak_bytes > device_bytes:
-        raise MemoryPlanError(
-            f"{name} does not fit one chip: needs {report.peak_bytes / GIB:.2f} GiB "
-            f"(arguments {report.argument_bytes / GIB:.2f}, temporaries "
-            f"{report.temp_bytes / GIB:.2f}), the chip has {device_bytes / GIB:.2f} GiB: "
-            f"{(report.peak_bytes - device_bytes) / GIB:.2f} GiB short"
-        )
+
+
+def _fits(report: ProgramReport | _Refused, device_bytes: int | None) -> ProgramReport | _Refused:
+    """``report`` where it fits ``device_bytes`` (None: the compiler's verdict alone), else
+    ``_Refused`` with the bytes it needs."""
+    if isinstance(report, _Refused) or device_bytes is None or report.peak_bytes <= device_bytes:
+        return report
+    message = (
+        f"needs {report.peak_bytes / GIB:.2f} GiB (arguments {report.argument_bytes / GIB:.2f}, "
+        f"temporaries {report.temp_bytes / GIB:.2f}), the chip has {device_bytes / GIB:.2f} GiB:"
+        f" {(report.peak_bytes - device_bytes) / GIB:.2f} GiB short"
+    )
+    return _Refused(report.peak_bytes, message)
+
+
+def _checked(name: str, lowered: Any, began: float, device_bytes: int | None) -> ProgramReport:
+    """The compiled program's report, or MemoryPlanError naming ``name`` and the shortfall."""
+    report = _fits(_compile(name, lowered, began), device_bytes)
+    if isinstance(report, _Refused):
+        raise MemoryPlanError(f"{name} does not fit one chip: {report.message}")
     return report
 
 
 def compile_prefill(
     setup: SliceSetup, *, batch: int, tokens: int, slots: int, device_bytes: int | None = None
 ) -> ProgramReport:
-    """``PREFILL_PROGRAM``: prompts [batch, tokens] into a fresh cache of ``slots`` slots."""
+    """``PREFILL_PROGRAM``: prompts [batch, tokens] into a fresh cache of ``slots`` slots.
+    MemoryPlanError when it does not fit a chip (the compiler's count, or ``device_bytes``)."""
     programs = _Programs(setup, batch)
     name = f"prefill B={batch} T={tokens} S={slots}"
     began = time.perf_counter()
     lowered = PREFILL_PROGRAM.lower(
         *programs.prefill_inputs(tokens), cache_len=slots, record_logits=False, **programs.static
     )
-    return _report(name, lowered, began, device_bytes)
+    return _checked(name, lowered, began, device_bytes)
 
 
-def compile_decode(
-    setup: SliceSetup, *, batch: int, slots: int, device_bytes: int | None = None
-) -> ProgramReport:
-    """``DECODE_PROGRAM``: the decode loop over ``batch`` rows of a ``slots``-slot cache, its
-    state donated, laid out as the prefill program pins it (``grok.decode.pin``: k and v as
-    the store's sharding, the rest replicated)."""
+def _lower_decode(setup: SliceSetup, batch: int, slots: int) -> tuple[str, Any, float]:
+    """``DECODE_PROGRAM`` lowered for ``batch`` rows of a ``slots``-slot cache, its state laid
+    out as the prefill program pins it (``grok.decode.pin``: k and v as the store's sharding,
+    the rest replicated): (name, lowered, when the lowering began)."""
     programs = _Programs(setup, batch)
     inputs = programs.prefill_inputs(min(slots, 16))
     static = dict(cache_len=slots, record_logits=False, **programs.static)
@@ -305,13 +330,20 @@ def compile_decode(
     state = jax.tree_util.tree_map(lambda a: laid_out(a, programs.replicated), state)
     cache = dataclasses.replace(state.rows.cache, k=laid_out(cache.k, kv), v=laid_out(cache.v, kv))
     state = dataclasses.replace(state, rows=dataclasses.replace(state.rows, cache=cache))
-    name = f"decode B={batch} S={slots}"
     began = time.perf_counter()
     limit = programs.array((), jnp.int32)
     lowered = DECODE_PROGRAM.lower(
         programs.params, programs.rope, state, limit, *inputs[5:], **programs.static
     )
-    return _report(name, lowered, began, device_bytes)
+    return f"decode B={batch} S={slots}", lowered, began
+
+
+def compile_decode(
+    setup: SliceSetup, *, batch: int, slots: int, device_bytes: int | None = None
+) -> ProgramReport:
+    """``DECODE_PROGRAM``: the decode loop over ``batch`` rows of a ``slots``-slot cache, its
+    state donated. MemoryPlanError when it does not fit a chip."""
+    return _checked(*_lower_decode(setup, batch, slots), device_bytes)
 
 
 def decode_step_bytes(setup: SliceSetup, *, batch: int, slots: int) -> tuple[int, int]:
@@ -340,15 +372,20 @@ def _need(setup: SliceSetup, decode: ProgramReport, batch: int, slots: int) -> i
     return setup.load.memory.weights + kv + decode.temp_bytes
 
 
+MAX_BATCH = 4096  # the largest batch ``largest_batch`` looks for
+
+
 def largest_batch(
     setup: SliceSetup, decode: ProgramReport, *, slots: int, device_bytes: int
 ) -> int:
-    """The largest batch (a multiple of the data axis) that fits ``device_bytes`` with a cache
-    of ``slots`` slots, by ``_need``; 0 if none."""
+    """The largest batch (a multiple of the data axis, at most ``MAX_BATCH``) that fits
+    ``device_bytes`` with a cache of ``slots`` slots, by ``_need``; 0 if none."""
     step = mesh_sizes(setup.mesh)["data"]
     low, high = 0, 1
-    while _need(setup, decode, high * step, slots) <= device_bytes and high < 1 << 20:
+    top = max(1, MAX_BATCH // step)
+    while high <= top and _need(setup, decode, high * step, slots) <= device_bytes:
         low, high = high, high * 2
+    high = min(high, top + 1)
     while high - low > 1:  # the largest j whose batch j * step fits lies in [low, high)
         mid = (low + high) // 2
         low, high = (
@@ -370,14 +407,41 @@ def largest_context(
     return best
 
 
-def confirm(
-    setup: SliceSetup, *, batch: int, slots: int, device_bytes: int | None
+def largest_compiled(
+    setup: SliceSetup,
+    decode: ProgramReport,
+    *,
+    batch: int,
+    slots: int,
+    device_bytes: int,
+    vary: str,
+    tries: int = 3,
 ) -> ProgramReport | None:
-    """The decode program compiled for ``batch`` x ``slots``, or None when it does not fit."""
-    try:
-        return compile_decode(setup, batch=batch, slots=slots, device_bytes=device_bytes)
-    except MemoryPlanError:
-        return None
+    """The decode program at the largest batch (``vary="batch"``, at ``slots``) or cache
+    (``vary="context"``, at ``batch``) that fits, found by compiling: from the plan's estimate
+    (``largest_batch``, ``largest_context``) down, a refused batch replaced by the one where
+    the bytes the compiler counted, drawn as a line from the compiled ``decode`` (at
+    ``batch`` x ``slots``), meet ``device_bytes``; a refused cache halved. None when ``tries``
+    compiles find none."""
+    step = mesh_sizes(setup.mesh)["data"]
+    if vary == "batch":
+        size = largest_batch(setup, decode, slots=slots, device_bytes=device_bytes)
+    else:
+        size = largest_context(setup, decode, batch=batch, device_bytes=device_bytes)
+    for _ in range(tries):
+        if size < 1:
+            return None
+        b, s = (size, slots) if vary == "batch" else (batch, size)
+        found = _fits(_compile(*_lower_decode(setup, b, s)), device_bytes)
+        if isinstance(found, ProgramReport):
+            return found
+        if vary == "context":
+            size //= 2
+            continue
+        per_row = (found.needed_bytes - decode.peak_bytes) / max(1, size - batch)
+        guess = batch + int((device_bytes - decode.peak_bytes) / per_row) if per_row > 0 else 0
+        size = min(guess, size - step) // step * step
+    return None
 
 
 __all__ = [
@@ -390,7 +454,7 @@ __all__ = [
     "compile_decode",
     "compile_only_environment",
     "compile_prefill",
-    "confirm",
+    "largest_compiled",
     "decode_step_bytes",
     "largest_batch",
     "slice_setup",

@@ -174,31 +174,20 @@ def _run_topology(args: argparse.Namespace, name: str, config: GrokConfig, conte
 
 def _print_largest(tpu_plan, setup, decode, batch, context, device_bytes) -> None:
     """The largest batch at the context and context at the batch that fit, each estimated
-    from the plan and the decode's temporaries and then compiled (a tenth less, up to three
-    times, where the compiler refuses)."""
-    for what, estimate in (
-        ("batch", tpu_plan.largest_batch(setup, decode, slots=context, device_bytes=device_bytes)),
-        (
-            "context",
-            tpu_plan.largest_context(setup, decode, batch=batch, device_bytes=device_bytes),
-        ),
-    ):
-        for _ in range(3):
-            if estimate < 1:
-                break
-            b, s = (estimate, context) if what == "batch" else (batch, estimate)
-            found = tpu_plan.confirm(setup, batch=b, slots=s, device_bytes=device_bytes)
-            if found is not None:
-                spare = (device_bytes - found.peak_bytes) / GIB
-                print(
-                    f"largest {what}: B={b} x S={s} (compiled: temporaries "
-                    f"{found.temp_bytes / GIB:.2f} GiB, {spare:.2f} GiB to spare)"
-                )
-                break
-            step = setup.mesh.shape["data"]  # a batch the data axis splits
-            estimate = estimate * 9 // 10 // step * step if what == "batch" else estimate // 2
-        else:
+    from the plan and the decode's temporaries and then compiled (``largest_compiled``)."""
+    for what in ("batch", "context"):
+        found = tpu_plan.largest_compiled(
+            setup, decode, batch=batch, slots=context, device_bytes=device_bytes, vary=what
+        )
+        if found is None:
             print(f"largest {what}: not found (the compiler refused three estimates)")
+            continue
+        spare = (device_bytes - found.peak_bytes) / GIB
+        print(
+            f"largest {what}: {found.name.removeprefix('decode ').replace(' ', ' x ')} "
+            f"(compiled: temporaries "
+            f"{found.temp_bytes / GIB:.2f} GiB, {spare:.2f} GiB to spare)"
+        )
 
 
 def _print_programs(reports, memory) -> None:

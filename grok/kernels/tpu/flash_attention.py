@@ -178,6 +178,34 @@ def _kernel(
             o_ref[h] = out.reshape(o_ref.shape[1:]).astype(o_ref.dtype)
 
 
+def _query_blocks(q, tau, positions, lengths, tq: int, sk: int, nk: int):
+    """The queries as the kernel reads them ([B, K, G, H] for T 1, else [B, K, G, Tp, H], T
+    padded to whole blocks of Tq) and their block spec; positions and temperatures as rows
+    [B, nq, 1, Tq] (padding repeats the last position); and the key blocks each query block
+    visits, [B * nq]: up to its last position and its row's length."""
+    b, t, heads, group, h = q.shape
+    t_pad = _round_up(t, tq)
+    nq = t_pad // tq
+
+    def pad_t(x: jax.Array, mode: str) -> jax.Array:
+        widths = [(0, 0)] * x.ndim
+        widths[1] = (0, t_pad - t)
+        return jnp.pad(x, widths, mode=mode)
+
+    pos = pad_t(positions.astype(jnp.int32), "edge")  # [B, Tp]
+    last = jnp.minimum(jnp.max(pos.reshape(b, nq, tq), axis=2) + 1, lengths[:, None])  # [B, nq]
+    visits = jnp.clip((last + sk - 1) // sk, 1, nk).astype(jnp.int32).reshape(b * nq)
+    pos_rows = pos.astype(jnp.float32).reshape(b, nq, 1, tq)
+    tau_rows = pad_t(tau.astype(jnp.float32), "edge").reshape(b, nq, 1, tq)
+    if t == 1:
+        qk = q[:, 0]  # [B, K, G, H]
+        q_spec = pl.BlockSpec((None, heads, group, h), lambda b, i, kb, *_: (b, 0, 0, 0))
+    else:
+        qk = jnp.transpose(pad_t(q, "constant"), (0, 2, 3, 1, 4))  # [B, K, G, Tp, H]
+        q_spec = pl.BlockSpec((None, heads, group, tq, h), lambda b, i, kb, *_: (b, 0, 0, i, 0))
+    return qk, q_spec, pos_rows, tau_rows, visits
+
+
 def flash_attention(
     q: jax.Array,
     keys: jax.Array,
@@ -226,27 +254,9 @@ def flash_attention(
         pad = [(0, 0), (0, 0), (0, _round_up(s_len, 128) - s_len), (0, 0), (0, 0)]
         keys, values = jnp.pad(keys, pad), jnp.pad(values, pad)
         s_len = keys.shape[2]
-    t_pad = _round_up(t, tq)
-    nq, nk = t_pad // tq, s_len // sk
-
-    # Padded query positions repeat the last one (their rows are dropped at the end).
-    def pad_t(x: jax.Array, mode: str) -> jax.Array:
-        widths = [(0, 0)] * x.ndim
-        widths[1] = (0, t_pad - t)
-        return jnp.pad(x, widths, mode=mode)
-
-    pos = pad_t(positions.astype(jnp.int32), "edge")  # [B, Tp]
-    last = jnp.minimum(jnp.max(pos.reshape(b, nq, tq), axis=2) + 1, lengths[:, None])  # [B, nq]
-    visits = jnp.clip((last + sk - 1) // sk, 1, nk).astype(jnp.int32).reshape(b * nq)
-    pos_rows = pos.astype(jnp.float32).reshape(b, nq, 1, tq)
-    tau_rows = pad_t(tau.astype(jnp.float32), "edge").reshape(b, nq, 1, tq)
-
-    if t == 1:
-        qk = q[:, 0]  # [B, K, G, H]
-        q_spec = pl.BlockSpec((None, heads, group, h), lambda b, i, kb, *_: (b, 0, 0, 0))
-    else:
-        qk = jnp.transpose(pad_t(q, "constant"), (0, 2, 3, 1, 4))  # [B, K, G, Tp, H]
-        q_spec = pl.BlockSpec((None, heads, group, tq, h), lambda b, i, kb, *_: (b, 0, 0, i, 0))
+    nk = s_len // sk
+    qk, q_spec, pos_rows, tau_rows, visits = _query_blocks(q, tau, positions, lengths, tq, sk, nk)
+    nq = pos_rows.shape[1]
 
     if block_heads == 1:  # XLA keeps a one-head shard as [L, B, 1, S, H]: read it as [L, B, S, H]
         keys, values = keys[:, :, :, 0], values[:, :, :, 0]
