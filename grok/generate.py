@@ -211,6 +211,11 @@ def _decode(
     return decode.pin(state, store.sharding, host_sharding)
 
 
+# The two programs by name, for compiling them without running (``grok.tpu_plan``).
+PREFILL_PROGRAM = _prefill
+DECODE_PROGRAM = _decode
+
+
 # -- validate and plan -----------------------------------------------------------------------
 
 

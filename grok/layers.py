@@ -95,6 +95,12 @@ def dequant(w, dtype: jnp.dtype):
     return w if w.dtype == jnp.dtype(dtype) else w.astype(dtype)
 
 
+def for_product(w, dtype: jnp.dtype):
+    """A weight as the kernels' products take it (``Kernels.project``): a ``QuantWeight`` as
+    stored (the product applies its scale to the sums), anything else in ``dtype``."""
+    return w if isinstance(w, QuantWeight) else dequant(w, dtype)
+
+
 def get_weight(
     name: str,
     shape: tuple[int, ...],

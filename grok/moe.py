@@ -21,6 +21,7 @@ variable), or the caller with ``moe_impl``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -30,7 +31,8 @@ import jax.numpy as jnp
 
 from grok.config import GrokConfig
 from grok.kernels import REFERENCE, Kernels
-from grok.layers import activation, dequant, get_weight, soft_cap
+from grok.kernels.xla import EXPERT_IN_AXIS  # noqa: F401  (the experts' layout, read here by tests)
+from grok.layers import activation, dequant, for_product, get_weight, soft_cap
 
 SQRT2 = math.sqrt(2.0)  # the residual MoE divides (dense + MoE) by this
 EXPERTS_MODULE = "experts"  # Haiku name scope of the stacked expert weights (under "grok")
@@ -95,7 +97,7 @@ def _gate(h1: jax.Array, h3: jax.Array, act: Callable[[jax.Array], jax.Array]) -
 def _gated_mlp(x, w1, w3, w2, act, kernels: Kernels):
     """``w2(act(x w1) * (x w3))`` for x [..., D], w1/w3 [F, D], w2 [D, F] ([out, in])."""
     dt = x.dtype
-    w1, w3, w2 = dequant(w1, dt), dequant(w3, dt), dequant(w2, dt)
+    w1, w3, w2 = for_product(w1, dt), for_product(w3, dt), for_product(w2, dt)
     xm = x.reshape(-1, x.shape[-1])  # [M, D]
     h1 = kernels.project("MD,FD->MF", xm, w1)  # [M, F]
     h = _gate(h1, kernels.project("MD,FD->MF", xm, w3), act)  # [M, F]
@@ -219,10 +221,10 @@ def moe_blocks(
     return out.astype(x.dtype)
 
 
-# The contracted (input) axis of one layer's expert matrix [E, ., .] as the weight table
-# lays it out (the release's [out, in]): 2 for w1/w3 [E, Fe, D] and w2 [E, D, Fe].
-# ``moe_ragged`` reads the layout from here (so do its tests and scripts/device_check.py).
-EXPERT_IN_AXIS = 2
+# ``moe_ragged`` takes long prompts this many tokens at a time: its [A, D] buffers (the rows
+# sorted by expert, their outputs, the float32 sum) stay bounded (about 2 GiB per device for
+# Grok-2 at width 8192), and rows sorted within a pass read each expert's weights about once.
+RAGGED_TOKENS = 8192
 
 
 def moe_ragged(
@@ -236,8 +238,9 @@ def moe_ragged(
     *,
     kernels: Kernels = REFERENCE,
 ) -> jax.Array:
-    """Expert outputs by grouped matmuls (``Kernels.grouped``) over the assignments sorted by
-    expert: work is exactly the active tokens-times-experts, with no padding.
+    """Expert outputs by grouped matmuls (``Kernels.expert_mlp``: XLA's ``grouped``, or a
+    kernel) over the assignments sorted by expert: work is exactly the active
+    tokens-times-experts, with no padding; at most ``RAGGED_TOKENS`` tokens per pass.
 
     With the expert width Fe split over ``model`` the compiler keeps every device on its own
     Fe slice of w1, w3 and w2 and sums the [A, D] partial outputs once (one all-reduce); the
@@ -247,6 +250,25 @@ def moe_ragged(
     ``EXPERT_IN_AXIS`` says; or ``Kernels.layer_experts`` views, or ``QuantWeight``s)
     -> [M, D].
     """
+    m, d = x.shape
+    if m <= RAGGED_TOKENS:
+        return _moe_ragged_pass(x, weights, experts, w1, w3, w2, act, kernels)
+    passes = -(-m // RAGGED_TOKENS)
+    pad = passes * RAGGED_TOKENS - m  # padding tokens: weight 0 (their expert 0 adds nothing)
+
+    def split(a: jax.Array) -> jax.Array:  # [M, ...] -> [passes, RAGGED_TOKENS, ...]
+        a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+        return a.reshape(passes, RAGGED_TOKENS, *a.shape[1:])
+
+    def one_pass(chunk):
+        return _moe_ragged_pass(*chunk, w1, w3, w2, act, kernels)
+
+    out = jax.lax.map(one_pass, (split(x), split(weights), split(experts)))
+    return out.reshape(passes * RAGGED_TOKENS, d)[:m]  # [M, D]
+
+
+def _moe_ragged_pass(x, weights, experts, w1, w3, w2, act, kernels: Kernels) -> jax.Array:
+    """``moe_ragged`` on tokens x [M, D] in one pass."""
     m, d = x.shape
     k = experts.shape[1]
     e = w1.shape[0]
@@ -258,12 +280,8 @@ def moe_ragged(
     token_of = order // k  # [A] source token of each sorted assignment
     sizes = jnp.bincount(flat_expert, length=e).astype(jnp.int32)  # [E]
     xs = x[token_of]  # [A, D]
-
-    def grouped(rows: jax.Array, w) -> jax.Array:  # [A, In] -> [A, Out] in x's dtype
-        return kernels.grouped(rows, w, sizes, row_expert, EXPERT_IN_AXIS).astype(x.dtype)
-
-    h = _gate(grouped(xs, w1), grouped(xs, w3), act)  # [A, Fe]
-    ys = grouped(h, w2)  # [A, D]
+    gate = functools.partial(_gate, act=act)
+    ys = kernels.expert_mlp(xs, w1, w3, w2, sizes, row_expert, gate)  # [A, D]
     ws = weights.reshape(a)[order]  # [A]
     out = jnp.zeros((m, d), jnp.float32).at[token_of].add(ys.astype(jnp.float32) * ws[:, None])
     return out.astype(x.dtype)

@@ -14,6 +14,11 @@ XLA_FLAGS is kept.
 import os
 import tempfile
 
+# The suite runs on the CPU backend, also where libtpu is installed (the tpu extra), which JAX
+# would otherwise try to start a TPU with; a platform already set is kept. The TPU compiler
+# still serves the tests that compile for a TPU topology (tests/test_tpu.py).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()

@@ -299,6 +299,36 @@ def reference_attention(
     return out.reshape(B, T, N * H) @ tensors[p + "o_proj.weight"].T  # [B, T, D]
 
 
+def reference_cached_attention(
+    config: GrokConfig,
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    positions: np.ndarray,
+    lengths: np.ndarray,
+) -> np.ndarray:
+    """The attention core over a KV cache, from section 2.1 and 2.3: q [B, T, K, G, H] (RoPE
+    applied) against keys and values [B, S, K, H], key s at position s; query (b, t) at
+    positions[b, t] sees keys s <= that position with s < lengths[b] (each query must see
+    one at least). Logits q.k * attn_scale, capped, times tau(p); softmax; times v.
+    Returns [B, T, K, G, H]."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    B, T, K, G, H = q.shape
+    tau = attention_temperature(config, positions)  # [B, T]
+    out = np.zeros((B, T, K, G, H))
+    for b in range(B):
+        for t in range(T):
+            keys = np.arange(k.shape[1])
+            visible = (keys <= positions[b, t]) & (keys < lengths[b])  # [S]
+            assert visible.any(), "every query must see a key"
+            for kv in range(K):
+                s = q[b, t, kv] @ k[b, :, kv].T * config.attn_scale  # [G, S]
+                s = soft_cap(s, config.attn_logit_softcapping) * tau[b, t]
+                probs = softmax(np.where(visible[None], s, -np.inf), axis=-1)  # [G, S]
+                out[b, t, kv] = probs @ v[b, :, kv]  # [G, H]
+    return out
+
+
 def reference_dense_mlp(
     config: GrokConfig, tensors: Mapping[str, np.ndarray], layer: int, x: np.ndarray
 ) -> np.ndarray:

@@ -5,6 +5,8 @@ the one place that picks their implementation for a program (``select``).
   training, and the CPU wherever the native kernels do not apply.
 - ``cpu.CpuKernels``: the native CPU kernels (C++ through XLA FFI) on one CPU device, plain
   or quantised weights.
+- ``tpu.TpuKernels``: XLA's with Pallas TPU kernels for attention and the experts, on TPUs
+  (a mesh of them, or one), plain or quantised weights.
 
 The choice follows the platform of the devices the program is compiled for (a mesh's, or the
 devices the parameters live on), never the host's default backend, and the chosen object is
@@ -51,8 +53,10 @@ def select(
     where they exist for ``dtype`` (``cpu.available``: float32, or bfloat16 with AVX512-BF16,
     and not switched off by ``GROK_NATIVE=0``; the quantised ones, ``cpu.available_codes``,
     for bfloat16 with AVX512-VBMI too), and without them it still feeds XLA:CPU the views it
-    needs. Else the XLA reference for the devices' platform. ValueError for no devices or
-    mixed platforms.
+    needs. ``TpuKernels`` for TPUs, on a mesh or one device (its kernels run per device inside
+    ``shard_map``, so it must know the mesh), not for training (the kernels have no
+    gradients). Else the XLA reference for the devices' platform. ValueError for no devices
+    or mixed platforms.
     """
     devices = list(mesh.devices.flat) if mesh is not None else list(devices)
     platforms = {d.platform for d in devices}
@@ -61,4 +65,8 @@ def select(
     platform = platforms.pop()
     if platform == "cpu" and mesh is None and len(devices) == 1 and not training:
         return cpu.CpuKernels(native=cpu.available(dtype))
+    if platform == "tpu" and not training and (mesh is not None or len(devices) == 1):
+        from grok.kernels.tpu import TpuKernels  # Pallas: imported for TPU programs only
+
+        return TpuKernels(mesh=mesh)
     return XlaKernels(platform)

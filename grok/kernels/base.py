@@ -18,6 +18,7 @@ operations.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import jax
@@ -62,7 +63,9 @@ class Kernels(Protocol):
     ) -> jax.Array:
         """``einsum(equation, x, w)`` accumulated in float32, returned in ``out_dtype``
         (default ``x``'s). ``x`` is the activation (its first axis a batch axis the output
-        keeps), ``w`` a weight of ``x``'s dtype, e.g. ``project("BTD,OD->BTO", x, w)``."""
+        keeps), ``w`` a weight of ``x``'s dtype or a ``QuantWeight`` (its values in ``x``'s
+        dtype times its per-output-channel scale, applied to the float32 sums: never a
+        dequantised copy of the weight), e.g. ``project("BTD,OD->BTO", x, w)``."""
 
     def grouped(
         self, xs: jax.Array, w: Weight, sizes: jax.Array, row_group: jax.Array, in_axis: int
@@ -70,6 +73,22 @@ class Kernels(Protocol):
         """Rows ``xs`` [A, In] sorted by group (``sizes`` [G] rows each; ``row_group`` [A]
         each row's group) times their group's matrix of ``w`` ([G, Out, In], or [G, In, Out]
         for ``in_axis`` 1): [A, Out] float32; rows past the sizes' total are 0."""
+
+    def expert_mlp(
+        self,
+        xs: jax.Array,
+        w1: Weight,
+        w3: Weight,
+        w2: Weight,
+        sizes: jax.Array,
+        row_group: jax.Array,
+        gate: Callable[[jax.Array, jax.Array], jax.Array],
+    ) -> jax.Array:
+        """The experts' gated MLP on rows ``xs`` [A, D] sorted by expert (``sizes`` [E] rows
+        each, ``row_group`` [A] each row's expert): ``gate(xs w1_e^T, xs w3_e^T) w2_e^T`` for
+        each row's expert e, the products ``grouped``'s rounded to ``xs``' dtype; w1/w3
+        [E, Fe, D] and w2 [E, D, Fe] (``layer_experts`` views). ``gate(h1, h3)`` [A, Fe] -> [A, Fe].
+        Returns [A, D] in ``xs``' dtype."""
 
     def expert_path(self, tokens: int, assignments: int, experts: int) -> str:
         """The MoE path ("gather", "blocks" or "ragged", see ``grok.moe``) for ``tokens``

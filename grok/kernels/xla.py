@@ -24,6 +24,10 @@ from grok.errors import ConfigError
 from grok.kv_cache import KVCache, LayerCache
 from grok.layers import QuantWeight, dequant, soft_cap
 
+# The contracted (input) axis of one layer's expert matrix [E, ., .] as the weight table
+# lays it out (the release's [out, in]): 2 for w1/w3 [E, Fe, D] and w2 [E, D, Fe].
+EXPERT_IN_AXIS = 2
+
 # The expert path for many assignments (prefill), by platform. XLA's GPU and TPU backends run
 # ragged_dot as a grouped matmul. On CPU (jaxlib 0.10.2, D 512, Fe 1024, E 8, k 2, float32
 # and bfloat16) it measured 4x (128 tokens) to 13x (1024 tokens) slower than the block path,
@@ -67,6 +71,16 @@ def prefill_impl(platform: str | None) -> str:
             raise ConfigError(f"{PREFILL_ENV}={forced!r}: expected 'ragged' or 'blocks'")
         return forced
     return PREFILL_IMPL.get(platform, "blocks")
+
+
+def output_scale(scale: jax.Array, w_letters: str, out_letters: str) -> jax.Array:
+    """A per-output-channel ``scale`` (a weight's shape, its contracted axes 1) laid out to
+    multiply the product's output (axes ``out_letters``; those not of the weight are 1)."""
+    kept = [c for c in w_letters if c in out_letters]
+    s = scale.reshape([n for n, c in zip(scale.shape, w_letters, strict=True) if c in kept])
+    order = sorted(kept, key=out_letters.index)
+    s = jnp.transpose(s, [kept.index(c) for c in order])
+    return s.reshape([s.shape[order.index(c)] if c in kept else 1 for c in out_letters])
 
 
 def take(w: jax.Array, index) -> jax.Array:
@@ -311,7 +325,7 @@ class XlaKernels:
         self, equation: str, x: jax.Array, w: jax.Array, out_dtype: jnp.dtype | None = None
     ) -> jax.Array:
         inputs, out_letters = equation.split("->")
-        x_letters = inputs.split(",")[0]
+        x_letters, w_letters = inputs.split(",")
         rows = math.prod(n for n, c in zip(x.shape, x_letters, strict=True) if c in out_letters)
         pad = (
             self.platform == "cpu"
@@ -321,7 +335,11 @@ class XlaKernels:
         )
         if pad:
             x = jnp.concatenate([x, jnp.zeros((MIN_CPU_ROWS - rows, *x.shape[1:]), x.dtype)])
-        y = jnp.einsum(equation, x, w, preferred_element_type=jnp.float32)
+        if isinstance(w, QuantWeight):  # the stored values times the scale of each output
+            y = jnp.einsum(equation, x, w.q.astype(x.dtype), preferred_element_type=jnp.float32)
+            y = y * output_scale(w.scale, w_letters, out_letters)
+        else:
+            y = jnp.einsum(equation, x, w, preferred_element_type=jnp.float32)
         if pad:
             y = jax.lax.slice_in_dim(y, 0, rows, axis=out_letters.index(x_letters[0]))
         return y.astype(out_dtype or x.dtype)
@@ -352,6 +370,13 @@ class XlaKernels:
         if isinstance(w, QuantWeight):  # scale per row's group: [A, Out]
             y = y * jnp.squeeze(w.scale[row_group], axis=in_axis)
         return y
+
+    def expert_mlp(self, xs, w1, w3, w2, sizes, row_group, gate) -> jax.Array:
+        def grouped(rows: jax.Array, w) -> jax.Array:  # [A, In] -> [A, Out] in xs' dtype
+            return self.grouped(rows, w, sizes, row_group, EXPERT_IN_AXIS).astype(xs.dtype)
+
+        h = gate(grouped(xs, w1), grouped(xs, w3))  # [A, Fe]
+        return grouped(h, w2)  # [A, D]
 
     def expert_path(self, tokens: int, assignments: int, experts: int) -> str:
         # Up to E assignments, gathering reads each chosen expert about once; beyond that the
