@@ -44,8 +44,9 @@ def _matrix(w: jax.Array | QuantWeight, in_ndim: int) -> jax.Array | QuantWeight
     decode at batch 1 at 85 tok/s in float32 and 142 in bfloat16 with the copies, 165 and
     208 without them.
     """
-    if isinstance(w, QuantWeight):  # its per-output-channel scale: [out, 1]
-        return QuantWeight(_matrix(w.q, in_ndim), _matrix(w.scale, in_ndim))
+    if isinstance(w, QuantWeight):  # its scale: [out, 1] per channel, [out, G] in row blocks
+        scale_in = w.scale.ndim - (w.q.ndim - in_ndim)  # row blocks: one axis of blocks
+        return QuantWeight(_matrix(w.q, in_ndim), _matrix(w.scale, scale_in))
     n_out = w.ndim - in_ndim
     return w.reshape(math.prod(w.shape[:n_out]), math.prod(w.shape[n_out:]))
 

@@ -179,6 +179,35 @@ def test_tpu_kernels_in_the_model_equal_xla(mesh_shape):
         assert _rel_err(got, want) < RTOL
 
 
+@pytest.mark.parametrize("mode", ["fp8", "fp8-block"])
+def test_tpu_kernels_quantised_equal_xla(mode):
+    """The tiny Grok-1 (bfloat16) with every matrix quantised in ``mode`` on ``TpuKernels``
+    (one device, interpreted): XLA's logits. Per-channel scales go through the grouped
+    kernel; row-block scales ("fp8-block", an FP8 checkpoint's 128x128 tiles) through XLA's
+    path, which dequantises them."""
+    from grok.params import weight_specs
+
+    config, dt = TINY_GROK1.replace(hidden_size=160, moe_intermediate_size=136), jnp.bfloat16
+    params = jax.tree.map(lambda a: a.astype(dt), random_params(config))
+    quant = {m: dict(leaves) for m, leaves in params.items()}
+    for spec in weight_specs(config):
+        if spec.quantized:
+            w = np.asarray(params[spec.module][spec.name], np.float32)
+            q, scale = quantize(w, mode, spec.in_dims)
+            quant[spec.module][spec.name] = jnp.asarray(q)
+            quant[spec.module][spec.name + "_scale"] = jnp.asarray(scale)
+    tokens = jnp.asarray([[3, 4, 5, 6]], jnp.int32)
+    positions = jnp.arange(4, dtype=jnp.int32)[None]
+
+    def run(kernels):
+        apply = jax.jit(forward_fns(config, jnp.dtype(dt), "auto", mode, None, kernels).apply)
+        rope = rope_table(config, 16)
+        return apply(quant, tokens, positions, rope, None, positions[:, -1] + 1)[0]
+
+    got, want = run(TpuKernels(interpret=True)), run(XlaKernels("cpu"))
+    assert _rel_err(got, want) < 2e-2  # bfloat16 activations, summed in another order
+
+
 # Compiled for TPU slices (libtpu's compiler; nothing runs).
 
 

@@ -335,6 +335,9 @@ class XlaKernels:
         )
         if pad:
             x = jnp.concatenate([x, jnp.zeros((MIN_CPU_ROWS - rows, *x.shape[1:]), x.dtype)])
+        kept = math.prod(n for n, c in zip(w.shape, w_letters, strict=True) if c in out_letters)
+        if isinstance(w, QuantWeight) and w.scale.size != kept:  # row blocks: dequantised
+            w = dequant(w, x.dtype)
         if isinstance(w, QuantWeight):  # the stored values times the scale of each output
             y = jnp.einsum(equation, x, w.q.astype(x.dtype), preferred_element_type=jnp.float32)
             y = y * output_scale(w.scale, w_letters, out_letters)

@@ -95,6 +95,10 @@ class TpuKernels(XlaKernels):
         return "ragged"  # the kernel reads the chosen experts in place at every batch size
 
     def expert_mlp(self, xs, w1, w3, w2, sizes, row_group, gate) -> jax.Array:
+        if any(isinstance(w, QuantWeight) and w.scale.shape[-1] != 1 for w in (w1, w3, w2)):
+            # Row-block scales ("fp8-block": one per 128 inputs) are not the kernel's: XLA's
+            # path, which dequantises those weights.
+            return super().expert_mlp(xs, w1, w3, w2, sizes, row_group, gate)
         # Each device counts its own rows' experts (``sizes`` are the whole batch's).
         (q1, s1, layer), (q3, s3, _), (q2, s2, _) = (_stacked(w) for w in (w1, w3, w2))
         a = xs.shape[0]
