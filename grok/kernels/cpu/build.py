@@ -35,11 +35,13 @@ from grok.compile_cache import user_cache_root
 MATVEC_TARGET = "grok_matvec"
 GROUPED_TARGET = "grok_grouped_matvec"
 ATTENTION_TARGET = "grok_attention"
+PAGED_ATTENTION_TARGET = "grok_paged_attention"
 # The FFI targets and the library symbols of their handlers.
 TARGETS = {
     MATVEC_TARGET: "GrokMatvec",
     GROUPED_TARGET: "GrokGroupedMatvec",
     ATTENTION_TARGET: "GrokAttention",
+    PAGED_ATTENTION_TARGET: "GrokPagedAttention",
 }
 ENV_SWITCH = "GROK_NATIVE"  # "0" turns the kernels off
 ENV_CACHE = "GROK_NATIVE_CACHE"  # where the built library goes (default: user cache)
