@@ -299,6 +299,42 @@ def reference_attention(
     return out.reshape(B, T, N * H) @ tensors[p + "o_proj.weight"].T  # [B, T, D]
 
 
+def reference_paged_attention(
+    config: GrokConfig,
+    q: np.ndarray,
+    k_pool: np.ndarray,
+    v_pool: np.ndarray,
+    pages: np.ndarray,
+    positions: np.ndarray,
+    lengths: np.ndarray,
+) -> np.ndarray:
+    """Attention of queries over a paged KV cache, in float64: q [B, T, K, G, H] (RoPE
+    applied), pools k, v [M, Z, K, H], page tables pages [B, W]: key s of row b is
+    ``pool[pages[b, s // Z], s % Z]``. Query (b, t) at positions[b, t] sees the keys
+    s <= positions[b, t] with s < lengths[b] (each query must see one); its logits against
+    them are ``soft_cap(q . k * attn_scale, attn_logit_softcapping) * tau(position)``.
+    Returns [B, T, K, G, H]."""
+    B, T, K, G, H = q.shape
+    Z = k_pool.shape[1]
+    tau = attention_temperature(config, positions)  # [B, T]
+    out = np.zeros((B, T, K, G, H))
+    for b in range(B):
+        for t in range(T):
+            seen = min(int(positions[b, t]) + 1, int(lengths[b]))
+            if seen < 1:
+                raise ValueError(f"query ({b}, {t}) sees no key")
+            idx = np.arange(seen)
+            page = np.asarray(pages[b])[idx // Z]
+            keys = np.asarray(k_pool, np.float64)[page, idx % Z]  # [s, K, H]
+            values = np.asarray(v_pool, np.float64)[page, idx % Z]
+            for kh in range(K):
+                for g in range(G):
+                    s = keys[:, kh] @ np.asarray(q[b, t, kh, g], np.float64) * config.attn_scale
+                    s = soft_cap(s, config.attn_logit_softcapping) * tau[b, t]
+                    out[b, t, kh, g] = softmax(s) @ values[:, kh]
+    return out
+
+
 def reference_dense_mlp(
     config: GrokConfig, tensors: Mapping[str, np.ndarray], layer: int, x: np.ndarray
 ) -> np.ndarray:

@@ -360,7 +360,7 @@ class Engine:
                     run = self._sched.admit(seq, tokens, len(seq.prompt), whole=whole)
                     if run is None:
                         break
-                    if self.metrics is not None and not whole:
+                    if self.metrics is not None and self.prefix_cache and not whole:
                         self.metrics.prefix_lookup(run.cached, len(tokens))
                 self._waiting.popleft()
 
