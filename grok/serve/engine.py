@@ -412,10 +412,9 @@ class Engine:
         last admitted when the pool has none) and dispatches one decode step (not waited
         for); returns its draw and the slots' runs at that moment, or None with nothing to
         decode."""
-        preempted = self._sched.grow()
-        if preempted:
-            with self._cv:
-                self._waiting.extendleft(reversed([run.seq for run in preempted]))
+        with self._cv:
+            preempted = self._sched.grow()
+            self._waiting.extendleft(reversed([run.seq for run in preempted]))
             for run in preempted:
                 log.info("sequence %d preempted (the KV pool is full)", run.seq.index)
                 if self.metrics is not None:
