@@ -137,6 +137,6 @@ def test_pool_size_flags_and_errors(built):
     defaults = serve_cli.build_parser().parse_args([])
     assert (defaults.kv_cache_tokens, defaults.prefill_chunk, defaults.prefix_cache) == (
         None,
-        512,
+        256,
         True,
     )

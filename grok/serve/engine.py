@@ -65,10 +65,12 @@ log = logging.getLogger("grok.serve")
 DEFAULT_MAX_CONTEXT = 8192
 # Tokens per KV page: vLLM's default block size; the native CPU kernel wants a multiple of 16.
 PAGE_SIZE = 16
-# The most prompt tokens prefilled between two decode steps. On the 2-core CPU with a D 512,
-# 8-layer model, 512 tokens late in a 6000-token prompt took about 0.4 s, under 15% of that
-# prompt's whole prefill (the pause a stream may see); an accelerator wants more.
-DEFAULT_PREFILL_CHUNK = 512
+# The most prompt tokens prefilled between two decode steps: the longest a running stream
+# pauses is about one such piece. On the 2-core CPU (a D 512, 8-layer model in float32), a
+# 6000-token prompt's last piece of 512 took 10-14% of its whole prefill (attention over the
+# 5632 keys before it is most of it), close to the 15% a stream may pause; pieces of 256
+# took 5-8%, and the prompt about as long in all. An accelerator wants more (--prefill-chunk).
+DEFAULT_PREFILL_CHUNK = 256
 
 
 class QueueFull(GenerationError):
