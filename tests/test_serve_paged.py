@@ -162,3 +162,11 @@ def test_engine_on_a_mesh_reads_pages_through_xla():
         engine.stop()
     assert got == want
     assert engine._state.cache.k.sharding.spec[3] == MODEL
+
+
+def test_cli_refuses_a_pool_smaller_than_one_context(capsys):
+    assert serve_cli.main(["--max-context", "256", "--kv-cache-tokens", "100"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "grok-serve: error: --kv-cache-tokens 100 holds less than one sequence of --max-context 256"
+    )

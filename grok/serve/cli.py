@@ -126,6 +126,11 @@ def build_engine(args: argparse.Namespace) -> tuple[Engine, str, Metrics]:
         name = checkpoint.resolve().name
     tokenizer = load_tokenizer(Path(args.tokenizer) if args.tokenizer else checkpoint)
     context = _context(args.max_context, checkpoint)
+    if args.kv_cache_tokens is not None and args.kv_cache_tokens < context:
+        raise UsageError(
+            f"--kv-cache-tokens {args.kv_cache_tokens} holds less than one sequence of "
+            f"--max-context {context}"
+        )
     model = grok.load_pretrained(
         checkpoint,
         dtype=jnp.dtype(args.dtype),
