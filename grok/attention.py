@@ -119,14 +119,17 @@ class Attention(hk.Module):
         q = apply_rope(q, rope_cos, rope_sin)
         k = apply_rope(k, rope_cos, rope_sin)
 
-        if layer_cache is None:
-            keys, values = k, v  # [B, S=T, K, H]
-        else:  # [B, S, K, H] each, this step's written at positions[:, 0] onwards
-            layer_cache, keys, values = kernels.cache_write(layer_cache, k, v, positions[:, 0])
-
         q = q.reshape(b, t, kh, cfg.q_per_kv, h)  # [B, T, K, G, H]
         tau = attention_temperature(positions, cfg.attn_temperature_len)  # [B, T]
         logits = dict(scale=cfg.attn_scale, cap=cfg.attn_logit_softcapping)
-        out = kernels.attend(q, keys, values, tau, positions, kv_lengths, **logits)
+        if layer_cache is not None and layer_cache.pages is not None:  # a paged cache
+            layer_cache = kernels.paged_write(layer_cache, k, v, positions[:, 0])
+            out = kernels.paged_attend(q, layer_cache, tau, positions, kv_lengths, **logits)
+        else:
+            if layer_cache is None:
+                keys, values = k, v  # [B, S=T, K, H]
+            else:  # [B, S, K, H] each, this step's written at positions[:, 0] onwards
+                layer_cache, keys, values = kernels.cache_write(layer_cache, k, v, positions[:, 0])
+            out = kernels.attend(q, keys, values, tau, positions, kv_lengths, **logits)
         out = out.reshape(b, t, n * h)  # [B, T, N*H]
         return kernels.project("BTI,DI->BTD", out, _matrix(wo, 2)), layer_cache  # [B, T, D]

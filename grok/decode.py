@@ -19,8 +19,9 @@ The rules, each in one place here:
 - Non-finite logits: every draw flags the rows whose logits hold a NaN or an infinity
   (``Drawn.nonfinite``); callers end those sequences with ``nonfinite_error`` instead of
   handing out what a sampler made of them.
-- The cache: the core reaches it only through a ``CacheStore`` (see there), so a cache of
-  another layout can replace ``DenseCache`` without touching prefill, the step or the loop.
+- The cache: the core reaches it only through a ``CacheStore`` (see there): ``DenseCache``
+  (every row its own slots) or ``PagedCache`` (a pool of pages, a page table per row), the
+  same prefill, step and loop for both.
 
 Rows (``Rows``) are the state of B sequences between steps. ``prefill`` makes rows from
 prompts, ``insert`` puts them into rows of a running batch (the server), ``step`` gives every
@@ -38,9 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grok.config import GrokConfig
+from grok.cache_store import CacheStore, DenseCache, PagedCache, set_rows
 from grok.errors import GenerationError
-from grok.kernels import REFERENCE, Kernels
 from grok.kv_cache import KVCache
 from grok.sampling import Sampler, greedy
 
@@ -170,88 +170,6 @@ class FixedSampler:
         return tokens, None, data
 
 
-# -- the cache, as the core reaches it -------------------------------------------------------
-
-
-class CacheStore(Protocol):
-    """Everything the core does to the KV cache, so that another layout can slot in.
-
-    A store is hashable (a static argument of the compiled programs). The model reads and
-    writes the cache it is handed (``ApplyFn``: token t of row b at position p goes where
-    the cache puts position p of row b); the store makes empty caches for a prefill, turns a
-    cache into the form carried between steps and back, and puts prefilled rows into a
-    running batch's cache. A paged cache (pages shared by all rows, a page table per row)
-    would implement the same four: ``insert`` then writes page-table rows rather than
-    copying slots, and the model reads through the table.
-    """
-
-    def empty(self, batch: int, slots: int) -> KVCache:
-        """A cache for ``batch`` new sequences of up to ``slots`` tokens, in the model's form."""
-        ...
-
-    def carry(self, cache: KVCache) -> Any:
-        """The form a loop or a server's state holds between steps."""
-        ...
-
-    def uncarry(self, carried: Any) -> KVCache:
-        """Undoes ``carry``: the form the model reads."""
-        ...
-
-    def insert(self, carried: Any, fresh: Any, rows: jax.Array) -> Any:
-        """``fresh`` (carried, n rows, from ``prefill``) into rows ``rows`` [n] of
-        ``carried``; rows >= B are dropped."""
-        ...
-
-
-@dataclasses.dataclass(frozen=True)
-class DenseCache:
-    """The dense KV cache (``grok.kv_cache.KVCache``): row b's token at position s sits in
-    slot s of row b, k/v [L, B, S, K, H].
-
-    Attributes:
-      config: the model's config (L, K, H).
-      dtype: the cache's dtype (the model's).
-      sharding: where k/v [L, B, S, K, H] of an empty cache go on a mesh (laid out like the
-        model's K heads), or None (left to the compiler).
-      kernels: the model's kernels (``grok.kernels.Kernels``), whose carried form of the
-        cache (``Kernels.carry``) the decode loop holds between steps.
-    """
-
-    config: GrokConfig
-    dtype: jnp.dtype
-    sharding: jax.sharding.Sharding | None = None
-    kernels: Kernels = REFERENCE
-
-    def empty(self, batch: int, slots: int) -> KVCache:
-        cache = KVCache.create(self.config, batch, slots, self.dtype)
-        if self.sharding is None:
-            return cache
-        k, v = (jax.lax.with_sharding_constraint(x, self.sharding) for x in (cache.k, cache.v))
-        return KVCache(k=k, v=v, lengths=cache.lengths)
-
-    # The carried form is the kernels' (``Kernels.carry``; on the native CPU path the cache's
-    # uint16 bits): ``uncarry`` at a step's start and ``carry`` at its end cancel out inside
-    # the compiled step. These two are the decode path's only conversions of the cache.
-    def carry(self, cache: KVCache) -> KVCache:
-        return self.kernels.carry(cache)
-
-    def uncarry(self, carried: KVCache) -> KVCache:
-        return self.kernels.uncarry(carried, self.dtype)
-
-    def insert(self, carried: KVCache, fresh: KVCache, rows: jax.Array) -> KVCache:
-        t = fresh.max_len
-        return KVCache(
-            k=carried.k.at[:, rows, :t].set(fresh.k, mode="drop"),
-            v=carried.v.at[:, rows, :t].set(fresh.v, mode="drop"),
-            lengths=_set_rows(carried.lengths, rows, fresh.lengths),
-        )
-
-
-def _set_rows(array: jax.Array, rows: jax.Array, values: jax.Array) -> jax.Array:
-    """array[rows] = values along axis 0; rows >= B (padding) are dropped."""
-    return array.at[rows].set(values.astype(array.dtype), mode="drop")
-
-
 # -- rows, prefill and the step ---------------------------------------------------------------
 
 
@@ -309,40 +227,52 @@ def prefill(
     sampler: TokenSampler,
     store: CacheStore,
     every_position: bool = False,
+    start: jax.Array | None = None,
+    num_new: jax.Array | None = None,
 ) -> tuple[Rows, Drawn, jax.Array]:
-    """Runs prompts into a cache and draws each row's first new token (its token 0).
+    """Runs prompts (or the next piece of each) into a cache and draws each row's next token.
 
     Args:
       params, rope: the model's parameters and rotary table.
-      cache: an empty cache of the rows (``store.empty(B, >= T)``).
-      tokens: i32 [B, T], right-padded prompts (row b's token i at position i, slot i; the
-        padding is written too, but attention only sees slots < lengths[b], and each decode
-        step overwrites the next slot before it becomes visible).
-      lengths: i32 [B], the prompts' lengths (>= 1).
+      cache: the rows' cache: an empty one (``store.empty(B, >= T)``), or with ``start``
+        one that holds each row's positions < start[b] already (a paged cache's shared
+        prefix pages, or the earlier pieces of a prompt prefilled in chunks).
+      tokens: i32 [B, T], right-padded prompts (row b's token i at position start[b] + i;
+        the padding is written too, but attention only sees positions < start[b] +
+        lengths[b], and each decode step overwrites the next position before it becomes
+        visible).
+      lengths: i32 [B], the tokens of each row in ``tokens`` (>= 1).
       keys: the rows' raw key data (``Rows.keys``).
       data: the rows' sampler data (``Rows.data``).
-      active: bool [B], rows whose first token counts (the others keep token 0, count 0).
+      active: bool [B], rows whose drawn token counts (the others keep token 0 and their
+        count: a piece of a prompt that is not its last).
       every_position: the logits of every prompt position, not only the last.
+      start: i32 [B], each row's first position (default 0).
+      num_new: i32 [B], tokens each row has drawn before (default 0): the draw is its token
+        ``num_new[b]`` (a sequence recomputed after it was preempted goes on where it was).
     Returns:
       (the rows, their cache carried, each at its prompt's end, the draw, the logits
       [B, T, V] with ``every_position``, else [B, 1, V]).
     """
     b, t = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))  # [B, T]
+    zeros = jnp.zeros((b,), jnp.int32)
+    start = zeros if start is None else start
+    counters = zeros if num_new is None else num_new
+    positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
+    ends = start + lengths  # [B], valid positions after the prompt
     # Without every_position only each row's last prompt position needs the head: [B, 1, V].
     logits_at = None if every_position else lengths - 1
-    logits, cache = apply_fn(params, tokens, positions, rope, cache, lengths, logits_at)
+    logits, cache = apply_fn(params, tokens, positions, rope, cache, ends, logits_at)
     if every_position:
         last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
     else:
         last = logits[:, 0]  # [B, V]
-    zeros = jnp.zeros((b,), jnp.int32)
-    token, report, data = sampler(last, jax.random.wrap_key_data(keys), zeros, data, active)
+    token, report, data = sampler(last, jax.random.wrap_key_data(keys), counters, data, active)
     rows = Rows(
         cache=store.carry(cache),
         token=jnp.where(active, token, zeros),
-        position=lengths,
-        num_new=active.astype(jnp.int32),
+        position=ends,
+        num_new=counters + active.astype(jnp.int32),
         keys=keys,
         data=data,
     )
@@ -354,7 +284,7 @@ def insert(rows: Rows, new: Rows, slots: jax.Array, store: CacheStore) -> Rows:
     slots >= B (padding rows) are dropped."""
     cache = store.insert(rows.cache, new.cache, slots)
     old, fresh = (dataclasses.replace(r, cache=None) for r in (rows, new))
-    merged = jax.tree_util.tree_map(lambda a, x: _set_rows(a, slots, x), old, fresh)
+    merged = jax.tree_util.tree_map(lambda a, x: set_rows(a, slots, x), old, fresh)
     return dataclasses.replace(merged, cache=cache)
 
 
@@ -559,6 +489,7 @@ __all__ = [
     "DenseCache",
     "Drawn",
     "FixedSampler",
+    "PagedCache",
     "Rows",
     "TokenSampler",
     "begin",

@@ -225,6 +225,35 @@ def check_generation_fits(
     )
 
 
+# The share of a device's memory the weights and a server's KV pool fill by default; the rest
+# is left to activations, compiled programs and the runtime (vLLM's gpu_memory_utilization
+# defaults to the same 0.9).
+KV_POOL_MEMORY_FRACTION = 0.9
+
+
+def kv_pool_tokens(
+    config: GrokConfig,
+    params: Any,
+    mesh: jax.sharding.Mesh | None,
+    *,
+    dtype: Any,
+    most: int,
+    fraction: float = KV_POOL_MEMORY_FRACTION,
+) -> int:
+    """The tokens a server's KV pool holds by default: as many as fit, with the loaded
+    ``params``, in ``fraction`` of each device's memory (k and v of every layer per token, in
+    ``dtype``, split over the mesh as the cache is), at most ``most``; ``most`` where the
+    device's memory is not known, 0 where the weights leave no room."""
+    sizes = mesh_sizes(mesh)
+    per_token = kv_cache_bytes(config, sizes, batch=1, context=1, dtype=dtype)
+    device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+    limit = device_bytes_limit(device)
+    if limit is None:
+        return most
+    room = int(limit * fraction) - params_bytes_per_device(params)
+    return max(0, min(most, room // per_token))
+
+
 def check_fits(plan: MemoryPlan, device_bytes: int | None, what: str) -> None:
     """Raises MemoryPlanError if ``plan.total`` exceeds ``device_bytes`` (None: no check)."""
     if device_bytes is None or plan.total <= device_bytes:

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from grok.attention import Attention
 from grok.config import GrokConfig
 from grok.kernels import REFERENCE, Kernels
-from grok.kv_cache import KVCache, LayerCache
+from grok.kv_cache import KVCache, LayerCache, PagedKVCache
 from grok.layers import RMSNorm, soft_cap
 from grok.moe import DenseMLP, MoE, expert_weights, residual_moe
 from grok.rope import RopeTable, rope_table
@@ -116,12 +116,12 @@ class LanguageModel(hk.Module):
         tokens: jax.Array,
         positions: jax.Array,
         rope: RopeTable,
-        cache: KVCache | None,
+        cache: KVCache | PagedKVCache | None,
         kv_lengths: jax.Array,
         logits_at: jax.Array | None = None,
-    ) -> tuple[jax.Array, KVCache | None]:
+    ) -> tuple[jax.Array, KVCache | PagedKVCache | None]:
         """Logits [B, T, V] float32 (or [B, 1, V] at ``logits_at`` [B]) and the new cache (in
-        the dtype it came in)."""
+        the dtype and layout it came in: a paged cache keeps its page tables)."""
         cfg, dt, kernels = self.config, self.dtype, self.kernels
         v, d = cfg.vocab_size, cfg.hidden_size
         embed = hk.get_parameter(
@@ -136,10 +136,12 @@ class LanguageModel(hk.Module):
         # together, so a step reads (and copies) only the chosen experts' weights.
         stacked_experts = expert_weights(cfg, dt, self.quant)  # [L, E, ...] each
         kv_dtype = None if cache is None else cache.k.dtype
+        # A paged cache's tables [B, W]: every layer reads and writes its pool through them.
+        pages = cache.pages if isinstance(cache, PagedKVCache) else None
 
         def layer_fn(h, layer, kv):  # kv: the whole cache's (k, v) as the kernels carry it
             experts = tuple(kernels.layer_experts(w, layer) for w in stacked_experts)
-            layer_cache = None if kv is None else LayerCache(*kv, layer, kv_dtype)
+            layer_cache = None if kv is None else LayerCache(*kv, layer, kv_dtype, pages)
             decoder = DecoderLayer(cfg, dt, self.moe_impl, self.quant, kernels=kernels, name=LAYER)
             h, layer_cache = decoder(
                 h, positions, rope_cos, rope_sin, layer_cache, kv_lengths, experts
@@ -152,7 +154,10 @@ class LanguageModel(hk.Module):
         h, kv = _layer_loop(kernels, cfg.num_hidden_layers, layer_fn, h, kv)
         new_cache = None
         if cache is not None:
-            new_cache = kernels.uncarry(KVCache(*kv, lengths=kv_lengths), kv_dtype)
+            new_k, new_v = kv
+            new_cache = kernels.uncarry(
+                dataclasses.replace(carried, k=new_k, v=new_v, lengths=kv_lengths), kv_dtype
+            )
 
         if logits_at is not None:  # only one position per row needs the head (prefill)
             h = jnp.take_along_axis(h, logits_at[:, None, None], axis=1)  # [B, 1, D]

@@ -1,19 +1,38 @@
-"""grok-serve under 1, 8 and 32 concurrent clients: requests/s, output tokens/s, TTFT p50/p99.
+"""grok-serve under load: throughput levels, and the paged KV cache's targets.
 
-    python scripts/bench_serve.py                      # starts grok-serve (built-in model)
+    python scripts/bench_serve.py                      # 1, 8, 32 clients (built-in model)
     python scripts/bench_serve.py --url http://127.0.0.1:8000 --model grok-builtin
+    python scripts/bench_serve.py --targets prefix,long,many,throughput --runs 3
     python scripts/bench_serve.py --check-bounds --check-drain --check-isolation
 
-Each client is a closed loop of streamed /v1/completions requests (the next starts when the
-last ends); time to first token is measured at the first chunk with text. Before measuring,
-one round at every concurrency compiles the server's shapes. Targets: 8 clients get at least
-4x the output tokens/s of one, and the p99 time to first token at 8 clients is within 3x of
-one client's (an idle server). The server and the clients share the machine: run it on an
-otherwise idle one, and compare ratios within one run.
+Levels: each client is a closed loop of streamed /v1/completions requests (the next starts
+when the last ends); time to first token is measured at the first chunk with text. Before
+measuring, one round at every concurrency compiles the server's shapes. Targets: 8 clients get
+at least 4x the output tokens/s of one, and the p99 time to first token at 8 clients is within
+3x of one client's (an idle server).
+
+``--targets`` measures the paged KV cache's targets on a random-weight Grok-2-architecture
+model (``bench`` of ``bench_shapes.py``: D 512, 8 layers, 8/2 heads of 64, 8 experts; the
+built-in tokenizer's 2048-token vocabulary; context 8192) served in float32, each engine
+configuration in a fresh server process, every figure the median of ``--runs`` runs:
+
+- prefix: 8 concurrent requests sharing a 2048-token prefix (after one warm request) against 8
+  with unique prompts of the same length, alternated: >= 5x faster; the shared requests'
+  greedy text equals ``Model.generate``'s. The same shared requests on a server with
+  ``--no-prefix-cache`` for comparison.
+- long: a 6000-token prompt arrives while 4 clients stream: no stream pauses longer than 15%
+  of that prompt's prefill alone (its time to first token on the idle server), and its own
+  time to first token stays within 1.5x of that.
+- many: ``--max-batch 64 --max-context 8192 --kv-cache-tokens 16384``: 64 concurrent requests
+  of 100 prompt tokens and 50 new tokens all complete.
+- throughput: 8 closed-loop clients get >= 4x the output tokens/s of one (runs alternated).
 
 ``--check-bounds``, ``--check-drain`` and ``--check-isolation`` run the robustness checks
 instead (each in fresh server processes of its own; see ``check_bounds`` and the others) and
 exit 1 when a target is missed.
+
+The server and the clients share the machine: on a busy machine the absolute figures are low
+and noisy (``uptime`` is printed first), so compare within one run and rerun on a quiet one.
 """
 
 from __future__ import annotations
@@ -23,6 +42,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -31,17 +51,25 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
 PROMPTS = [
     "A class definition",
     "The for statement is used to",
     "Exceptions are raised when",
     "The import system",
 ]
+BENCH_MODEL = "grok-bench"
+BENCH_CONTEXT = 8192
+VOCAB_LOW, VOCAB_HIGH = 3, 2000  # random prompt ids: clear of the special tokens
 
 
 async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, int]:
@@ -62,7 +90,9 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> tuple[
     return (first if first is not None else time.perf_counter() - start), tokens
 
 
-async def run_level(url: str, model: str, clients: int, per_client: int, max_tokens: int):
+async def run_level(
+    url: str, model: str, clients: int, per_client: int, max_tokens: int
+) -> dict[str, float]:
     """Runs ``clients`` closed loops of ``per_client`` requests; returns the figures."""
     ttfts: list[float] = []
     total_tokens = 0
@@ -100,16 +130,17 @@ async def run_level(url: str, model: str, clients: int, per_client: int, max_tok
     }
 
 
-def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+def start_server(flags: list[str]) -> tuple[subprocess.Popen, str]:
+    """A fresh ``grok-serve`` process with ``flags`` on a free port; (process, base URL) once
+    /health answers."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "grok.serve", "--port", str(port)]
-    cmd += ["--max-batch", str(args.max_batch), "--dtype", args.dtype]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "grok.serve", "--port", str(port), *flags]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"grok-serve exited with status {proc.returncode}")
@@ -120,7 +151,52 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
             pass
         time.sleep(0.2)
     proc.kill()
-    raise SystemExit("grok-serve did not start within 300 s")
+    raise SystemExit("grok-serve did not start within 600 s")
+
+
+@contextlib.contextmanager
+def server(flags: list[str]) -> Iterator[str]:
+    """``start_server`` for a ``with`` block; the process is stopped at its end."""
+    proc, url = start_server(flags)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def levels(args: argparse.Namespace) -> None:
+    """The throughput levels (``--clients``) on one server (``--url``, or a fresh built-in)."""
+    levels = [int(c) for c in args.clients.split(",")]
+    flags = ["--max-batch", str(args.max_batch), "--dtype", args.dtype]
+    with contextlib.ExitStack() as stack:
+        url = args.url or stack.enter_context(server(flags))
+        for c in levels:  # compile every shape these levels will use
+            asyncio.run(run_level(url, args.model, c, 1, args.max_tokens))
+        results = []
+        for c in levels:
+            per_client = max(2, args.requests // c)
+            r = asyncio.run(run_level(url, args.model, c, per_client, args.max_tokens))
+            results.append(r)
+            print(
+                f"{c:3d} clients: {r['requests']:4d} requests, {r['requests_per_s']:7.2f} req/s, "
+                f"{r['output_tokens_per_s']:8.1f} output tok/s, TTFT p50 "
+                f"{r['ttft_p50_ms']:7.1f} ms, p99 {r['ttft_p99_ms']:7.1f} ms",
+                flush=True,
+            )
+    by = {r["clients"]: r for r in results}
+    if 1 in by and 8 in by:
+        speedup = by[8]["output_tokens_per_s"] / by[1]["output_tokens_per_s"]
+        ttft = by[8]["ttft_p99_ms"] / by[1]["ttft_p99_ms"]
+        print(
+            f"8 vs 1 client: {speedup:.2f}x output tok/s (target >= 4x); "
+            f"p99 TTFT {ttft:.2f}x the idle server's (target <= 3x)"
+        )
+    print(json.dumps(results))
 
 
 # -- robustness checks (--check-bounds, --check-drain, --check-isolation) ---------------------
@@ -387,16 +463,292 @@ def run_checks(args: argparse.Namespace) -> int:
     return 0 if all(r["ok"] for r in results) else 1
 
 
+# -- the paged KV cache's targets ------------------------------------------------------------
+
+
+def bench_model(directory: Path) -> Path:
+    """The targets' checkpoint in ``directory`` (written once, then reused): random float32
+    weights of ``bench`` at context 8192 with the built-in tokenizer's vocabulary, and that
+    tokenizer beside them."""
+    from bench_shapes import BENCH
+
+    from grok.builtin import builtin_dir
+    from grok.testing import write_checkpoint
+
+    config = BENCH.replace(vocab_size=2048, max_position_embeddings=BENCH_CONTEXT)
+    done = directory / "written"
+    if not done.exists():
+        shutil.rmtree(directory, ignore_errors=True)
+        write_checkpoint(directory, config, 0)
+        shutil.copy(builtin_dir() / "tokenizer.tok.json", directory / "tokenizer.tok.json")
+        done.write_text("written by scripts/bench_serve.py\n")
+    return directory
+
+
+SERVE_FLAGS: list[str] = []  # --serve-flags: given to every server of the targets
+
+
+def bench_flags(directory: Path, *extra: str) -> list[str]:
+    """``grok-serve`` flags for the targets' model (float32, context 8192), then
+    ``--serve-flags``, then ``extra`` (the target's own)."""
+    return [
+        "--checkpoint", str(directory), "--served-model-name", BENCH_MODEL,
+        "--dtype", "float32", "--max-context", str(BENCH_CONTEXT), *SERVE_FLAGS, *extra,
+    ]  # fmt: skip
+
+
+def ids(rng: np.random.Generator, n: int) -> list[int]:
+    """``n`` random prompt token ids."""
+    return rng.integers(VOCAB_LOW, VOCAB_HIGH, n).tolist()
+
+
+async def stream(
+    client: httpx.AsyncClient, url: str, prompt: list[int], max_tokens: int, **fields
+) -> tuple[float, list[float], str]:
+    """One streamed greedy completion of token ids, ``logprobs`` 0 so that every token comes
+    as its own chunk: (start, each token's arrival time, the text)."""
+    body = {
+        "model": BENCH_MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+        "logprobs": 0, "stream": True, **fields,
+    }  # fmt: skip
+    start, times, text = time.perf_counter(), [], []
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data: ") :])
+            if chunk.get("error"):
+                raise RuntimeError(chunk["error"])
+            for choice in chunk["choices"]:
+                times.extend([time.perf_counter()] * len(choice["logprobs"]["tokens"]))
+                text.append(choice["text"])
+    return start, times, "".join(text)
+
+
+async def concurrent(url: str, prompts: list[list[int]], max_tokens: int) -> tuple[float, list]:
+    """Every prompt at once: (seconds until the last one ends, their ``stream`` results)."""
+    async with httpx.AsyncClient(timeout=1800) as client:
+        start = time.perf_counter()
+        out = await asyncio.gather(*(stream(client, url, p, max_tokens) for p in prompts))
+        return time.perf_counter() - start, out
+
+
+def summary(values: list[float]) -> str:
+    """``median (min-max)`` of ``values``."""
+    return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
+def target_prefix(directory: Path, runs: int, rng: np.random.Generator) -> dict:
+    """Target prefix (see the module's docstring)."""
+    prefix, tail, new = ids(rng, 2048), 32, 8
+    out: dict[str, list] = {"shared_s": [], "unique_s": [], "shared_no_cache_s": []}
+    checked: list[tuple[list[int], str]] = []
+    with server(bench_flags(directory)) as url:
+        asyncio.run(concurrent(url, [prefix + ids(rng, tail)], new))  # warm: the prefix cached
+        # Compile both batches' shapes before measuring.
+        asyncio.run(concurrent(url, [prefix + ids(rng, tail) for _ in range(8)], new))
+        asyncio.run(concurrent(url, [ids(rng, 2048 + tail) for _ in range(8)], new))
+        for _ in range(runs):  # alternated
+            prompts = [prefix + ids(rng, tail) for _ in range(8)]
+            seconds, results = asyncio.run(concurrent(url, prompts, new))
+            out["shared_s"].append(seconds)
+            checked = [(p, r[2]) for p, r in zip(prompts, results, strict=True)]
+            unique = [ids(rng, 2048 + tail) for _ in range(8)]
+            out["unique_s"].append(asyncio.run(concurrent(url, unique, new))[0])
+    with server(bench_flags(directory, "--no-prefix-cache")) as url:
+        asyncio.run(concurrent(url, [prefix + ids(rng, tail) for _ in range(8)], new))  # compile
+        for _ in range(runs):
+            prompts = [prefix + ids(rng, tail) for _ in range(8)]
+            out["shared_no_cache_s"].append(asyncio.run(concurrent(url, prompts, new))[0])
+    out["speedup"] = statistics.median(out["unique_s"]) / statistics.median(out["shared_s"])
+    out["greedy_equal"] = greedy_equal(directory, checked, new)
+    print(
+        f"prefix: 8 sharing a 2048-token prefix {summary(out['shared_s'])} s, 8 unique "
+        f"{summary(out['unique_s'])} s: {out['speedup']:.2f}x (target >= 5x); without the "
+        f"prefix cache {summary(out['shared_no_cache_s'])} s; greedy text equals "
+        f"Model.generate's: {out['greedy_equal']}",
+        flush=True,
+    )
+    return out
+
+
+def greedy_equal(directory: Path, checked: list[tuple[list[int], str]], new: int) -> bool:
+    """Whether each (prompt ids, text) is ``Model.generate``'s greedy text for the prompt."""
+    import jax.numpy as jnp
+
+    import grok
+    from grok.tokenizer import load_tokenizer
+
+    model = grok.load_pretrained(directory, dtype=jnp.float32, quiet=True)
+    tok = load_tokenizer(directory)
+    prompts = [p for p, _ in checked]
+    tokens = model.generate(prompts, max_new_tokens=new, stop_tokens=[tok.eos_id]).tokens
+    return all(tok.decode(list(t)) == text for t, (_, text) in zip(tokens, checked, strict=True))
+
+
+def _sample(text: str, name: str) -> float:
+    """The value of the sample ``name`` in Prometheus text (0 if absent)."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def target_long(directory: Path, runs: int, rng: np.random.Generator) -> dict:
+    """Target long (see the module's docstring); the prompt's prefill in one piece (a server
+    with ``--prefill-chunk 8192``) for comparison."""
+    out: dict[str, list] = {
+        "alone_ttft_s": [], "loaded_ttft_s": [], "max_pause_s": [], "whole_ttft_s": []
+    }  # fmt: skip
+    with server(bench_flags(directory, "--prefill-chunk", str(BENCH_CONTEXT))) as url:
+        asyncio.run(concurrent(url, [ids(rng, 6000)], 1))  # compile
+        for _ in range(runs):
+            _, results = asyncio.run(concurrent(url, [ids(rng, 6000)], 1))
+            out["whole_ttft_s"].append(results[0][1][0] - results[0][0])
+    with server(bench_flags(directory)) as url:
+        asyncio.run(concurrent(url, [ids(rng, 6000)], 1))  # compile the pieces
+        asyncio.run(concurrent(url, [ids(rng, 16) for _ in range(4)], 4))
+        for _ in range(runs):  # alternated; a new prompt each time (no prefix-cache hits)
+            _, results = asyncio.run(concurrent(url, [ids(rng, 6000)], 1))
+            start, times, _ = results[0]
+            out["alone_ttft_s"].append(times[0] - start)
+            pauses = asyncio.run(_loaded(url, ids(rng, 6000), rng))
+            out["loaded_ttft_s"].append(pauses["ttft_s"])
+            out["max_pause_s"].append(pauses["max_pause_s"])
+    # Each run's ratios to the prefill alone measured just before it (the machine's load
+    # drifts between runs), then their medians.
+    pairs = zip(out["alone_ttft_s"], out["loaded_ttft_s"], out["max_pause_s"], strict=True)
+    ratios = [(loaded / alone, pause / alone) for alone, loaded, pause in pairs]
+    out["ttft_ratios"], out["pause_ratios"] = (list(r) for r in zip(*ratios, strict=True))
+    whole = statistics.median(out["whole_ttft_s"])
+    print(
+        f"long: a 6000-token prompt alone {summary(out['alone_ttft_s'])} s to its first token "
+        f"(in one piece: {summary(out['whole_ttft_s'])} s), under 4 streams "
+        f"{summary(out['loaded_ttft_s'])} s: {summary(out['ttft_ratios'])}x its time alone "
+        f"(target <= 1.5x); the streams' longest pause {summary(out['max_pause_s'])} s: "
+        f"{summary(out['pause_ratios'])} of its prefill alone (target <= 0.15; "
+        f"{statistics.median(out['max_pause_s']) / whole:.3f} of the one piece)",
+        flush=True,
+    )
+    return out
+
+
+async def _loaded(url: str, long_prompt: list[int], rng: np.random.Generator) -> dict:
+    """4 greedy streams of 8 + 4000 tokens; after 2 s the long prompt arrives. Its time to
+    first token, and the streams' longest pause between two tokens from its arrival until a
+    second after its first token."""
+    async with httpx.AsyncClient(timeout=1800) as client:
+        times: list[list[float]] = [[] for _ in range(4)]
+
+        async def follow(i: int) -> None:
+            body = {
+                "model": BENCH_MODEL, "prompt": ids(rng, 8), "max_tokens": 4000,
+                "temperature": 0, "logprobs": 0, "stream": True,
+            }  # fmt: skip
+            async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {"):
+                        times[i].append(time.perf_counter())
+
+        streams = [asyncio.ensure_future(follow(i)) for i in range(4)]
+        while min(len(t) for t in times) < 16:  # every stream is running
+            await asyncio.sleep(0.05)
+        start, long_times, _ = await stream(client, url, long_prompt, 1)
+        first = long_times[0]
+        await asyncio.sleep(1.0)
+        for s in streams:
+            s.cancel()
+        await asyncio.gather(*streams, return_exceptions=True)
+    pauses = [
+        b - a
+        for t in times
+        for a, b in zip(t, t[1:], strict=False)
+        if b >= start and a <= first + 1.0
+    ]
+    return {"ttft_s": first - start, "max_pause_s": max(pauses)}
+
+
+def target_many(directory: Path, runs: int, rng: np.random.Generator) -> dict:
+    """Target many (see the module's docstring)."""
+    flags = ["--max-batch", "64", "--kv-cache-tokens", "16384"]
+    out: dict[str, list] = {"seconds": [], "complete": [], "preemptions": []}
+    with server(bench_flags(directory, *flags)) as url:
+        for _ in range(runs):
+            prompts = [ids(rng, 100) for _ in range(64)]
+            seconds, results = asyncio.run(concurrent(url, prompts, 50))
+            out["seconds"].append(seconds)
+            out["complete"].append(sum(len(r[1]) == 50 for r in results))
+        out["preemptions"] = _sample(httpx.get(f"{url}/metrics").text, "grok_preemptions_total")
+    print(
+        f"many: 64 x (100 + 50 tokens) at --max-batch 64 --kv-cache-tokens 16384: "
+        f"{summary(out['seconds'])} s, complete {out['complete']} of 64 (target: all), "
+        f"{out['preemptions']:.0f} preemptions",
+        flush=True,
+    )
+    return out
+
+
+def target_throughput(directory: Path, runs: int, rng: np.random.Generator) -> dict:
+    """Target throughput (see the module's docstring): closed loops of 64-token completions."""
+    out: dict[str, list] = {"one": [], "eight": []}
+    with server(bench_flags(directory)) as url:
+        for c in (1, 2, 4, 8):  # compile the prefill's row counts
+            asyncio.run(run_level(url, BENCH_MODEL, c, 1, 64))
+        for _ in range(runs):  # alternated
+            out["one"].append(asyncio.run(run_level(url, BENCH_MODEL, 1, 4, 64)))
+            out["eight"].append(asyncio.run(run_level(url, BENCH_MODEL, 8, 4, 64)))
+    one = [r["output_tokens_per_s"] for r in out["one"]]
+    eight = [r["output_tokens_per_s"] for r in out["eight"]]
+    out["speedup"] = statistics.median(eight) / statistics.median(one)
+    print(
+        f"throughput: 1 client {summary(one)} tok/s, 8 clients {summary(eight)} tok/s: "
+        f"{out['speedup']:.2f}x (target >= 4x)",
+        flush=True,
+    )
+    return out
+
+
+TARGETS = {
+    "prefix": target_prefix,
+    "long": target_long,
+    "many": target_many,
+    "throughput": target_throughput,
+}
+
+
+def targets(args: argparse.Namespace) -> None:
+    """The paged KV cache's targets (``--targets``), each in fresh server processes."""
+    print(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(), flush=True)
+    directory = bench_model(Path(args.model_dir))
+    rng = np.random.default_rng(args.seed)
+    results = {}
+    for name in args.targets.split(","):
+        results[name] = TARGETS[name](directory, args.runs, rng)
+    print(json.dumps(results, default=str))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--url", help="a running server (default: start grok-serve here)")
+    p.add_argument("--url", help="a running server for the levels (default: start grok-serve)")
     p.add_argument("--model", default="grok-builtin", help="the served model name")
     p.add_argument("--max-batch", type=int, default=8, help="--max-batch of the started server")
     p.add_argument("--dtype", default="bfloat16", help="--dtype of the started server")
     p.add_argument("--clients", default="1,8,32", help="concurrency levels")
     p.add_argument("--requests", type=int, default=64, help="requests per level (at least 2 each)")
     p.add_argument("--max-tokens", type=int, default=64, help="max_tokens of each request")
-    # Robustness checks: each flag runs its check (instead of the load levels).
+    p.add_argument("--targets", help=f"measure these targets instead: {','.join(TARGETS)}")
+    p.add_argument("--runs", type=int, default=3, help="runs per target (medians reported)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the targets' random prompts")
+    p.add_argument(
+        "--serve-flags", default="", help="more grok-serve flags for the targets' servers"
+    )
+    p.add_argument(
+        "--model-dir",
+        default=str(Path(tempfile.gettempdir()) / "grok-bench-serve-model"),
+        help="where the targets' random-weight checkpoint is written (once) and read",
+    )
+    # Robustness checks: each flag runs its check (instead of the levels).
     p.add_argument("--check-bounds", action="store_true", help="413/400 bounds and memory")
     p.add_argument("--check-drain", action="store_true", help="SIGTERM: drain and exit 0")
     p.add_argument("--check-isolation", action="store_true", help="one sequence's failure")
@@ -404,35 +756,14 @@ def main() -> None:
     args = p.parse_args()
     if args.check_bounds or args.check_drain or args.check_isolation:
         sys.exit(run_checks(args))
-    levels = [int(c) for c in args.clients.split(",")]
-    proc, url = (None, args.url) if args.url else start_server(args)
-    try:
-        for c in levels:  # compile every shape these levels will use
-            asyncio.run(run_level(url, args.model, c, 1, args.max_tokens))
-        results = []
-        for c in levels:
-            per_client = max(2, args.requests // c)
-            r = asyncio.run(run_level(url, args.model, c, per_client, args.max_tokens))
-            results.append(r)
-            print(
-                f"{c:3d} clients: {r['requests']:4d} requests, {r['requests_per_s']:7.2f} req/s, "
-                f"{r['output_tokens_per_s']:8.1f} output tok/s, TTFT p50 "
-                f"{r['ttft_p50_ms']:7.1f} ms, p99 {r['ttft_p99_ms']:7.1f} ms",
-                flush=True,
-            )
-        by = {r["clients"]: r for r in results}
-        if 1 in by and 8 in by:
-            speedup = by[8]["output_tokens_per_s"] / by[1]["output_tokens_per_s"]
-            ttft = by[8]["ttft_p99_ms"] / by[1]["ttft_p99_ms"]
-            print(
-                f"8 vs 1 client: {speedup:.2f}x output tok/s (target >= 4x); "
-                f"p99 TTFT {ttft:.2f}x the idle server's (target <= 3x)"
-            )
-        print(json.dumps(results))
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=30)
+    if args.targets:
+        unknown = set(args.targets.split(",")) - set(TARGETS)
+        if unknown:
+            p.error(f"--targets: unknown {sorted(unknown)}; known: {','.join(TARGETS)}")
+        SERVE_FLAGS.extend(args.serve_flags.split())
+        targets(args)
+    else:
+        levels(args)
 
 
 if __name__ == "__main__":

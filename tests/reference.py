@@ -329,6 +329,26 @@ def reference_cached_attention(
     return out
 
 
+def reference_paged_attention(
+    config: GrokConfig,
+    q: np.ndarray,
+    k_pool: np.ndarray,
+    v_pool: np.ndarray,
+    pages: np.ndarray,
+    positions: np.ndarray,
+    lengths: np.ndarray,
+) -> np.ndarray:
+    """``reference_cached_attention`` over a paged KV cache: pools k, v [M, Z, K, H] and page
+    tables pages [B, W], key s of row b at ``pool[pages[b, s // Z], s % Z]``; each row's pages
+    gathered into [B, W * Z, K, H] first (entries past a row's length, which may name no page,
+    are clipped: those keys are masked). Returns [B, T, K, G, H]."""
+    pages = np.clip(np.asarray(pages), 0, k_pool.shape[0] - 1)
+    b, w = pages.shape
+    _, z, kv, h = k_pool.shape
+    k, v = (np.asarray(pool)[pages].reshape(b, w * z, kv, h) for pool in (k_pool, v_pool))
+    return reference_cached_attention(config, q, k, v, positions, lengths)
+
+
 def reference_dense_mlp(
     config: GrokConfig, tensors: Mapping[str, np.ndarray], layer: int, x: np.ndarray
 ) -> np.ndarray:

@@ -32,10 +32,11 @@ from grok.kernels.cpu import CpuKernels
 from grok.sampling import Sampler
 from grok.serve import cli as serve_cli
 from grok.serve.app import create_app
-from grok.serve.engine import Engine, SamplingParams, SequenceRequest
+from grok.serve.engine import Engine
 from grok.serve.metrics import Metrics
 from grok.serve.protocol import RequestError, _prompt_ids
 from grok.serve.sampler import RowSettings, penalized, sample_rows
+from grok.serve.sequence import SamplingParams, SequenceRequest
 from grok.serve.text import TextTracker
 from grok.tokenizer import chat_stop_ids, encode_chat, load_tokenizer
 

@@ -30,9 +30,10 @@ from grok.builtin import builtin_dir
 from grok.errors import TokenizerError
 from grok.serve import batch
 from grok.serve.app import create_app
-from grok.serve.engine import Engine, SamplingParams, SequenceRequest
+from grok.serve.engine import Engine
 from grok.serve.metrics import Metrics
 from grok.serve.protocol import MAX_STOP_CHARS, RequestError, parse_generation
+from grok.serve.sequence import SamplingParams, SequenceRequest
 from grok.serve.text import REPLACEMENT, ServedTokenizer, TextTracker
 from grok.tokenizer import TokJsonTokenizer, load_tokenizer
 
@@ -185,7 +186,7 @@ def test_one_failing_sequence_never_stops_the_engine(served, tok, fault):
         assert run.tokens(i) == clean.tokens(i), i
         assert run.end(i).finish_reason == "length" and run.end(i).error is None
     if fault == "sink":  # nobody to tell: the sequence is cancelled and leaves its slot
-        _wait(lambda: run.seqs[3].cancelled and not any(engine._slots), "the slot to free")
+        _wait(lambda: run.seqs[3].cancelled and not any(engine._sched.runs), "the slot to free")
     else:
         _wait(lambda: run.done[3].is_set(), "the failing sequence's error")
         assert "injected" in run.end(3).error or "out of bounds" in run.end(3).error

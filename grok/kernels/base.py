@@ -7,7 +7,8 @@ needs for its platform (views of weights read in place, a cache held in another 
 inside it, behind these operations.
 
 Glossary: B batch, T query positions, S cache slots, K kv heads, G = N / K, H head dim,
-L layers, E experts, A rows of a grouped product, D model width, V vocab.
+L layers, E experts, A rows of a grouped product, D model width, V vocab; for the paged KV
+cache, M pages of Z tokens and W page-table entries per row.
 
 A *weight* below is what the layers get from the parameters: a plain array, a
 ``grok.layers.QuantWeight``, or the implementation's own view of one (from ``weights_at`` or
@@ -24,7 +25,7 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 
-from grok.kv_cache import KVCache, LayerCache
+from grok.kv_cache import KVCache, LayerCache, PagedKVCache
 
 Weight = Any  # an array, a QuantWeight, or an implementation's view of a weight
 
@@ -121,11 +122,46 @@ class Kernels(Protocol):
         cache at slots start[b] .. + T of row b: (the new ``LayerCache``, that layer's keys,
         its values), the last two [B, S, K, H] for ``attend``."""
 
-    def carry(self, cache: KVCache) -> KVCache:
-        """The cache in the form the layer loop and a decode loop carry between steps (what
-        ``cache_write`` writes into). A decode loop holds its cache so: ``carry`` once before
-        the loop, ``uncarry`` before each step's model call and ``carry`` after it (the pair
-        cancels inside a compiled step), ``uncarry`` once after the loop."""
+    # The paged KV cache (``grok.kv_cache.PagedKVCache``): a pool of M pages of Z tokens,
+    # [L, M, Z, K, H], read and written through page tables [B, W].
 
-    def uncarry(self, cache: KVCache, dtype: jnp.dtype) -> KVCache:
+    def paged_write(
+        self, cache: LayerCache, k: jax.Array, v: jax.Array, start: jax.Array
+    ) -> LayerCache:
+        """Writes one layer's new keys and values ``k``, ``v`` [B, T, K, H] through the page
+        tables ``cache.pages`` [B, W]: position p = start[b] + t of row b into page
+        ``pages[b, p // Z]`` at offset ``p % Z`` (``grok.kv_cache.page_slots``); a position
+        past the table or at an entry >= M (no page) is dropped. Returns the new
+        ``LayerCache``."""
+
+    def paged_attend(
+        self,
+        q: jax.Array,
+        cache: LayerCache,
+        tau: jax.Array,
+        positions: jax.Array,
+        lengths: jax.Array,
+        *,
+        scale: float,
+        cap: float | None,
+    ) -> jax.Array:
+        """``attend`` over layer ``cache.layer`` of the pool, read through ``cache.pages``
+        [B, W]: key s of row b sits in page ``pages[b, s // Z]`` at offset ``s % Z``
+        (S = W * Z; an entry >= M is read as page M - 1, which only masked keys do).
+        Returns [B, T, K, G, H] in the cache's dtype."""
+
+    def paged_width(self, pages: int, most: int, page_size: int) -> int:
+        """The page-table width W a compiled program should take when its rows need up to
+        ``pages`` pages (<= ``most``, the width of a whole context) of ``page_size`` tokens:
+        an implementation that reads every entry wants few (each width one compile), one that
+        reads only the pages below each row's length takes ``most`` (one compile)."""
+
+    def carry(self, cache: KVCache | PagedKVCache) -> KVCache | PagedKVCache:
+        """The cache (dense or paged) in the form the layer loop and a decode loop carry
+        between steps (what ``cache_write`` and ``paged_write`` write into). A decode loop
+        holds its cache so: ``carry`` once before the loop, ``uncarry`` before each step's
+        model call and ``carry`` after it (the pair cancels inside a compiled step),
+        ``uncarry`` once after the loop."""
+
+    def uncarry(self, cache: KVCache | PagedKVCache, dtype: jnp.dtype) -> KVCache | PagedKVCache:
         """Undoes ``carry``: the cache with k and v in ``dtype``, the cache's own."""

@@ -7,7 +7,8 @@ program is compiled for (``grok.kernels.select``), never from the host's default
 
 Glossary: B batch, T query positions, S key positions / cache slots, K kv heads,
 G = N / K query heads per kv head, H head dim, L layers, E experts, A rows (token-expert
-assignments) of a grouped product.
+assignments) of a grouped product; M pages of Z tokens in a paged cache's pool, W page-table
+entries per row.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from grok.errors import ConfigError
-from grok.kv_cache import KVCache, LayerCache
+from grok.kv_cache import KVCache, LayerCache, PagedKVCache, page_slots
 from grok.layers import QuantWeight, dequant, soft_cap
 
 # The contracted (input) axis of one layer's expert matrix [E, ., .] as the weight table
@@ -275,6 +276,48 @@ def attention(
     return jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(values.dtype), values)  # [B,T,K,G,H]
 
 
+def paged_rows(pool: jax.Array, layer: jax.Array, pages: jax.Array) -> jax.Array:
+    """Layer ``layer`` of a page pool [L, M, Z, K, H] gathered through page tables ``pages``
+    [B, W] into each row's positions in order: [B, W * Z, K, H] (an entry >= M reads page
+    M - 1)."""
+    b, w = pages.shape
+    _, m, z, kh, h = pool.shape
+    rows = pool[layer, jnp.clip(pages, 0, m - 1)]  # [B, W, Z, K, H]
+    return rows.reshape(b, w * z, kh, h)
+
+
+def paged_attention(
+    q: jax.Array,
+    k_pool: jax.Array,
+    v_pool: jax.Array,
+    layer: jax.Array,
+    pages: jax.Array,
+    tau: jax.Array,
+    positions: jax.Array,
+    kv_lengths: jax.Array,
+    *,
+    scale: float,
+    cap: float | None,
+) -> jax.Array:
+    """``attention`` over layer ``layer`` of the pools k, v [L, M, Z, K, H], each row's keys
+    gathered through its page table ``pages`` [B, W] (``paged_rows``): key s of row b is page
+    ``pages[b, s // Z]``, offset ``s % Z``. Returns [B, T, K, G, H] in ``v_pool``'s dtype."""
+    keys = paged_rows(k_pool, layer, pages)  # [B, S, K, H], S = W * Z
+    values = paged_rows(v_pool, layer, pages)
+    return attention(q, keys, values, tau, positions, kv_lengths, scale=scale, cap=cap)
+
+
+def paged_write_layer(
+    pool: jax.Array, layer: jax.Array, new: jax.Array, pages: jax.Array, start: jax.Array
+) -> jax.Array:
+    """Writes ``new`` [B, T, K, H] into layer ``layer`` of ``pool`` [L, M, Z, K, H] at positions
+    start[b] .. + T of each row, through its page table ``pages`` [B, W]; positions without a
+    page are dropped (``grok.kv_cache.page_slots``)."""
+    _, m, z = pool.shape[:3]
+    page, offset = page_slots(pages, start, new.shape[1], z, m)  # [B, T] each
+    return pool.at[layer, page, offset].set(new.astype(pool.dtype), mode="drop")
+
+
 def write_layer(cache_kv: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
     """Writes ``new`` [B, T, K, H] into ``cache_kv`` [B, S, K, H] at slots start[b] .. + T."""
 
@@ -402,10 +445,26 @@ class XlaKernels:
         (k_all, keys), (v_all, values) = put(cache.k, k), put(cache.v, v)
         return dataclasses.replace(cache, k=k_all, v=v_all), keys, values
 
-    def carry(self, cache: KVCache) -> KVCache:
+    def paged_write(
+        self, cache: LayerCache, k: jax.Array, v: jax.Array, start: jax.Array
+    ) -> LayerCache:
+        k_all = paged_write_layer(cache.k, cache.layer, k, cache.pages, start)
+        v_all = paged_write_layer(cache.v, cache.layer, v, cache.pages, start)
+        return dataclasses.replace(cache, k=k_all, v=v_all)
+
+    def paged_attend(self, q, cache, tau, positions, lengths, *, scale, cap) -> jax.Array:
+        pools = (cache.k, cache.v, cache.layer, cache.pages)
+        return paged_attention(q, *pools, tau, positions, lengths, scale=scale, cap=cap)
+
+    def paged_width(self, pages: int, most: int, page_size: int) -> int:
+        # Every entry is gathered: the smallest power of two that holds the pages (a few
+        # compiled widths, each read in full).
+        return min(most, 1 << max(0, pages - 1).bit_length())
+
+    def carry(self, cache: KVCache | PagedKVCache) -> KVCache | PagedKVCache:
         return cache
 
-    def uncarry(self, cache: KVCache, dtype: jnp.dtype) -> KVCache:
+    def uncarry(self, cache: KVCache | PagedKVCache, dtype: jnp.dtype) -> KVCache | PagedKVCache:
         return cache
 
 

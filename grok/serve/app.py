@@ -32,9 +32,10 @@ from starlette.routing import Route
 from grok.errors import GenerationError
 from grok.serve import protocol
 from grok.serve.drain import DEFAULT_DRAIN_TIMEOUT_S, RETRY_AFTER_S, Drain
-from grok.serve.engine import Engine, QueueFull, SequenceRequest, Update
+from grok.serve.engine import Engine, QueueFull
 from grok.serve.metrics import Metrics
 from grok.serve.protocol import GenerationRequest, RequestError
+from grok.serve.sequence import SequenceRequest, Update
 from grok.serve.text import ServedTokenizer
 
 log = logging.getLogger("grok.serve")

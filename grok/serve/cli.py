@@ -34,7 +34,7 @@ from grok.cli.sample import DTYPES, QUANTIZE, parse_mesh
 from grok.errors import GrokError
 from grok.serve.app import DEFAULT_MAX_BODY_BYTES, create_app
 from grok.serve.drain import DEFAULT_DRAIN_TIMEOUT_S, serve
-from grok.serve.engine import DEFAULT_MAX_CONTEXT, Engine
+from grok.serve.engine import DEFAULT_MAX_CONTEXT, DEFAULT_PREFILL_CHUNK, Engine
 from grok.serve.metrics import Metrics
 from grok.serve.text import ServedTokenizer
 from grok.sharding import make_mesh
@@ -65,6 +65,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-queue", type=nonnegative_int, default=128, help="sequences waiting; more gets 503"
+    )
+    # The KV cache: a pool of pages, prompts prefilled in chunks, shared prompt prefixes.
+    p.add_argument(
+        "--kv-cache-tokens",
+        type=positive_int,
+        default=None,
+        help="tokens the paged KV cache holds, for all sequences together; default: what fits "
+        "in 90%% of device memory beside the weights, at most --max-batch full contexts",
+    )
+    p.add_argument(
+        "--prefill-chunk",
+        type=positive_int,
+        default=DEFAULT_PREFILL_CHUNK,
+        help="most prompt tokens prefilled between two decode steps (a long prompt goes in "
+        f"pieces while the other streams keep moving; default {DEFAULT_PREFILL_CHUNK})",
+    )
+    p.add_argument(
+        "--no-prefix-cache",
+        dest="prefix_cache",
+        action="store_false",
+        help="do not share the KV pages of common prompt prefixes between requests",
     )
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="compute dtype")
     p.add_argument("--mesh", default=None, help="device mesh DATAxMODEL, e.g. 1x8")
@@ -119,13 +140,21 @@ def build_engine(args: argparse.Namespace) -> tuple[Engine, str, Metrics]:
             raise UsageError(f"--checkpoint {checkpoint}: not a directory")
         name = checkpoint.resolve().name
     loaded = load_tokenizer(Path(args.tokenizer) if args.tokenizer else checkpoint)
+    context = _context(args.max_context, checkpoint)
+    if args.kv_cache_tokens is not None and args.kv_cache_tokens < context:
+        raise UsageError(
+            f"--kv-cache-tokens {args.kv_cache_tokens} holds less than one sequence of "
+            f"--max-context {context}"
+        )
     model = grok.load_pretrained(
         checkpoint,
         dtype=jnp.dtype(args.dtype),
         mesh=mesh,
         quantize=args.quantize,
-        kv_batch=args.max_batch,  # the memory plan leaves room for the slots' KV cache
-        kv_context=_context(args.max_context, checkpoint),
+        # The memory plan leaves room for the KV pool --kv-cache-tokens asks for, else for one
+        # whole context (the pool then takes what the weights leave, up to --max-batch).
+        kv_batch=-(-args.kv_cache_tokens // context) if args.kv_cache_tokens and context else 1,
+        kv_context=context,
     )
     context = model.config.max_position_embeddings
     if args.max_context is not None and args.max_context > context:
@@ -147,6 +176,9 @@ def build_engine(args: argparse.Namespace) -> tuple[Engine, str, Metrics]:
         max_context=args.max_context,
         max_queue=args.max_queue,
         metrics=metrics,
+        kv_cache_tokens=args.kv_cache_tokens,
+        prefill_chunk=args.prefill_chunk,
+        prefix_cache=args.prefix_cache,
     )
     return engine, args.served_model_name or name, metrics
 
@@ -172,8 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         drain_timeout=args.drain_timeout,
     )
     print(
-        f"{PROG}: serving {name} (max batch {engine.max_batch}, context {engine.max_context}) "
-        f"on http://{args.host}:{args.port}",
+        f"{PROG}: serving {name} (max batch {engine.max_batch}, context {engine.max_context}, "
+        f"KV cache {engine.kv_cache_tokens} tokens) on http://{args.host}:{args.port}",
         file=sys.stderr,
         flush=True,
     )

@@ -23,8 +23,9 @@ from typing import Any
 
 import uvicorn
 
-from grok.serve.engine import Engine, SequenceRequest, Update
+from grok.serve.engine import Engine
 from grok.serve.protocol import RequestError
+from grok.serve.sequence import SequenceRequest, Update
 
 log = logging.getLogger("grok.serve")
 

@@ -44,6 +44,32 @@ class Metrics:
         self.batch_occupancy = prom.Gauge("grok_batch_occupancy", "Decode slots in use", registry=r)
         self.batch_slots = prom.Gauge("grok_batch_slots", "Decode slots in all", registry=r)
         self.batch_slots.set(max_batch)
+        self.kv_cache_usage = prom.Gauge(
+            "grok_kv_cache_usage",
+            "Fraction of the KV cache's pages that running sequences hold (0 to 1)",
+            registry=r,
+        )
+        self.kv_cache_pages = prom.Gauge(
+            "grok_kv_cache_pages", "Pages in the KV cache's pool", registry=r
+        )
+        self.prefix_cached_pages = prom.Gauge(
+            "grok_prefix_cache_pages", "KV pages published in the prefix cache", registry=r
+        )
+        self.prefix_hit_tokens = prom.Counter(
+            "grok_prefix_cache_hit_tokens",
+            "Prompt tokens whose keys and values came from the prefix cache",
+            registry=r,
+        )
+        self.prefix_query_tokens = prom.Counter(
+            "grok_prefix_cache_query_tokens",
+            "Prompt tokens looked up in the prefix cache",
+            registry=r,
+        )
+        self.preemptions = prom.Counter(
+            "grok_preemptions",
+            "Sequences preempted (their KV pages given back, recomputed later) for a full pool",
+            registry=r,
+        )
         self.ttft = prom.Histogram(
             "grok_time_to_first_token_seconds",
             "From a sequence's arrival to its first token (queueing and prefill included)",
@@ -63,6 +89,20 @@ class Metrics:
     def set_load(self, waiting: int, busy_slots: int) -> None:
         self.queue_length.set(waiting)
         self.batch_occupancy.set(busy_slots)
+
+    def set_kv_pages(self, pages: int) -> None:
+        self.kv_cache_pages.set(pages)
+
+    def set_kv(self, usage: float, cached_pages: int) -> None:
+        self.kv_cache_usage.set(usage)
+        self.prefix_cached_pages.set(cached_pages)
+
+    def prefix_lookup(self, hit_tokens: int, query_tokens: int) -> None:
+        self.prefix_hit_tokens.inc(hit_tokens)
+        self.prefix_query_tokens.inc(query_tokens)
+
+    def preempted(self) -> None:
+        self.preemptions.inc()
 
     def first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)

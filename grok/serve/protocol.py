@@ -18,8 +18,8 @@ from typing import Any
 
 from grok.errors import GrokError, TokenizerError
 from grok.generate import MAX_SEED
-from grok.serve.engine import SamplingParams, TokenInfo
 from grok.serve.sampler import TOP_LOGPROBS
+from grok.serve.sequence import SamplingParams, TokenInfo
 from grok.tokenizer import Tokenizer, chat_stop_ids, encode_chat
 from grok.tokens import check_token_ids
 

@@ -37,6 +37,7 @@ GROUPED_TARGET = "grok_grouped_matvec"
 ATTENTION_TARGET = "grok_attention"
 QUANT_MATVEC_TARGET = "grok_quant_matvec"
 QUANT_GROUPED_TARGET = "grok_quant_grouped_matvec"
+PAGED_ATTENTION_TARGET = "grok_paged_attention"
 # The FFI targets and the library symbols of their handlers.
 TARGETS = {
     MATVEC_TARGET: "GrokMatvec",
@@ -44,6 +45,7 @@ TARGETS = {
     ATTENTION_TARGET: "GrokAttention",
     QUANT_MATVEC_TARGET: "GrokQuantMatvec",
     QUANT_GROUPED_TARGET: "GrokQuantGroupedMatvec",
+    PAGED_ATTENTION_TARGET: "GrokPagedAttention",
 }
 ENV_SWITCH = "GROK_NATIVE"  # "0" turns the kernels off
 ENV_CACHE = "GROK_NATIVE_CACHE"  # where the built library goes (default: user cache)

@@ -1,7 +1,8 @@
 """The native kernels as JAX functions: ``matvec`` (a matrix inside a stacked weight times a few
-rows, or many), ``grouped_matvec`` (the MoE's ragged product) and ``attention`` (causal
-grouped-query attention with Grok's capped, tempered logits), each an XLA FFI custom call into
-the library ``build`` compiles, with a custom VJP where the model may differentiate it.
+rows, or many), ``grouped_matvec`` (the MoE's ragged product), ``attention`` (causal
+grouped-query attention with Grok's capped, tempered logits) and ``paged_attention`` (the same
+over a paged KV cache, through page tables), each an XLA FFI custom call into the library
+``build`` compiles, with a custom VJP where the model may differentiate it.
 
 XLA:CPU leaves gaps that no flag closes (``--xla_cpu_use_onednn``,
 ``--xla_cpu_experimental_{onednn,xnn,ynn}_fusion_type=dot`` and ``--xla_cpu_use_xnnpack``
@@ -27,6 +28,7 @@ from grok.kernels.cpu.build import (
     ATTENTION_TARGET,
     GROUPED_TARGET,
     MATVEC_TARGET,
+    PAGED_ATTENTION_TARGET,
     QUANT_GROUPED_TARGET,
     QUANT_MATVEC_TARGET,
     available,
@@ -36,6 +38,7 @@ from grok.kernels.cpu.build import (
 from grok.kernels.xla import take
 
 MAX_ROWS = 8  # one pass over the weights serves up to 8 rows; decode batches above fall back
+PAGE_MULTIPLE = 16  # the paged kernel's page size is a multiple of this (src/paged_attention.cc)
 
 
 def _put_zeros(w: jax.Array, index: jax.Array, part: jax.Array) -> jax.Array:
@@ -320,3 +323,61 @@ def attention(
     if index:
         return _attention_call(q, k, v, _indices(index), tau, positions, lengths, scale, cap)
     return _attention(q, k, v, tau, positions, lengths, scale, cap)
+
+
+# paged attention.
+
+
+def paged_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    pages: jax.Array,
+    tau: jax.Array,
+    positions: jax.Array,
+    lengths: jax.Array,
+    *,
+    scale: float,
+    cap: float | None,
+    index: tuple[jax.Array | int, ...] = (),
+) -> jax.Array:
+    """``attention`` over a paged KV cache, by the native kernel: the same numbers as the dense
+    kernel over each row's keys gathered in position order.
+
+    Args:
+      q: [B, T, K, G, H] queries (RoPE applied); H even.
+      k, v: [*lead, M, Z, K, H] pools of M pages of Z tokens (Z a multiple of
+        ``PAGE_MULTIPLE``) of ``q``'s dtype (uint16: bfloat16 bits, ``q`` likewise), read in
+        place at ``index`` (one int32 per leading axis, clamped like ``lax.dynamic_slice``).
+      pages: i32 [B, W] page tables: position s of row b is page ``pages[b, s // Z]``, offset
+        ``s % Z`` (S = W * Z); entries outside [0, M) are clamped (only masked keys read them).
+      tau, positions: [B, T]; lengths: [B] (see ``attention``).
+    Returns:
+      [B, T, K, G, H] in ``v``'s dtype. Not differentiable (a decode-time read).
+    """
+    b, t, kh, g, h = q.shape
+    lead = len(index)
+    pool = k.shape[lead:]  # [M, Z, K, H]
+    if k.shape != v.shape or len(pool) != 4 or (pool[2], pool[3]) != (kh, h):
+        raise ValueError(f"paged_attention: q {q.shape} with k {k.shape}, v {v.shape}")
+    if pages.ndim != 2 or pages.shape[0] != b:
+        raise ValueError(f"paged_attention: pages {pages.shape} for q {q.shape}")
+    if h % 2 or pool[1] % PAGE_MULTIPLE:
+        raise ValueError(
+            f"paged_attention: no kernel for head dim {h} (even) or page size {pool[1]} "
+            f"(a multiple of {PAGE_MULTIPLE})"
+        )
+    _check("paged_attention", q=q, k=k, v=v)
+    out = jax.ShapeDtypeStruct(q.shape, v.dtype)
+    return jax.ffi.ffi_call(PAGED_ATTENTION_TARGET, out, vmap_method="sequential")(
+        q,
+        k,
+        v,
+        _indices(index),
+        pages.astype(jnp.int32),
+        tau.astype(jnp.float32),
+        positions.astype(jnp.int32),
+        lengths.astype(jnp.int32),
+        scale=np.float32(scale),
+        cap=np.float32(cap or 0.0),
+    )

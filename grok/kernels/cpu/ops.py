@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from grok.kernels.cpu import ffi
 from grok.kernels.cpu.build import available, available_codes
-from grok.kernels.xla import XlaKernels, take
+from grok.kernels.xla import XlaKernels, paged_rows, paged_write_layer, take
 from grok.kv_cache import KVCache, LayerCache
 from grok.layers import QuantWeight
 from grok.quant import dequantize
@@ -295,6 +295,58 @@ class CpuKernels(XlaKernels):
         keys = Stacked(cache.k, (cache.layer,), cache.dtype)
         values = Stacked(cache.v, (cache.layer,), cache.dtype)
         return cache, keys, values
+
+    def paged_write(self, cache: LayerCache, k, v, start) -> LayerCache:
+        """Through the page tables as the XLA path writes, in the carried form (uint16 bits
+        for a 16-bit cache)."""
+
+        def put(whole: jax.Array, new: jax.Array) -> jax.Array:
+            new = as_bits(new.astype(cache.dtype))
+            return paged_write_layer(whole, cache.layer, new, cache.pages, start)
+
+        return dataclasses.replace(cache, k=put(cache.k, k), v=put(cache.v, v))
+
+    def paged_attend(self, q, cache, tau, positions, lengths, *, scale, cap) -> jax.Array:
+        """The native paged kernel (the dense kernel's numerics, its keys and values read in
+        place through the page tables) where it exists for the dtype and the page size, else
+        XLA's gather of the pages."""
+        if self._paged_native(q.dtype, cache):
+            bits = cache.k.dtype == jnp.uint16  # a 16-bit cache held as bits: q likewise
+            out = ffi.paged_attention(
+                as_bits(q) if bits else q,
+                cache.k,
+                cache.v,
+                cache.pages,
+                tau,
+                positions,
+                lengths,
+                scale=scale,
+                cap=cap,
+                index=(cache.layer,),
+            )
+            return from_bits(out, cache.dtype)
+        keys, values = (
+            from_bits(paged_rows(pool, cache.layer, cache.pages), cache.dtype)
+            for pool in (cache.k, cache.v)
+        )
+        return XlaKernels.attend(
+            self, q, keys, values, tau, positions, lengths, scale=scale, cap=cap
+        )
+
+    def _paged_native(self, dtype: jnp.dtype, cache: LayerCache) -> bool:
+        """Whether the paged kernel takes ``dtype`` queries over ``cache``'s pool."""
+        page_size, head_dim = cache.k.shape[2], cache.k.shape[-1]
+        return (
+            jnp.dtype(dtype) == jnp.dtype(cache.dtype)
+            and page_size % ffi.PAGE_MULTIPLE == 0
+            and head_dim % 2 == 0
+            and self._native(dtype)
+        )
+
+    def paged_width(self, pages: int, most: int, page_size: int) -> int:
+        if self.native and page_size % ffi.PAGE_MULTIPLE == 0:
+            return most  # the kernel reads only the pages below each row's length
+        return super().paged_width(pages, most, page_size)
 
     def carry(self, cache: KVCache) -> KVCache:
         """k and v as uint16 bits where they are 16-bit floats: the model reads and writes the

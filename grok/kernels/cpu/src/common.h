@@ -197,10 +197,12 @@ inline void transpose16(__m512i (&r)[16]) {
 }
 
 // Packs a panel: P[u * kPanelOut + o] = the 32-bit unit u (a float32, or a bfloat16 pair) of
-// row o, rows `row_bytes` apart from w, for o < on (0 above) and u < units. Through 16 x 16
+// row o, for o < on (0 above) and u < units; rows 16 h .. 16 h + 15 start at halves[h], each
+// `row_bytes` after the last (a paged KV cache: each half in its own page). Through 16 x 16
 // register transposes: 5-11x faster than one gather per 16 units (W [32, 512] and [32, 8192],
 // bf16), which had cost more than the products themselves for 32 rows.
-void pack_units(const char* w, int64_t row_bytes, int64_t on, int64_t units, uint32_t* P) {
+void pack_unit_halves(const char* const (&halves)[2], int64_t row_bytes, int64_t on,
+                      int64_t units, uint32_t* P) {
   for (int h = 0; h < kPanelOut / 16; ++h) {
     for (int64_t u0 = 0; u0 < units; u0 += 16) {
       const int64_t un = std::min<int64_t>(16, units - u0);
@@ -208,13 +210,19 @@ void pack_units(const char* w, int64_t row_bytes, int64_t on, int64_t units, uin
       __m512i r[16];
       for (int i = 0; i < 16; ++i) {
         const int64_t o = 16 * h + i;  // masked loads: nothing past the row's units is read
-        r[i] = o < on ? _mm512_maskz_loadu_epi32(m, w + o * row_bytes + 4 * u0)
+        r[i] = o < on ? _mm512_maskz_loadu_epi32(m, halves[h] + i * row_bytes + 4 * u0)
                       : _mm512_setzero_si512();
       }
       transpose16(r);
       for (int64_t c = 0; c < un; ++c) _mm512_store_si512(P + (u0 + c) * kPanelOut + 16 * h, r[c]);
     }
   }
+}
+
+// pack_unit_halves for rows `row_bytes` apart from w (a matrix, a dense cache's keys).
+void pack_units(const char* w, int64_t row_bytes, int64_t on, int64_t units, uint32_t* P) {
+  const char* const halves[2] = {w, w + 16 * row_bytes};
+  pack_unit_halves(halves, row_bytes, on, units, P);
 }
 
 template <int RB>
