@@ -212,6 +212,8 @@ class CpuKernels(XlaKernels):
     # Products.
 
     def project(self, equation, x, w, out_dtype=None) -> jax.Array:
+        if isinstance(w, QuantWeight) and isinstance(w.q, Stacked):  # codes read in place
+            w = w.q.dequantized(w.scale, x.dtype)
         y = _native_product(equation, x, w) if self._native(x.dtype) else None
         if y is not None:
             return y.astype(out_dtype or x.dtype)
