@@ -16,7 +16,7 @@ import tempfile
 
 # The suite runs on the CPU backend, also where libtpu is installed (the tpu extra), which JAX
 # would otherwise try to start a TPU with; a platform already set is kept. The TPU compiler
-# still serves the tests that compile for a TPU topology (tests/test_tpu.py).
+# still serves the tests that compile for a TPU topology (tests/kernels/test_tpu.py).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 _FLAG = "--xla_force_host_platform_device_count=8"

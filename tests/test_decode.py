@@ -1,6 +1,6 @@
 """The decode core (``grok.decode``): its rules, the cache store, prefill, insert and the step.
 
-``generate`` and ``grok-serve`` end to end are tests/test_generate.py and tests/test_serve.py;
+``generate`` and ``grok-serve`` end to end are tests/test_generate.py and tests/serve/test_serve.py;
 here each piece of the core is checked on its own, on a float32 TINY_GROK2 with random weights.
 """
 

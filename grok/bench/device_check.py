@@ -81,8 +81,8 @@ from grok.testing import random_array, random_params
 
 DEVICE_TEST_MODULES = (
     "tests/test_model.py",
-    "tests/test_fast_paths.py",
-    "tests/test_moe_ragged.py",
+    "tests/kernels/test_fast_paths.py",
+    "tests/kernels/test_moe_ragged.py",
     "tests/test_generate.py",
     "tests/test_sampling.py",
 )

@@ -41,7 +41,7 @@ from grok.presets import GROK1, GROK2, TINY_GROK1, TINY_GROK2
 
 CONFIG = TINY_GROK1  # D 64, N 4, K 2, H 16, E 8, Fe 48, L 2, V 256
 MAX_REL_ERR = 1e-4  # float32 model vs float64 reference on the same weights
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def rel_err(got, want) -> float:

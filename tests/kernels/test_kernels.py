@@ -39,7 +39,7 @@ from grok.presets import TINY_GROK1, TINY_GROK2
 from grok.rope import rope_table
 from grok.sharding import activation_sharding, auto_axes, make_mesh
 
-PACKAGE = Path(__file__).resolve().parents[1] / "grok"
+PACKAGE = Path(__file__).resolve().parents[2] / "grok"
 RTOL = 1e-5  # of the largest |reference| entry
 CPU = CpuKernels()
 XLA_CPU = XlaKernels("cpu")  # XLA's path as the selector gives it for CPU devices

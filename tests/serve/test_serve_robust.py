@@ -37,7 +37,7 @@ from grok.serve.sequence import SamplingParams, SequenceRequest
 from grok.serve.text import REPLACEMENT, ServedTokenizer, TextTracker
 from grok.tokenizer import TokJsonTokenizer, load_tokenizer
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MODEL = "grok-builtin"
 SLOTS = 4
 CONTEXT = 64  # small: every engine here compiles (or shares) the same few shapes

@@ -31,7 +31,7 @@ from grok.tokenizer import (
     write_tok_json,
 )
 
-GROK1_MODEL = Path(__file__).resolve().parents[2] / "shared/data/grok1/tokenizer.model"
+GROK1_MODEL = Path(__file__).resolve().parents[3] / "shared/data/grok1/tokenizer.model"
 
 # Special ids laid out like the release (pad 0, separator 1, eos 2, then reserved/control);
 # ids 5..7 are left unassigned on purpose, regular tokens start at 8.
@@ -488,7 +488,7 @@ print(type(tok).__name__, *seen)
 
 def _child_sees(path: Path) -> list[str]:
     """What a fresh interpreter reports after ``import grok`` and loading ``path``."""
-    repo = str(Path(__file__).resolve().parents[1])
+    repo = str(Path(__file__).resolve().parents[2])
     code = _IMPORT_CHILD.format(repo=repo, path=str(path))
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr

@@ -40,7 +40,7 @@ from grok.serve.sequence import SamplingParams, SequenceRequest
 from grok.serve.text import TextTracker
 from grok.tokenizer import chat_stop_ids, encode_chat, load_tokenizer
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MODEL = "grok-builtin"
 KEY = "test-key"
 MAX_TOKENS = 24  # one cache bucket for every reference generate call

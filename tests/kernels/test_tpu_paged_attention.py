@@ -2,8 +2,8 @@
 interpreter (any backend) against the float64 oracle, and compiled for a TPU topology where
 libtpu is installed (no TPU needed: a compile-only topology).
 
-The cases are the paged cache's (tests/test_paged.py): shuffled page tables, entries that hold
-no page, a decode step, prompt pieces at an offset, G above a tile, no cap, tau > 1.
+The cases are the paged cache's (tests/kernels/test_paged.py): shuffled page tables, entries
+that hold no page, a decode step, prompt pieces at an offset, G above a tile, no cap, tau > 1.
 """
 
 import importlib.util

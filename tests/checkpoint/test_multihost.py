@@ -1,7 +1,8 @@
 """Several processes, one mesh: 2 processes x 4 CPU devices on localhost, as two hosts would.
 
-The test starts this file twice as a worker (``python tests/test_multihost.py worker ...``),
-one process per simulated host, each with 4 CPU devices. Each worker:
+The test starts this file twice as a worker
+(``python tests/checkpoint/test_multihost.py worker ...``), one process per simulated host,
+each with 4 CPU devices. Each worker:
 
 1. runs ``grok-sample`` (``grok.cli.sample.main``) on two prompts with ``--coordinator``,
    ``--num-processes``, ``--process-id`` and ``--mesh 2x4``: this joins the two processes
@@ -49,7 +50,7 @@ from grok.sharding import make_mesh
 from grok.testing import write_checkpoint
 from grok.tokenizer import load_tokenizer, write_tok_json
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PROCESSES = 2
 DEVICES_PER_PROCESS = 4
 # 3 special tokens, then the 256 bytes: every text encodes (one token per byte); reserved

@@ -16,7 +16,7 @@ import pytest
 from grok.bench import device_check
 from grok.bench.device_costs import FULL_SHAPES, expected_experts, layers_for_memory
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "device_check.py"
 
 

@@ -38,7 +38,7 @@ from grok.kernels import cpu
 from grok.kernels.cpu import build
 from grok.presets import TINY_GROK2
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RTOL = 1e-5  # of the largest |reference| entry
 
 
