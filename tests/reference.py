@@ -134,6 +134,14 @@ def random_tensors(config: GrokConfig, seed: int, *, scale: float = 1.0) -> dict
 # Small pure functions.
 
 
+def rel_err(got, want) -> float:
+    """max |got - want| / max |want|, in float64: how the tests compare a result with the
+    reference (or with another implementation)."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+
+
 def soft_cap(x: np.ndarray, cap: float | None) -> np.ndarray:
     """cap * tanh(x / cap); ``None`` means off (x unchanged)."""
     if cap is None:

@@ -18,7 +18,8 @@ PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 MAX_README_LINES = 300
 SETUP_COMMANDS = (
     "python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/python scripts/sample.py",
-    'python3 -m venv .venv && .venv/bin/pip install -e ".[test]" && .venv/bin/python -m pytest -q',
+    'python3 -m venv .venv && .venv/bin/pip install -e ".[test]" && '
+    ".venv/bin/python -m pytest -q -n 2",
 )
 # How to ask each console script for its flags (the scripts/ wrapper is the same program).
 CONSOLE_SCRIPTS = {

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import needs_bf16, needs_f32, random_params
+from reference import rel_err
 
 from grok.api import Model
 from grok.config import GrokConfig
@@ -43,13 +44,6 @@ PACKAGE = Path(__file__).resolve().parents[2] / "grok"
 RTOL = 1e-5  # of the largest |reference| entry
 CPU = CpuKernels()
 XLA_CPU = XlaKernels("cpu")  # XLA's path as the selector gives it for CPU devices
-
-
-def _rel_err(got, want) -> float:
-    """max |got - want| / max |want|, in float64."""
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert got.shape == want.shape, (got.shape, want.shape)
-    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
 
 
 def _random(rng: np.random.Generator, shape: tuple[int, ...], dtype) -> jax.Array:
@@ -210,7 +204,7 @@ def test_project_uses_kernel_up_to_max_rows(rows):
     for on in (False, True):
         got = fn(on)(x, w, jnp.int32(2))
         assert got.shape == (rows // 2, 2, 10)
-        assert _rel_err(got, want) <= RTOL
+        assert rel_err(got, want) <= RTOL
         text = fn(on).lower(x, w, jnp.int32(2)).as_text()
         assert (cpu.MATVEC_TARGET in text) == (on and rows <= cpu.MAX_ROWS)
 
@@ -228,7 +222,7 @@ def test_project_bfloat16_view_uses_kernel_at_any_rows(rows):
         return CPU.project("BTD,VD->BTV", x, stacked(w)[layer], jnp.float32)
 
     got = jax.jit(f)(x, w, jnp.int32(1))
-    assert _rel_err(got, np.einsum("btd,vd->btv", _f64(x), _f64(w)[1])) <= RTOL
+    assert rel_err(got, np.einsum("btd,vd->btv", _f64(x), _f64(w)[1])) <= RTOL
     assert cpu.MATVEC_TARGET in jax.jit(f).lower(x, w, jnp.int32(1)).as_text()
 
 
@@ -277,7 +271,7 @@ def _run(config: GrokConfig, params: dict, dtype, on: bool, decode_impl: str = "
 
 def _assert_caches_close(got: KVCache, want: KVCache) -> None:
     assert got.k.dtype == want.k.dtype and got.v.dtype == want.v.dtype
-    assert _rel_err(got.k, want.k) <= RTOL and _rel_err(got.v, want.v) <= RTOL
+    assert rel_err(got.k, want.k) <= RTOL and rel_err(got.v, want.v) <= RTOL
     np.testing.assert_array_equal(got.lengths, want.lengths)
 
 
@@ -300,7 +294,7 @@ def test_model_float32_kernel_equals_xla(config):
     assert on[0].shape == (BATCH, PROMPT, config.vocab_size)
     assert on[2].shape == (BATCH, 1, config.vocab_size)
     for i in (0, 2):
-        assert _rel_err(on[i], off[i]) <= RTOL, ("prefill", "decode")[i // 2]
+        assert rel_err(on[i], off[i]) <= RTOL, ("prefill", "decode")[i // 2]
     for i in (1, 3):
         _assert_caches_close(on[i], off[i])
     # The prefill wrote its slots and the decode its one more (and nothing else).
@@ -316,11 +310,11 @@ def test_model_float32_decode_expert_paths(config, moe_impl):
     params = _params(config, "float32")
     _, _, on, on_cache = _run(config, params, jnp.float32, True, moe_impl)
     _, _, off, off_cache = _run(config, params, jnp.float32, False, moe_impl)
-    assert _rel_err(on, off) <= RTOL
+    assert rel_err(on, off) <= RTOL
     _assert_caches_close(on_cache, off_cache)
     # And the same as the default ("auto") decode.
     _, _, auto, _ = _run(config, params, jnp.float32, False)
-    assert _rel_err(on, auto) <= RTOL
+    assert rel_err(on, auto) <= RTOL
 
 
 @needs_f32
@@ -348,7 +342,7 @@ def test_model_bfloat16_kernel_no_worse_than_xla(config):
     _, _, want, _ = _run(config, exact, jnp.float32, False)
     _, _, native_step, _ = _run(config, params, jnp.bfloat16, True)
     _, _, xla_step, _ = _run(config, params, jnp.bfloat16, False)
-    err_native, err_xla = _rel_err(native_step, want), _rel_err(xla_step, want)
+    err_native, err_xla = rel_err(native_step, want), rel_err(xla_step, want)
     assert err_native <= 1.5 * err_xla + 1e-3, (err_native, err_xla)
     assert err_xla < 0.05, err_xla  # bfloat16 rounding, not a broken model
     # The bfloat16 decode lowers to the kernel, too.
@@ -412,7 +406,7 @@ def test_model_quantised_kernel_no_worse_than_xla(mode, moe_impl):
             assert cpu.QUANT_MATVEC_TARGET in text
             grouped = cpu.QUANT_GROUPED_TARGET in text
             assert grouped == (moe_impl == "auto"), text.count(cpu.QUANT_GROUPED_TARGET)
-    err_native, err_xla = _rel_err(steps[True], want), _rel_err(steps[False], want)
+    err_native, err_xla = rel_err(steps[True], want), rel_err(steps[False], want)
     assert err_native <= 1.5 * err_xla + 1e-3, (err_native, err_xla)
     assert err_xla < 0.05, err_xla
 
@@ -434,12 +428,12 @@ def test_router_stored_in_bfloat16_reads_as_the_float32_model():
     """A former layer loop read the router's uint16 view as integers: the bf16 tree must give
     the float32 model's logits on the same rounded values, up to bf16 rounding."""
     want = _bf16_router_logits(False, jnp.float32)
-    assert _rel_err(_bf16_router_logits(False), want) < 0.05
+    assert rel_err(_bf16_router_logits(False), want) < 0.05
 
 
 @needs_bf16
 def test_router_stored_in_bfloat16_reads_the_same_both_ways():
-    assert _rel_err(_bf16_router_logits(True), _bf16_router_logits(False)) < 1e-3
+    assert rel_err(_bf16_router_logits(True), _bf16_router_logits(False)) < 1e-3
 
 
 # The XLA path is compiled for its devices, not for the host.

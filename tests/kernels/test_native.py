@@ -33,6 +33,7 @@ import numpy as np
 import pytest
 from conftest import NATIVE_DTYPES as DTYPES
 from conftest import needs_bf16, needs_f32
+from reference import rel_err
 
 from grok.kernels import cpu
 from grok.kernels.cpu import build
@@ -43,13 +44,6 @@ RTOL = 1e-5  # of the largest |reference| entry
 
 
 # Helpers.
-
-
-def _rel_err(got, want) -> float:
-    """max |got - want| / max |want|, in float64."""
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert got.shape == want.shape, (got.shape, want.shape)
-    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
 
 
 def _random(rng: np.random.Generator, shape: tuple[int, ...], dtype) -> jax.Array:
@@ -115,7 +109,7 @@ def test_matvec_matches_float64(dtype, rows):
             got = fn(x, w, jnp.asarray(index, jnp.int32).reshape(len(lead)))
             assert got.dtype == jnp.float32 and got.shape == (rows, o)
             want = x64 @ w64[_clamped(index, lead)].T
-            err = _rel_err(got, want)
+            err = rel_err(got, want)
             assert err <= RTOL, (o, i, lead, index, err)
 
 
@@ -125,7 +119,7 @@ def test_matvec_eager_python_indices():
     rng = np.random.default_rng(1)
     x, w = _random(rng, (3, 20), jnp.float32), _random(rng, (4, 2, 9, 20), jnp.float32)
     got = cpu.matvec(x, w, (2, np.int32(1)))
-    assert _rel_err(got, _f64(x) @ _f64(w)[2, 1].T) <= RTOL
+    assert rel_err(got, _f64(x) @ _f64(w)[2, 1].T) <= RTOL
 
 
 # Indices out of range as lax.dynamic_slice takes them: a negative one counts from the end
@@ -137,7 +131,7 @@ def test_matvec_out_of_range_like_dynamic_slice(index):
     x, w = _random(rng, (2, 24), jnp.float32), _random(rng, (4, 6, 24), jnp.float32)
     got = _jit_matvec(1)(x, w, jnp.asarray([index], jnp.int32))
     m = jax.lax.dynamic_slice(w, (jnp.int32(index), 0, 0), (1, 6, 24))[0]
-    assert _rel_err(got, _f64(x) @ _f64(m).T) <= RTOL
+    assert rel_err(got, _f64(x) @ _f64(m).T) <= RTOL
 
 
 @needs_bf16
@@ -173,7 +167,7 @@ def test_matvec_gradient_equals_einsum(index):
     want = jax.jit(jax.grad(einsum_loss, argnums=(0, 1)))(x, w, idx)
     for a, b in zip(got, want, strict=True):
         assert a.shape == b.shape and a.dtype == b.dtype
-        assert _rel_err(a, b) <= RTOL
+        assert rel_err(a, b) <= RTOL
     dw = np.array(got[1])
     clamped = _clamped(index, (2, 3))
     assert np.any(dw[clamped] != 0)  # the gradient lands on the chosen matrix only
@@ -358,7 +352,7 @@ def test_grouped_matvec_matches_float64(dtype, sizes):
         x, w, sizes, jnp.int32(2)
     )
     want = _grouped_reference(x, w[2], np.asarray(sizes))
-    assert _rel_err(got, want) <= RTOL
+    assert rel_err(got, want) <= RTOL
     assert not np.any(np.asarray(got)[int(sizes.sum()) :])
 
 
@@ -403,7 +397,7 @@ def test_matvec_panel_path_matches_float64(dtype, rows, o, i):
     rng = np.random.default_rng(9)
     x, w = _random(rng, (rows, i), dtype), _random(rng, (2, o, i), dtype)
     got = jax.jit(lambda x, w: cpu.matvec(x, w, (1,)))(x, w)
-    assert _rel_err(got, _f64(x) @ _f64(w)[1].T) <= RTOL
+    assert rel_err(got, _f64(x) @ _f64(w)[1].T) <= RTOL
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -412,7 +406,7 @@ def test_grouped_matvec_panel_path_matches_float64(dtype):
     sizes = np.array([70, 0, 90, 5])  # two groups on the panel path, one on the row kernels
     x, w = _random(rng, (sizes.sum(), 77), dtype), _random(rng, (4, 40, 77), dtype)
     got = cpu.grouped_matvec(x, w, jnp.asarray(sizes, jnp.int32))
-    assert _rel_err(got, _grouped_reference(x, w, sizes)) <= RTOL
+    assert rel_err(got, _grouped_reference(x, w, sizes)) <= RTOL
 
 
 def test_bench_kernels_script_reports_both_engines(capsys):

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from reference import rel_err
 
 from grok.checkpoint import fp8
 from grok.checkpoint.finite import NON_FINITE_FROM, all_finite
@@ -40,12 +41,6 @@ needs_library = pytest.mark.skipif(
 # The kernels' sums are float32 (products of bfloat16 inputs and exact code values): within
 # float32 rounding of the largest output.
 RTOL = 1e-5
-
-
-def _rel_err(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert got.shape == want.shape, (got.shape, want.shape)
-    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
 
 
 def _x(rng, rows: int, i: int) -> jax.Array:
@@ -92,7 +87,7 @@ def test_quant_matvec_matches_float64_every_layout(layout, o, i):
     for rows in ROWS:
         x = _x(rng, rows, i)
         got = cpu.quant_matvec(x, q, scale)
-        assert _rel_err(got, np.asarray(x, np.float64) @ w.T) <= RTOL, (layout, rows)
+        assert rel_err(got, np.asarray(x, np.float64) @ w.T) <= RTOL, (layout, rows)
 
 
 @needs_codes
@@ -105,7 +100,7 @@ def test_int8_codes_and_stacked_weights_at_traced_and_clamped_indices(rows):
     call = jax.jit(lambda x, q, s, a, b: cpu.quant_matvec(x, q, s, (a, b)))
     for (a, b), (ra, rb) in [((1, 2), (1, 2)), ((5, -9), (1, 0))]:  # clamped as dynamic_slice
         got = call(x, q, scale, jnp.int32(a), jnp.int32(b))
-        assert _rel_err(got, np.asarray(x, np.float64) @ w[ra, rb].T) <= RTOL
+        assert rel_err(got, np.asarray(x, np.float64) @ w[ra, rb].T) <= RTOL
 
 
 @needs_codes
@@ -156,7 +151,7 @@ def test_quant_grouped_matvec_matches_float64(layout, sizes):
     got = jax.jit(lambda x, q, s, n, layer: cpu.quant_grouped_matvec(x, q, s, n, (layer,)))(
         x, q, scale, sizes, jnp.int32(1)
     )
-    assert _rel_err(got, _grouped_reference(x, w[1], np.asarray(sizes))) <= RTOL
+    assert rel_err(got, _grouped_reference(x, w[1], np.asarray(sizes))) <= RTOL
     assert not np.any(np.asarray(got)[int(sizes.sum()) :])
 
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import random_params
-from reference import reference_cached_attention
+from reference import reference_cached_attention, rel_err
 
 from grok import tpu_plan
 from grok.attention import attention_temperature
@@ -48,12 +48,6 @@ needs_libtpu = pytest.mark.skipif(
     "a TPU topology",
 )
 RTOL = 1e-5  # of the largest |reference| entry, float32
-
-
-def _rel_err(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert got.shape == want.shape, (got.shape, want.shape)
-    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
 
 
 # The flash attention kernel.
@@ -103,7 +97,7 @@ def test_flash_attention_matches_float64(case):
             interpret=True,
         )
         want = reference_cached_attention(config, q, k[layer], v[layer], positions, lengths)
-        assert _rel_err(got, want) < RTOL, seed
+        assert rel_err(got, want) < RTOL, seed
 
 
 # The grouped expert product.
@@ -143,7 +137,7 @@ def test_grouped_matmul_matches_float64(case):
     group = np.repeat(np.arange(e), sizes)  # [A - past]
     want = np.zeros((a, d_out))
     want[: len(group)] = np.einsum("ai,aoi->ao", xs[: len(group)], w[layer, group])
-    assert _rel_err(got, want) < RTOL
+    assert rel_err(got, want) < RTOL
 
 
 # The kernels in the model.
@@ -176,7 +170,7 @@ def test_tpu_kernels_in_the_model_equal_xla(mesh_shape):
 
     kernels = run(TpuKernels(mesh=mesh, interpret=True), activation_sharding(mesh))
     for got, want in zip(kernels, run(XlaKernels("cpu"), None), strict=True):
-        assert _rel_err(got, want) < RTOL
+        assert rel_err(got, want) < RTOL
 
 
 @pytest.mark.parametrize("mode", ["fp8", "fp8-block"])
@@ -205,7 +199,7 @@ def test_tpu_kernels_quantised_equal_xla(mode):
         return apply(quant, tokens, positions, rope, None, positions[:, -1] + 1)[0]
 
     got, want = run(TpuKernels(interpret=True)), run(XlaKernels("cpu"))
-    assert _rel_err(got, want) < 2e-2  # bfloat16 activations, summed in another order
+    assert rel_err(got, want) < 2e-2  # bfloat16 activations, summed in another order
 
 
 # Compiled for TPU slices (libtpu's compiler; nothing runs).
