@@ -58,8 +58,6 @@ import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
 PROMPTS = [
     "A class definition",
@@ -470,8 +468,7 @@ def bench_model(directory: Path) -> Path:
     """The targets' checkpoint in ``directory`` (written once, then reused): random float32
     weights of ``bench`` at context 8192 with the built-in tokenizer's vocabulary, and that
     tokenizer beside them."""
-    from bench_shapes import BENCH
-
+    from grok.bench.shapes import BENCH
     from grok.builtin import builtin_dir
     from grok.testing import write_checkpoint
 
