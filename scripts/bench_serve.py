@@ -209,7 +209,7 @@ def _robust_server(args: argparse.Namespace, *flags: str) -> tuple[subprocess.Po
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "grok.serve", "--port", str(port), "--dtype", "float32"]
     cmd += ["--max-batch", str(args.max_batch), *flags]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
