@@ -156,11 +156,11 @@ def build_engine(args: argparse.Namespace) -> tuple[Engine, str, Metrics]:
         kv_batch=-(-args.kv_cache_tokens // context) if args.kv_cache_tokens and context else 1,
         kv_context=context,
     )
-    context = model.config.max_position_embeddings
-    if args.max_context is not None and args.max_context > context:
+    longest = model.config.max_position_embeddings
+    if args.max_context is not None and args.max_context > longest:
         raise UsageError(
             f"--max-context {args.max_context} is longer than the model's context "
-            f"(max_position_embeddings = {context})"
+            f"(max_position_embeddings = {longest})"
         )
     # Decided here, once: ids the tokenizer cannot decode are served as U+FFFD (see
     # ServedTokenizer for why a smaller tokenizer is not refused).
