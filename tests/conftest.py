@@ -28,6 +28,13 @@ if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
 # The command line keeps compiled programs in $XDG_CACHE_HOME/grok/jax (grok.compile_cache);
 # the tests' runs write to a temporary directory, never the user's cache.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="grok-tests-cache-")
+# The native CPU library (about 20 s of C++ compiling on 2 cores) is built once for the
+# machine's test runs, not once per process: pytest-xdist's workers and the subprocesses the
+# tests start would each build it again in their own cache. The library's file name is a hash
+# of its sources, flags, compiler, jax and CPU, so a stale one is never loaded.
+os.environ.setdefault(
+    "GROK_NATIVE_CACHE", os.path.join(tempfile.gettempdir(), f"grok-tests-native-{os.getuid()}")
+)
 
 import functools  # noqa: E402
 

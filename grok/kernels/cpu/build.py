@@ -24,6 +24,8 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 
@@ -64,11 +66,54 @@ def sources() -> dict[str, bytes]:
     return {f.name: f.read_bytes() for f in sorted(files, key=lambda f: f.name)}
 
 
-def compile_command(cxx: str, folder: Path, out: Path, flags=FLAGS) -> list[str]:
-    """The compiler call that builds the library ``out`` from the sources written to
-    ``folder`` (every ``.cc`` there, one translation unit each, linked together)."""
-    units = sorted(str(p) for p in folder.glob("*.cc"))
-    return [cxx, *flags, f"-I{jax.ffi.include_dir()}", f"-I{folder}", *units, "-o", str(out)]
+def compile_commands(
+    cxx: str, folder: Path, out: Path, flags: Sequence[str] = FLAGS
+) -> tuple[list[list[str]], list[str]]:
+    """The compiler calls that build the library ``out`` from the sources written to
+    ``folder``: one per translation unit (every ``.cc`` there, to an object beside it), and
+    the link."""
+    include = [f"-I{jax.ffi.include_dir()}", f"-I{folder}"]
+    unit_flags = [f for f in flags if f != "-shared"]
+    units = sorted(folder.glob("*.cc"))
+    objects = [str(u.with_suffix(".o")) for u in units]
+    compiles = [
+        [cxx, *unit_flags, *include, "-c", str(u), "-o", o]
+        for u, o in zip(units, objects, strict=True)
+    ]
+    return compiles, [cxx, *flags, *objects, "-o", str(out)]
+
+
+def _run(command: list[str]) -> str:
+    """Runs a compiler call: "" on success, else why not."""
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"{command[0]} failed: {e}"
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-3:]
+        return f"{command[0]} failed: {' / '.join(tail)}"
+    return ""
+
+
+def build_library(
+    cxx: str, files: dict[str, bytes], lib_path: Path, flags: Sequence[str] = FLAGS
+) -> str:
+    """Builds the library at ``lib_path`` from ``files`` ({name: bytes}); "" on success, else
+    why not. Each translation unit compiles in a process of its own, as many at once as the
+    machine has cores (the FFI headers make each one seconds of work), then one link."""
+    lib_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=lib_path.parent) as tmp:
+        folder, out = Path(tmp) / SOURCE_DIR, Path(tmp) / "lib.so"
+        folder.mkdir()
+        for name, data in files.items():
+            (folder / name).write_bytes(data)
+        compiles, link = compile_commands(cxx, folder, out, flags)
+        with ThreadPoolExecutor(max(1, min(len(compiles), os.cpu_count() or 1))) as pool:
+            why = next((w for w in pool.map(_run, compiles) if w), "") or _run(link)
+        if why:
+            return why
+        os.replace(out, lib_path)  # atomic: a concurrent build writes the same bytes
+    return ""
 
 
 def _cpu_id() -> str:
@@ -97,27 +142,6 @@ def _cache_key(cxx: str, files: dict[str, bytes]) -> str:
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
 
-def _compile(cxx: str, files: dict[str, bytes], lib_path: Path) -> str:
-    """Builds the library at ``lib_path``; "" on success, else why not."""
-    lib_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=lib_path.parent) as tmp:
-        folder, out = Path(tmp) / SOURCE_DIR, Path(tmp) / "lib.so"
-        folder.mkdir()
-        for name, data in files.items():
-            (folder / name).write_bytes(data)
-        try:
-            done = subprocess.run(
-                compile_command(cxx, folder, out), capture_output=True, text=True, timeout=300
-            )
-        except (OSError, subprocess.SubprocessError) as e:
-            return f"{cxx} failed: {e}"
-        if done.returncode != 0:
-            tail = done.stderr.strip().splitlines()[-3:]
-            return f"{cxx} failed: {' / '.join(tail)}"
-        os.replace(out, lib_path)  # atomic: a concurrent build writes the same bytes
-    return ""
-
-
 def _build() -> tuple[int, ctypes.CDLL | None, str]:
     """Compiles (or finds) the library and loads it: (isa bits, library, why not)."""
     if os.environ.get(ENV_SWITCH, "1") == "0":
@@ -131,7 +155,7 @@ def _build() -> tuple[int, ctypes.CDLL | None, str]:
     directory = Path(os.environ.get(ENV_CACHE) or user_cache_root() / "native")
     lib_path = directory / f"libgrok_native-{_cache_key(cxx, files)}.so"
     if not lib_path.exists():
-        why = _compile(cxx, files, lib_path)
+        why = build_library(cxx, files, lib_path)
         if why:
             return 0, None, why
     lib = ctypes.CDLL(str(lib_path))
