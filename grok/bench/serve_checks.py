@@ -8,12 +8,10 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -21,6 +19,7 @@ from pathlib import Path
 
 import httpx
 
+from grok.bench.serve_clients import start_server
 from grok.builtin import builtin_dir
 
 # -- robustness checks (--check-bounds, --check-drain, --check-isolation) ---------------------
@@ -30,24 +29,9 @@ UPLOAD_BYTES = 100_000_000
 
 def _robust_server(args: argparse.Namespace, *flags: str) -> tuple[subprocess.Popen, str, int]:
     """A fresh grok-serve (built-in model, float32) with ``flags``; (process, url, port)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "grok.serve", "--port", str(port), "--dtype", "float32"]
-    cmd += ["--max-batch", str(args.max_batch), *flags]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"grok-serve exited with status {proc.returncode}")
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url, port
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("grok-serve did not start within 300 s")
+    flags = ("--dtype", "float32", "--max-batch", str(args.max_batch), *flags)
+    proc, url = start_server(list(flags))
+    return proc, url, int(url.rsplit(":", 1)[1])
 
 
 def _stop(proc: subprocess.Popen) -> None:

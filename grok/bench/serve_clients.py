@@ -14,7 +14,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 
@@ -26,21 +26,25 @@ PROMPTS = [
 ]
 
 
+async def sse_chunks(client: httpx.AsyncClient, url: str, body: dict) -> AsyncIterator[dict]:
+    """The parsed chunks of one streamed /v1/completions request (``data: [DONE]`` left out)."""
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                yield json.loads(line[len("data: ") :])
+
+
 async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, int]:
     """(seconds to the first text chunk, completion tokens) of one streamed request."""
     start = time.perf_counter()
     first = None
     tokens = 0
-    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[len("data: ") :])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            if first is None and chunk["choices"] and chunk["choices"][0]["text"]:
-                first = time.perf_counter() - start
+    async for chunk in sse_chunks(client, url, body):
+        if chunk.get("usage"):
+            tokens = chunk["usage"]["completion_tokens"]
+        if first is None and chunk["choices"] and chunk["choices"][0]["text"]:
+            first = time.perf_counter() - start
     return (first if first is not None else time.perf_counter() - start), tokens
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from grok.bench.serve_clients import run_level, server
+from grok.bench.serve_clients import run_level, server, sse_chunks
 
 BENCH_MODEL = "grok-bench"
 BENCH_CONTEXT = 8192
@@ -69,18 +69,13 @@ async def stream(
         "logprobs": 0, "stream": True, **fields,
     }  # fmt: skip
     start, times, text = time.perf_counter(), [], []
-    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[len("data: ") :])
-            if chunk.get("error"):
-                raise RuntimeError(chunk["error"])
-            for choice in chunk["choices"]:  # a last chunk may carry text and no token
-                tokens = (choice.get("logprobs") or {}).get("tokens", [])
-                times.extend([time.perf_counter()] * len(tokens))
-                text.append(choice["text"])
+    async for chunk in sse_chunks(client, url, body):
+        if chunk.get("error"):
+            raise RuntimeError(chunk["error"])
+        for choice in chunk["choices"]:  # a last chunk may carry text and no token
+            tokens = (choice.get("logprobs") or {}).get("tokens", [])
+            times.extend([time.perf_counter()] * len(tokens))
+            text.append(choice["text"])
     return start, times, "".join(text)
 
 
