@@ -91,3 +91,29 @@ def test_compiles_for_a_tpu_topology(monkeypatch):
         assert "tpu_custom_call" in lowered.as_text()  # the Mosaic kernel, not a fallback
         compiled = lowered.compile()
         assert compiled.output_shardings is not None
+
+
+@pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 devices (the CPU mesh of conftest)")
+@pytest.mark.parametrize("mesh_shape", [None, (1, 2)], ids=["one-device", "kv-heads-split"])
+def test_tpu_kernels_read_the_pool_through_the_kernel(mesh_shape):
+    """``TpuKernels.paged_attend`` (the kernel interpreted; on a mesh each device its kv
+    heads' pages, inside ``shard_map``) gives XLA's paged attention; its page-table width is
+    one whole context (the kernel skips the pages past a row's length)."""
+    from grok.kernels import XlaKernels
+    from grok.kernels.tpu import TpuKernels
+    from grok.kv_cache import LayerCache
+    from grok.sharding import make_mesh
+
+    case = CASES[0]  # 2 kv heads: one per device on the (1, 2) mesh
+    config = _config(case)
+    q, k, v, pages, positions, lengths = _paged_inputs(case, jnp.float32, 3)
+    tau = attention_temperature(positions, config.attn_temperature_len)
+    cache = LayerCache(k, v, jnp.int32(1), jnp.float32, pages)
+    mesh = make_mesh(*mesh_shape) if mesh_shape else None
+    tpu = TpuKernels(mesh=mesh, interpret=True)
+    logits = {"scale": config.attn_scale, "cap": config.attn_logit_softcapping}
+    got = jax.jit(lambda *a: tpu.paged_attend(*a, **logits))(q, cache, tau, positions, lengths)
+    want = XlaKernels("cpu").paged_attend(q, cache, tau, positions, lengths, **logits)
+    err = np.abs(np.asarray(got) - np.asarray(want)).max() / np.abs(np.asarray(want)).max()
+    assert err <= 1e-5, err
+    assert tpu.paged_width(3, 64, 16) == 64

@@ -1,5 +1,6 @@
-"""The model's operations on TPUs: XLA's (``XlaKernels``) but for attention and the experts,
-which run as Pallas kernels reading the KV cache and the stacked expert weights in place.
+"""The model's operations on TPUs: XLA's (``XlaKernels``) but for attention (dense and paged)
+and the experts, which run as Pallas kernels reading the KV cache, the server's page pool and
+the stacked expert weights in place.
 
 Glossary: B batch, T query positions, S cache slots, L layers, N query heads, K kv heads,
 G = N / K, H head dim, E experts, A rows (token-expert assignments), D model width,
@@ -33,6 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 from grok.kernels.tpu.flash_attention import flash_attention
 from grok.kernels.tpu.grouped_matmul import grouped_matmul
+from grok.kernels.tpu.paged_attention import paged_attention
 from grok.kernels.xla import LayerExperts, XlaKernels
 from grok.kv_cache import LayerCache
 from grok.layers import QuantWeight
@@ -180,6 +182,27 @@ class TpuKernels(XlaKernels):
             )
             return fn(q, k_all, v_all, layer, tau, positions, lengths)
         return self._attend_replicated_kv(q, k_all, v_all, layer, tau, positions, lengths, attend)
+
+    # The paged KV cache (the server's pool [L, M, Z, K, H], the kv heads over ``model``).
+
+    def paged_attend(self, q, cache, tau, positions, lengths, *, scale, cap) -> jax.Array:
+        attend = functools.partial(paged_attention, scale=scale, cap=cap, interpret=self.interpret)
+        args = (q, cache.k, cache.v, cache.layer, cache.pages, tau, positions, lengths)
+        if self.mesh is None:
+            return attend(*args)
+        split = mesh_sizes(self.mesh)[MODEL]
+        if q.shape[2] % split:  # the kv heads do not split over model: XLA's gather
+            logits = {"scale": scale, "cap": cap}
+            return super().paged_attend(q, cache, tau, positions, lengths, **logits)
+        heads = MODEL if split > 1 else None
+        # Every row may read any page, so the pool stays whole over ``data`` and so do the
+        # rows here; each device reads its own kv heads' pages.
+        q_spec, pool = P(None, None, heads, None, None), P(None, None, None, heads, None)
+        specs = (q_spec, pool, pool, P(), P(), P(), P(), P())
+        return self._sharded(attend, specs, q_spec)(*args)
+
+    def paged_width(self, pages: int, most: int, page_size: int) -> int:
+        return most  # the kernel skips the pages past each row's length: one compile
 
     def _attend_replicated_kv(self, q, k_all, v_all, layer, tau, positions, lengths, attend):
         """The kv heads replicated over ``model`` (K smaller than it), the query heads split:
