@@ -82,3 +82,43 @@ NATIVE_DTYPES = [
     pytest.param(jnp.float32, marks=needs_f32, id="float32"),
     pytest.param(jnp.bfloat16, marks=needs_bf16, id="bfloat16"),
 ]
+
+
+def check_lowering_ignores_host_backend(mesh, monkeypatch) -> None:
+    """The tiny Grok-2's forward for ``mesh`` (a bf16 decode step and a prefill) lowers to the
+    same program whatever ``jax.default_backend`` answers (the kernels follow the mesh's
+    devices), and to another program than XLA's reference for TPUs (the check can see a
+    difference)."""
+    import jax
+
+    from grok.kernels import XlaKernels, select
+    from grok.kv_cache import KVCache
+    from grok.model import forward_fns, init_params
+    from grok.presets import TINY_GROK2
+    from grok.rope import rope_table
+    from grok.sharding import activation_sharding
+
+    cfg, dt = TINY_GROK2, jnp.dtype(jnp.bfloat16)
+    params = jax.eval_shape(lambda: init_params(cfg, 0, dt))
+    rope = jax.eval_shape(lambda: rope_table(cfg, 16))
+    cache = jax.eval_shape(lambda: KVCache.create(cfg, 2, 16, dt))
+    lengths = jax.ShapeDtypeStruct((2,), jnp.int32)
+
+    def lowered(kernels) -> list[str]:
+        forward_fns.cache_clear()  # a new apply: nothing traced before is reused
+        fns = forward_fns(cfg, dt, "auto", None, activation_sharding(mesh), kernels)
+        texts = []
+        for t in (1, 8):  # a decode step and a prefill
+            tokens = jax.ShapeDtypeStruct((2, t), jnp.int32)
+            args = (params, tokens, tokens, rope, cache, lengths)
+            texts.append(jax.jit(fns.apply).lower(*args).as_text())
+        return texts
+
+    try:
+        host = lowered(select(dt, mesh=mesh))
+        monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+        assert lowered(select(dt, mesh=mesh)) == host
+        monkeypatch.undo()
+        assert lowered(XlaKernels("tpu")) != host
+    finally:
+        forward_fns.cache_clear()

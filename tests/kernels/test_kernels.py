@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import needs_bf16, needs_f32, random_params
+from conftest import check_lowering_ignores_host_backend, needs_bf16, needs_f32, random_params
 from reference import rel_err
 
 from grok.api import Model
@@ -35,10 +35,10 @@ from grok.config import GrokConfig
 from grok.kernels import XlaKernels, cpu, select
 from grok.kernels.cpu.ops import CpuKernels, Stacked, stacked
 from grok.kv_cache import KVCache
-from grok.model import forward_fns, init_params
+from grok.model import forward_fns
 from grok.presets import TINY_GROK1, TINY_GROK2
 from grok.rope import rope_table
-from grok.sharding import activation_sharding, auto_axes, make_mesh
+from grok.sharding import auto_axes, make_mesh
 
 PACKAGE = Path(__file__).resolve().parents[2] / "grok"
 RTOL = 1e-5  # of the largest |reference| entry
@@ -444,31 +444,7 @@ def test_xla_lowering_does_not_depend_on_the_host_backend(monkeypatch):
     """The forward for an 8-device CPU mesh (a bf16 decode step and a prefill) lowers to the
     same program whatever ``jax.default_backend`` answers; the same program for TPU devices
     differs (the check can see a difference)."""
-    cfg, dt = TINY_GROK2, jnp.dtype(jnp.bfloat16)
-    mesh = auto_axes(make_mesh(2, 4))
-    params = jax.eval_shape(lambda: init_params(cfg, 0, dt))
-    rope = rope_table(cfg, 16)
-    cache = jax.eval_shape(lambda: KVCache.create(cfg, 2, 16, dt))
-    lengths = jax.ShapeDtypeStruct((2,), jnp.int32)
-
-    def lowered(kernels) -> list[str]:
-        forward_fns.cache_clear()  # a new apply: nothing traced before is reused
-        fns = forward_fns(cfg, dt, "auto", None, activation_sharding(mesh), kernels)
-        texts = []
-        for t in (1, 8):  # decode (one row: padded on the CPU) and prefill (blocks / ragged)
-            tokens = jax.ShapeDtypeStruct((2, t), jnp.int32)
-            args = (params, tokens, tokens, rope, cache, lengths)
-            texts.append(jax.jit(fns.apply).lower(*args).as_text())
-        return texts
-
-    try:
-        host = lowered(select(dt, mesh=mesh))
-        monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-        assert lowered(select(dt, mesh=mesh)) == host
-        monkeypatch.undo()
-        assert lowered(XlaKernels("tpu")) != host
-    finally:
-        forward_fns.cache_clear()
+    check_lowering_ignores_host_backend(auto_axes(make_mesh(2, 4)), monkeypatch)
 
 
 # Modules on the model's path: they pick nothing by the host's backend.

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_params
+from conftest import check_lowering_ignores_host_backend, random_params
 from reference import reference_cached_attention, rel_err
 
 from grok import tpu_plan
@@ -34,7 +34,7 @@ from grok.kernels.tpu import TpuKernels
 from grok.kernels.tpu.flash_attention import flash_attention
 from grok.kernels.tpu.grouped_matmul import grouped_matmul
 from grok.kv_cache import KVCache
-from grok.model import forward_fns, init_params
+from grok.model import forward_fns
 from grok.presets import GROK2, TINY_GROK1, TINY_GROK2
 from grok.quant import quantize
 from grok.rope import rope_table
@@ -305,31 +305,9 @@ def test_decode_reads_and_writes_in_place(kv_heads, quantize):
 def test_tpu_lowering_does_not_depend_on_the_host_backend(monkeypatch):
     """The forward for a TPU slice lowers to the same program whatever ``jax.default_backend``
     answers (the kernels follow the mesh's devices), and not to XLA's program."""
-    cfg, dt = TINY_GROK2, jnp.dtype(jnp.bfloat16)
-    mesh = auto_axes(make_mesh(1, 4, devices=tpu_plan.topology_devices("v5p:2x2x1")))
-    params = jax.eval_shape(lambda: init_params(cfg, 0, dt))
-    rope = jax.eval_shape(lambda: rope_table(cfg, 16))
-    cache = jax.eval_shape(lambda: KVCache.create(cfg, 2, 16, dt))
-    lengths = jax.ShapeDtypeStruct((2,), jnp.int32)
-
-    def lowered(kernels) -> list[str]:
-        forward_fns.cache_clear()  # a new apply: nothing traced before is reused
-        fns = forward_fns(cfg, dt, "auto", None, activation_sharding(mesh), kernels)
-        texts = []
-        for t in (1, 8):  # a decode step and a prefill
-            tokens = jax.ShapeDtypeStruct((2, t), jnp.int32)
-            args = (params, tokens, tokens, rope, cache, lengths)
-            texts.append(jax.jit(fns.apply).lower(*args).as_text())
-        return texts
-
-    try:
-        host = lowered(select(dt, mesh=mesh))
-        monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-        assert lowered(select(dt, mesh=mesh)) == host
-        monkeypatch.undo()
-        assert lowered(XlaKernels("tpu")) != host
-    finally:
-        forward_fns.cache_clear()
+    devices = tpu_plan.topology_devices("v5p:2x2x1")
+    mesh = auto_axes(make_mesh(1, 4, devices=devices))
+    check_lowering_ignores_host_backend(mesh, monkeypatch)
 
 
 @needs_libtpu
