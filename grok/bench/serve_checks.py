@@ -50,7 +50,7 @@ def _target(results: list[dict], name: str, ok: bool, detail: str) -> None:
     print(f"{'PASS' if ok else 'FAIL'} {name}: {detail}", flush=True)
 
 
-def _upload(port: int, chunked: bool) -> tuple[str, float, int]:
+def upload_100mb(port: int, chunked: bool) -> tuple[str, float, int]:
     """(status line, seconds from the upload's first byte to the answer, bytes sent) of a
     100 MB body, sent from a thread while the answer is read, as a streaming client does."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
@@ -88,7 +88,7 @@ def check_bounds(args: argparse.Namespace, results: list[dict]) -> None:
     proc, url, port = _robust_server(args)
     try:
         for chunked in (False, True):
-            status, seconds, sent = _upload(port, chunked)
+            status, seconds, sent = upload_100mb(port, chunked)
             how = "chunked" if chunked else "Content-Length"
             _target(
                 results,

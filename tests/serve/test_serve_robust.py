@@ -26,6 +26,7 @@ import pytest
 from starlette.testclient import TestClient
 
 import grok
+from grok.bench.serve_checks import upload_100mb
 from grok.builtin import builtin_dir
 from grok.errors import TokenizerError
 from grok.serve import batch
@@ -409,34 +410,6 @@ def _rss_kib(pid: int) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
-def _upload_refused(port: int, chunked: bool) -> tuple[bytes, float]:
-    """The status line a 100 MB upload gets, and the seconds from its first byte; the body is
-    sent from a thread while the answer is read (as a client that streams an upload does)."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    framing = b"Transfer-Encoding: chunked" if chunked else b"Content-Length: 100000000"
-    block = b"x" * 65536
-    piece = b"%x\r\n%s\r\n" % (len(block), block) if chunked else block
-
-    def upload():
-        with contextlib.suppress(OSError):  # the server closes the connection after its 413
-            for _ in range(100_000_000 // len(block)):
-                sock.sendall(piece)
-
-    start = time.monotonic()
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n\r\n")
-    threading.Thread(target=upload, daemon=True).start()
-    answer = b""
-    with contextlib.suppress(OSError):
-        while b"\r\n" not in answer:
-            data = sock.recv(4096)
-            if not data:
-                break
-            answer += data
-    elapsed = time.monotonic() - start
-    sock.close()
-    return answer.split(b"\r\n")[0], elapsed
-
-
 def _stream_lines(url: str, body: dict, lines: list[str], started: threading.Event) -> None:
     with httpx.stream("POST", url, json=body, timeout=60) as r:
         for line in r.iter_lines():
@@ -492,8 +465,8 @@ def _wait_started(proc: subprocess.Popen, base: str, log_path: Path) -> None:
 
 def _check_bounds_over_sockets(proc: subprocess.Popen, port: int, base: str) -> None:
     for chunked in (False, True):
-        status, seconds = _upload_refused(port, chunked)
-        assert status.startswith(b"HTTP/1.1 413") and seconds < 1.0, (chunked, status, seconds)
+        status, seconds, _ = upload_100mb(port, chunked)
+        assert status.startswith("HTTP/1.1 413") and seconds < 1.0, (chunked, status, seconds)
     body = {"model": MODEL, "prompt": "A", "max_tokens": 2, "stop": ["x" * 1_000_000]}
     with httpx.Client(timeout=60) as client:
         client.post(f"{base}/v1/completions", json=body)  # the first one's allocations
