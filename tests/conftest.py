@@ -122,3 +122,21 @@ def check_lowering_ignores_host_backend(mesh, monkeypatch) -> None:
         assert lowered(XlaKernels("tpu")) != host
     finally:
         forward_fns.cache_clear()
+
+
+def attention_config(kv_heads: int, group: int, head_dim: int, cap, temperature_len):
+    """The tiny Grok-2 with an attention of ``kv_heads`` x ``group`` query heads of
+    ``head_dim``, soft cap ``cap`` and temperature length ``temperature_len`` (None: off):
+    what the attention kernels' tests vary."""
+    import dataclasses
+
+    from grok.presets import TINY_GROK2
+
+    return dataclasses.replace(
+        TINY_GROK2,
+        num_attention_heads=kv_heads * group,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        attn_logit_softcapping=cap,
+        attn_temperature_len=temperature_len,
+    )

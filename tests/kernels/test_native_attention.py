@@ -10,7 +10,6 @@ softmax over all-masked logits gives).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -18,13 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import NATIVE_DTYPES as DTYPES
-from conftest import needs_f32
+from conftest import attention_config, needs_f32
 
 from grok.attention import attention_temperature
 from grok.kernels import cpu
 from grok.kernels.cpu.ops import CpuKernels
 from grok.kernels.xla import XlaKernels
-from grok.presets import TINY_GROK2
 
 # (B, T, S, K, G, H, cap, temperature_len, a row of length 0)
 CASES = [
@@ -74,14 +72,7 @@ def _inputs(case, dtype, seed):
     lengths = np.asarray(start + t, np.int32)
     if blind:
         lengths[0] = 0
-    config = dataclasses.replace(
-        TINY_GROK2,
-        num_attention_heads=kh * g,
-        num_key_value_heads=kh,
-        head_dim=h,
-        attn_logit_softcapping=cap,
-        attn_temperature_len=temperature_len,
-    )
+    config = attention_config(kh, g, h, cap, temperature_len)
     return q, k, v, positions, jnp.asarray(lengths), config
 
 

@@ -8,14 +8,13 @@ bit. The decode core: ``PagedCache`` through ``begin``/``run`` gives ``DenseCach
 and a prompt prefilled in pieces (``prefill``'s ``start``) gives the whole prompt's logits.
 """
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import NATIVE_DTYPES, needs_f32, random_params
+from conftest import NATIVE_DTYPES, attention_config, needs_f32, random_params
 from reference import reference_paged_attention
 
 from grok import decode
@@ -42,14 +41,7 @@ CASES = [
 
 def _config(case):
     *_, kh, g, h, cap, temperature_len = case
-    return dataclasses.replace(
-        TINY_GROK2,
-        num_attention_heads=kh * g,
-        num_key_value_heads=kh,
-        head_dim=h,
-        attn_logit_softcapping=cap,
-        attn_temperature_len=temperature_len,
-    )
+    return attention_config(kh, g, h, cap, temperature_len)
 
 
 def _paged_inputs(case, dtype, seed):

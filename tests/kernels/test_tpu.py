@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import re
 
@@ -23,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import check_lowering_ignores_host_backend, random_params
+from conftest import attention_config, check_lowering_ignores_host_backend, random_params
 from reference import reference_cached_attention, rel_err
 
 from grok import tpu_plan
@@ -64,14 +63,7 @@ ATTENTION_CASES = [
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "B{}T{}S{}K{}G{}H{}".format(*c))
 def test_flash_attention_matches_float64(case):
     b, t, s, kh, g, h, cap, temperature_len, layers = case
-    config = dataclasses.replace(
-        TINY_GROK2,
-        num_attention_heads=kh * g,
-        num_key_value_heads=kh,
-        head_dim=h,
-        attn_logit_softcapping=cap,
-        attn_temperature_len=temperature_len,
-    )
+    config = attention_config(kh, g, h, cap, temperature_len)
     for seed in range(2):
         rng = np.random.default_rng(seed)
         q = rng.standard_normal((b, t, kh, g, h)) * 2
