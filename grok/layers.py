@@ -77,6 +77,13 @@ class QuantWeight:
     def shape(self) -> tuple[int, ...]:
         return self.q.shape
 
+    @property
+    def row_blocks(self) -> bool:
+        """Whether the scale holds several blocks of inputs per output row ("fp8-block" over
+        more than 128 inputs: the last axis G > 1) rather than one scale per row (the in axes
+        1), which a product can apply to its sums."""
+        return self.scale.shape[-1] != 1
+
 
 def dequant(w, dtype: jnp.dtype):
     """A weight in ``dtype``: a ``QuantWeight`` as ``q * scale``; any other weight (an array,

@@ -378,8 +378,7 @@ class XlaKernels:
         )
         if pad:
             x = jnp.concatenate([x, jnp.zeros((MIN_CPU_ROWS - rows, *x.shape[1:]), x.dtype)])
-        kept = math.prod(n for n, c in zip(w.shape, w_letters, strict=True) if c in out_letters)
-        if isinstance(w, QuantWeight) and w.scale.size != kept:  # row blocks: dequantised
+        if isinstance(w, QuantWeight) and w.row_blocks:  # no scale per output: dequantised
             w = dequant(w, x.dtype)
         if isinstance(w, QuantWeight):  # the stored values times the scale of each output
             y = jnp.einsum(equation, x, w.q.astype(x.dtype), preferred_element_type=jnp.float32)
@@ -407,7 +406,7 @@ class XlaKernels:
         # A quantised weight is multiplied as stored (cast to the activations' dtype) and its
         # per-output-channel scale (1 on the In axis) applied to each row's output afterwards
         # (the same product, without a dequantised copy in float32).
-        if isinstance(w, QuantWeight) and w.scale.shape[in_axis] != 1:  # row blocks
+        if isinstance(w, QuantWeight) and w.row_blocks:
             w = dequant(w, xs.dtype)
         q = w.q if isinstance(w, QuantWeight) else w
         y = jax.lax.ragged_dot_general(

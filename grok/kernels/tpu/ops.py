@@ -97,7 +97,7 @@ class TpuKernels(XlaKernels):
         return "ragged"  # the kernel reads the chosen experts in place at every batch size
 
     def expert_mlp(self, xs, w1, w3, w2, sizes, row_group, gate) -> jax.Array:
-        if any(isinstance(w, QuantWeight) and w.scale.shape[-1] != 1 for w in (w1, w3, w2)):
+        if any(isinstance(w, QuantWeight) and w.row_blocks for w in (w1, w3, w2)):
             # Row-block scales ("fp8-block": one per 128 inputs) are not the kernel's: XLA's
             # path, which dequantises those weights.
             return super().expert_mlp(xs, w1, w3, w2, sizes, row_group, gate)
