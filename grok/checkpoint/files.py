@@ -58,22 +58,23 @@ _HEADER_LEN_BYTES = 8  # the little-endian u64 that opens every file
 _TP_FILE = re.compile(r"-TP-(?:(?P<rank>\d+)|common)\.safetensors$")
 
 
-def tp_rank(path: str | os.PathLike[str]) -> int | None:
-    """Tensor-parallel rank of a file from its name: ``...-TP-003.safetensors`` -> 3.
+def tp_rank(name: str | os.PathLike[str]) -> int | None:
+    """Tensor-parallel rank of a file from its name (or path): ``...-TP-003.safetensors`` -> 3.
 
     ``...-TP-common.safetensors`` and names without a ``-TP-`` marker give ``None``.
     """
-    match = _TP_FILE.search(Path(path).name)
+    match = _TP_FILE.search(Path(name).name)
     if match is None or match.group("rank") is None:
         return None
     return int(match.group("rank"))
 
 
-def tp_file_pattern(files: tuple[Path, ...], rank: int) -> str:
-    """The file name pattern rank ``rank`` is expected under: ``*-TP-005.safetensors``."""
+def tp_file_pattern(names: tuple[str, ...], rank: int) -> str:
+    """The file name pattern rank ``rank`` is expected under, given the names of the files
+    there: ``*-TP-005.safetensors``."""
     width = 3
-    for path in files:
-        match = _TP_FILE.search(path.name)
+    for name in names:
+        match = _TP_FILE.search(name)
         if match and match.group("rank") is not None:
             width = len(match.group("rank"))
             break
@@ -82,13 +83,17 @@ def tp_file_pattern(files: tuple[Path, ...], rank: int) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class TensorInfo:
-    """Where one tensor lives: its file, its byte offset there, and the file's TP rank."""
+    """Where one tensor lives: its file's name, its byte offset there, and the file's TP rank.
+
+    The file is named within its directory (``CheckpointFiles.directory``), which alone holds
+    the directory's path: the tensors of a checkpoint do not each carry it.
+    """
 
     name: str
     dtype: np.dtype
     shape: tuple[int, ...]
-    path: Path
-    offset: int  # absolute byte offset of the tensor's first byte in ``path``
+    file: str  # the file's name: ``...-TP-003.safetensors``
+    offset: int  # absolute byte offset of the tensor's first byte in ``file``
     rank: int | None = None
 
     @property
@@ -108,11 +113,8 @@ def read_header(path: str | os.PathLike[str]) -> dict[str, TensorInfo]:
     deep nesting, huge numbers, overlapping or out-of-file offsets, truncation) and for
     dtypes without a numpy equivalent.
     """
-    return _read_header(Path(path), tp_rank(path))
-
-
-def _read_header(path: Path, rank: int | None) -> dict[str, TensorInfo]:
-    """``read_header`` of a file whose TP rank is known."""
+    path = Path(path)
+    rank = tp_rank(path.name)
     try:
         with safe_open(str(path), framework="numpy") as f:
             described = {
@@ -137,7 +139,7 @@ def _read_header(path: Path, rank: int | None) -> dict[str, TensorInfo]:
                 f"read; known: {', '.join(SAFETENSORS_DTYPES)}"
             )
         begin = header[name]["data_offsets"][0]
-        infos[name] = TensorInfo(name, dtype, shape, path, data_start + begin, rank)
+        infos[name] = TensorInfo(name, dtype, shape, path.name, data_start + begin, rank)
     return infos
 
 
@@ -158,23 +160,20 @@ class CheckpointFiles:
         )
         if not self.files:
             raise CheckpointError(f"{self.directory}: no *.safetensors files")
-        self._maps: dict[Path, np.memmap] = {}
+        self._maps: dict[str, np.memmap] = {}
         self._lock = threading.Lock()
         found: dict[str, list[TensorInfo]] = {}
-        ranks: set[int] = set()
         for path in self.files:
-            rank = tp_rank(path)
-            if rank is not None:
-                ranks.add(rank)
-            for name, info in _read_header(path, rank).items():
+            for name, info in read_header(path).items():
                 found.setdefault(name, []).append(info)
+        ranks = {rank for rank in map(tp_rank, self.file_names) if rank is not None}
         self.tp_size = max(ranks) + 1 if ranks else 0
         missing = sorted(set(range(self.tp_size)) - ranks)
         if missing:
             raise CheckpointError(
                 f"{self.directory}: TP rank {missing[0]} is missing"
                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-                + f": expected a file {tp_file_pattern(self.files, missing[0])} beside the "
+                + f": expected a file {tp_file_pattern(self.file_names, missing[0])} beside the "
                 f"ranks {sorted(ranks)} that are there"
             )
         self._entries = {name: self._check(name, infos) for name, infos in sorted(found.items())}
@@ -182,10 +181,10 @@ class CheckpointFiles:
     def _check(self, name: str, infos: list[TensorInfo]) -> tuple[TensorInfo, ...]:
         whole = [info for info in infos if info.rank is None]
         if len(whole) > 1:
-            paths = ", ".join(info.path.name for info in whole)
+            paths = ", ".join(info.file for info in whole)
             raise CheckpointError(f"{self.directory}: tensor {name!r} appears in {paths}")
         if whole and len(infos) > 1:
-            paths = ", ".join(info.path.name for info in infos)
+            paths = ", ".join(info.file for info in infos)
             raise CheckpointError(
                 f"{self.directory}: tensor {name!r} is both whole and TP-sharded: {paths}"
             )
@@ -197,17 +196,22 @@ class CheckpointFiles:
             rank = min(set(range(self.tp_size)) - set(got))
             raise CheckpointError(
                 f"{self.directory}: tensor {name!r} has no slice in TP rank {rank} "
-                f"({tp_file_pattern(self.files, rank)}); it is in ranks {got}"
+                f"({tp_file_pattern(self.file_names, rank)}); it is in ranks {got}"
             )
         first = sharded[0]
         for info in sharded[1:]:
             if info.dtype != first.dtype or len(info.shape) != len(first.shape):
                 raise CheckpointError(
                     f"{self.directory}: TP slices of tensor {name!r} disagree: "
-                    f"{first.path.name} has {first.safetensors_dtype}{list(first.shape)}, "
-                    f"{info.path.name} has {info.safetensors_dtype}{list(info.shape)}"
+                    f"{first.file} has {first.safetensors_dtype}{list(first.shape)}, "
+                    f"{info.file} has {info.safetensors_dtype}{list(info.shape)}"
                 )
         return tuple(sharded)
+
+    @property
+    def file_names(self) -> tuple[str, ...]:
+        """The files' names, sorted."""
+        return tuple(path.name for path in self.files)
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
@@ -245,17 +249,18 @@ class CheckpointFiles:
         The file is mapped once; its size is checked against the header's (a file
         truncated after the header was read is a CheckpointError, not a crash).
         """
+        path = self.directory / info.file
         with self._lock:
-            mapped = self._maps.get(info.path)
+            mapped = self._maps.get(info.file)
             if mapped is None:
                 try:
-                    mapped = np.memmap(info.path, dtype=np.uint8, mode="r")
+                    mapped = np.memmap(path, dtype=np.uint8, mode="r")
                 except (OSError, ValueError) as err:
-                    raise CheckpointError(f"{info.path}: cannot map: {err}") from None
-                self._maps[info.path] = mapped
+                    raise CheckpointError(f"{path}: cannot map: {err}") from None
+                self._maps[info.file] = mapped
         if info.offset + info.nbytes > mapped.size:
             raise CheckpointError(
-                f"{info.path}: tensor {info.name!r} ends at byte {info.offset + info.nbytes} "
+                f"{path}: tensor {info.name!r} ends at byte {info.offset + info.nbytes} "
                 f"but the file has {mapped.size} bytes (truncated?)"
             )
         data = mapped[info.offset : info.offset + info.nbytes]

@@ -16,7 +16,7 @@ from grok.checkpoint.plan import plan_load
 from grok.checkpoint.reader import Params, ReleasedCheckpoint
 from grok.config import GrokConfig, load_config
 from grok.errors import ConfigError
-from grok.grok1 import is_grok1_checkpoint, load_grok1_params
+from grok.grok1 import find_ckpt_dir, load_grok1_params
 from grok.progress import progress_bar
 from grok.sharding import ShardingRules
 
@@ -47,9 +47,16 @@ def load(
     """
     if os.fspath(path) == "builtin":  # the small model shipped in the package
         path = builtin_dir()
-    grok1 = {"config": config, "dtype": dtype, "quantize": quantize, "check_finite": check_finite}
-    if is_grok1_checkpoint(path):  # Grok-1 ckpt-0 pickles (or their parent)
-        return load_grok1_params(path, mesh=mesh, **grok1)
+    grok1_dir = find_ckpt_dir(path)  # Grok-1 ckpt-0 pickles (here or in path/ckpt-0)
+    if grok1_dir is not None:
+        return load_grok1_params(
+            grok1_dir,
+            config=config,
+            dtype=dtype,
+            quantize=quantize,
+            mesh=mesh,
+            check_finite=check_finite,
+        )
     if quantize not in (None, "fp8", "fp8-block"):
         raise ConfigError(f"quantize must be None, 'fp8' or 'fp8-block', got {quantize!r}")
     if not os.path.isdir(path):

@@ -39,7 +39,7 @@ def check_tensors(files: CheckpointFiles, specs: Sequence[WeightSpec]) -> dict[s
             scales[name] = scale
     unexpected = sorted(present - set(expected) - set(scales.values()))
     if unexpected:
-        where = files.entries(unexpected[0])[0].path.name
+        where = files.entries(unexpected[0])[0].file
         base = next(
             (unexpected[0][: -len(s)] for s in SCALE_SUFFIXES if unexpected[0].endswith(s)),
             None,
@@ -61,7 +61,7 @@ def _check_tensor(files: CheckpointFiles, name: str, spec: WeightSpec) -> str | 
     """Checks one released tensor's dtype and stitched shape; returns its scale's name (FP8)."""
     entries = files.entries(name)
     dtype = entries[0].dtype
-    where = ", ".join(sorted({e.path.name for e in entries}))
+    where = ", ".join(sorted({e.file for e in entries}))
     scale = None
     if dtype in FP8_DTYPES:
         scale = _check_fp8(files, name, spec, entries, where)
@@ -80,7 +80,7 @@ def _check_tensor(files: CheckpointFiles, name: str, spec: WeightSpec) -> str | 
                 f"{files.directory}: tensor {name!r} is split over {len(entries)} TP "
                 f"files but its {spec.hf_shape[dim]} rows/columns need "
                 f"{spec.hf_shape[dim] // per_file}: TP rank {rank} is missing (expected "
-                f"a file {tp_file_pattern(files.files, rank)})"
+                f"a file {tp_file_pattern(files.file_names, rank)})"
             )
         raise CheckpointError(
             f"{where}: tensor {name!r} has shape {list(found)} stitched from "
@@ -118,7 +118,7 @@ def _check_fp8(files: CheckpointFiles, name: str, spec: WeightSpec, entries, whe
         s = files.entry(scale_name, entry.rank)
         if s.dtype not in FLOAT_DTYPES:
             raise CheckpointError(
-                f"{s.path.name}: scale {scale_name!r} has dtype {s.safetensors_dtype}, "
+                f"{s.file}: scale {scale_name!r} has dtype {s.safetensors_dtype}, "
                 "expected a float dtype"
             )
         rows, cols = entry.shape
@@ -128,7 +128,7 @@ def _check_fp8(files: CheckpointFiles, name: str, spec: WeightSpec, entries, whe
             allowed = [(), (1,), (rows,), (rows, 1)]
         if s.shape not in allowed:
             raise CheckpointError(
-                f"{s.path.name}: {scale_name!r} has shape {list(s.shape)}, which does not "
+                f"{s.file}: {scale_name!r} has shape {list(s.shape)}, which does not "
                 f"fit its weight's {list(entry.shape)}; expected one of "
                 f"{[list(a) for a in allowed]}"
             )
@@ -142,13 +142,13 @@ def stitched_shape(entries: tuple[TensorInfo, ...], tp_dim: int | None) -> tuple
     if tp_dim is None:
         raise CheckpointError(
             f"tensor {entries[0].name!r} is split over TP files "
-            f"({entries[0].path.name}, ...) but is not an expert tensor; expected it whole "
+            f"({entries[0].file}, ...) but is not an expert tensor; expected it whole "
             "in a -TP-common file"
         )
     shape = list(entries[0].shape)
     if len(shape) <= tp_dim:
         raise CheckpointError(
-            f"{entries[0].path.name}: TP slice of {entries[0].name!r} has shape {shape}, "
+            f"{entries[0].file}: TP slice of {entries[0].name!r} has shape {shape}, "
             f"expected a matrix split along dim {tp_dim}"
         )
     shape[tp_dim] = sum(e.shape[tp_dim] for e in entries)
@@ -156,7 +156,7 @@ def stitched_shape(entries: tuple[TensorInfo, ...], tp_dim: int | None) -> tuple
         other = [n for d, n in enumerate(e.shape) if d != tp_dim]
         if other != [n for d, n in enumerate(entries[0].shape) if d != tp_dim]:
             raise CheckpointError(
-                f"{e.path.name}: TP slice of {e.name!r} has shape {list(e.shape)}, which does "
-                f"not line up with {entries[0].path.name}'s {list(entries[0].shape)}"
+                f"{e.file}: TP slice of {e.name!r} has shape {list(e.shape)}, which does "
+                f"not line up with {entries[0].file}'s {list(entries[0].shape)}"
             )
     return tuple(shape)

@@ -33,7 +33,7 @@ import numpy as np
 from grok.checkpoint.writer import save_file
 from grok.config import GrokConfig
 from grok.errors import CheckpointError, ConfigError
-from grok.grok1.folder import CONFIG_FILE, find_ckpt_dir, grok1_config_for, iter_grok1_tensors
+from grok.grok1.folder import CONFIG_FILE, config_beside, find_ckpt_dir, tensors_in
 from grok.grok1.release import QuantizedWeight8bit, dequantize
 
 OUTPUT_DTYPES: dict[str, Any] = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
@@ -101,7 +101,7 @@ def convert_grok1_checkpoint(
         raise CheckpointError(f"{os.fspath(ckpt_dir)}: not a Grok-1 ckpt-0 folder")
     target = Path(out_dir).absolute()
     _check_target(target, [Path(ckpt_dir), Path(found)], overwrite)
-    config = config or grok1_config_for(ckpt_dir)
+    config = config or config_beside(found)
     temp = target.with_name(f".{target.name}{PARTIAL_MARK}{uuid.uuid4().hex[:12]}")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -124,7 +124,7 @@ def convert_grok1_checkpoint(
                 on_file(path, len(pending))
             pending, pending_bytes = {}, 0
 
-        for name, value in iter_grok1_tensors(ckpt_dir, config):
+        for name, value in tensors_in(found, config):
             if isinstance(value, QuantizedWeight8bit):
                 array = dequantize(value, out_dtype)
             else:

@@ -41,12 +41,22 @@ def is_grok1_checkpoint(path: str | os.PathLike[str]) -> bool:
     return find_ckpt_dir(path) is not None
 
 
-def grok1_config_for(path: str | os.PathLike[str]) -> GrokConfig:
-    """The config of a Grok-1 checkpoint: a ``config.json`` beside the pickles or in the folder
-    above ``ckpt-0``, else the ``GROK1`` preset (the release ships no config file)."""
+def found_ckpt_dir(path: str | os.PathLike[str]) -> str:
+    """``find_ckpt_dir``'s folder; a CheckpointError naming ``path`` where there is none."""
     ckpt_dir = find_ckpt_dir(path)
     if ckpt_dir is None:
         raise CheckpointError(f"{os.fspath(path)}: no Grok-1 {release_file_name(0)} found")
+    return ckpt_dir
+
+
+def grok1_config_for(path: str | os.PathLike[str]) -> GrokConfig:
+    """The config of a Grok-1 checkpoint: a ``config.json`` beside the pickles or in the folder
+    above ``ckpt-0``, else the ``GROK1`` preset (the release ships no config file)."""
+    return config_beside(found_ckpt_dir(path))
+
+
+def config_beside(ckpt_dir: str) -> GrokConfig:
+    """``grok1_config_for`` of the folder ``find_ckpt_dir`` found (no search again)."""
     for folder in (ckpt_dir, os.path.dirname(os.path.abspath(ckpt_dir))):
         candidate = os.path.join(folder, CONFIG_FILE)
         if os.path.isfile(candidate):
@@ -115,12 +125,17 @@ def iter_grok1_tensors(
     w2 [D, Fe]). The file set is checked before anything is yielded; each file's shape is
     checked against ``config`` when it is read.
     """
+    return tensors_in(resolve_ckpt_dir(ckpt_dir), config)
+
+
+def tensors_in(
+    directory: str, config: GrokConfig
+) -> Iterator[tuple[str, np.ndarray | QuantizedWeight8bit]]:
+    """``iter_grok1_tensors`` of the folder that holds the tensor files (no search again)."""
     leaves = grok1_leaves(config)
-    directory = resolve_ckpt_dir(ckpt_dir)
     _check_file_set(directory, leaves)
     for leaf in leaves:
-        path = os.path.join(directory, leaf.file_name)
-        value = load_release_pickle(path, leaf, leaves)
+        value = load_release_pickle(os.path.join(directory, leaf.file_name), leaf, leaves)
         yield from _to_hf(leaf, value)
 
 

@@ -33,12 +33,11 @@ import numpy as np
 
 from grok.config import GrokConfig
 from grok.errors import CheckpointError, ConfigError
-from grok.grok1.folder import find_ckpt_dir, grok1_config_for, iter_grok1_tensors
+from grok.grok1.folder import config_beside, found_ckpt_dir, tensors_in
 from grok.grok1.release import (
     QuantizedWeight8bit,
     check_grok1_config,
     dequantize,
-    release_file_name,
 )
 from grok.params import WeightSpec, hf_to_unit, weight_specs
 from grok.quant import quantize, scale_shape
@@ -85,9 +84,7 @@ def read_grok1_params(
             f"quantize must be None or 'int8' for a Grok-1 checkpoint, got {quantize!r}"
         )
     check_grok1_config(config)
-    ckpt_dir = find_ckpt_dir(path)
-    if ckpt_dir is None:
-        raise CheckpointError(f"{os.fspath(path)}: no Grok-1 {release_file_name(0)} found")
+    ckpt_dir = found_ckpt_dir(path)
     dtype = jnp.dtype(dtype)
     # Released name -> (spec, unit index) for every tensor the model needs.
     where: dict[str, tuple[WeightSpec, tuple[int, ...]]] = {}
@@ -103,7 +100,7 @@ def read_grok1_params(
         return module[name]
 
     filled: set[str] = set()
-    for hf_name, value in iter_grok1_tensors(ckpt_dir, config):
+    for hf_name, value in tensors_in(ckpt_dir, config):
         if hf_name not in where:  # cannot happen for a config that passed check_grok1_config
             raise CheckpointError(f"{ckpt_dir}: tensor {hf_name} has no place in the model")
         spec, unit = where[hf_name]
@@ -152,13 +149,14 @@ def load_grok1_params(
             f"{os.fspath(path)}: Grok-1 pickles load onto one device only; convert them with "
             "scripts/convert.py and load the safetensors output with a mesh"
         )
-    config = config or grok1_config_for(path)
-    host = read_grok1_params(path, config, dtype=dtype, quantize=quantize)
+    ckpt_dir = found_ckpt_dir(path)
+    config = config or config_beside(ckpt_dir)
+    host = read_grok1_params(ckpt_dir, config, dtype=dtype, quantize=quantize)
     for module, leaves in host.items() if check_finite else ():
         for name, value in leaves.items():
             if value.dtype != np.int8 and not np.all(np.isfinite(value.astype(np.float32))):
                 raise CheckpointError(
-                    f"{os.fspath(path)}: parameter {module}/{name} holds a non-finite "
+                    f"{ckpt_dir}: parameter {module}/{name} holds a non-finite "
                     "value (NaN or Inf); the weights are damaged"
                 )
     device = jax.devices()[0]

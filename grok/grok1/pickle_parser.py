@@ -423,32 +423,28 @@ def _parse_file(path: str, max_bytes: int | None) -> _Array | _Record:
         raise CheckpointError(f"{path}: unreadable pickle ({err})") from None
 
 
-def _check_parsed(
-    path: str, value: _Array | _Record, leaf: Grok1Leaf | None, leaves: list[Grok1Leaf]
-) -> None:
-    """Dtypes, the record's block rule and (for a known leaf) the shape, before any array."""
+def _check_parsed(value: _Array | _Record, leaf: Grok1Leaf | None, leaves: list[Grok1Leaf]) -> None:
+    """Dtypes, the record's block rule and (for a known leaf) the shape, before any array.
+
+    The CheckpointError says what is wrong; ``load_release_pickle`` names the file."""
     if isinstance(value, _Record):
         assert value.state is not None
         weight, scales = value.state["weight"], value.state["scales"]
-        try:
-            check_quantized(weight.dtype, weight.shape, scales.dtype, scales.shape)
-        except CheckpointError as err:
-            raise CheckpointError(f"{path}: {err}") from None
+        check_quantized(weight.dtype, weight.shape, scales.dtype, scales.shape)
         if leaf is not None and not leaf.quantized:
             raise CheckpointError(
-                f"{path}: {leaf.path} ({leaf.hf_name}) is released as a float array, found a "
+                f"{leaf.path} ({leaf.hf_name}) is released as a float array, found a "
                 "QuantizedWeight8bit"
             )
         found = weight.shape
     else:
         if value.dtype not in FLOAT_DTYPES:
             raise CheckpointError(
-                f"{path}: an unquantised tensor must be float32, bfloat16 or float16, "
-                f"found {value.dtype}"
+                f"an unquantised tensor must be float32, bfloat16 or float16, found {value.dtype}"
             )
         found = value.shape
     if leaf is not None:
-        check_leaf_shape(path, leaf, found, leaves)
+        check_leaf_shape(leaf, found, leaves)
 
 
 def _value_of(value: _Array | _Record) -> np.ndarray | QuantizedWeight8bit:
@@ -481,5 +477,8 @@ def load_release_pickle(
     """
     path = os.fspath(path)
     parsed = _parse_file(path, None if leaf is None else max_leaf_file_bytes(leaf))
-    _check_parsed(path, parsed, leaf, leaves or ([] if leaf is None else [leaf]))
+    try:
+        _check_parsed(parsed, leaf, leaves or ([] if leaf is None else [leaf]))
+    except CheckpointError as err:
+        raise type(err)(f"{path}: {err}") from None
     return _value_of(parsed)

@@ -274,11 +274,9 @@ def grok1_hf_shapes(config: GrokConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_leaf_shape(
-    path: str, leaf: Grok1Leaf, found: tuple[int, ...], leaves: list[Grok1Leaf]
-) -> None:
-    """CheckpointError naming ``path`` unless ``found`` is ``leaf``'s release shape; the
-    message names another of ``leaves`` that has the shape found, when one does."""
+def check_leaf_shape(leaf: Grok1Leaf, found: tuple[int, ...], leaves: list[Grok1Leaf]) -> None:
+    """CheckpointError naming ``leaf`` unless ``found`` is its release shape; the message
+    names another of ``leaves`` that has the shape found, when one does."""
     if found == leaf.shape:
         return
     fits = [other for other in leaves if other.shape == found]
@@ -289,6 +287,6 @@ def check_leaf_shape(
         else ""
     )
     raise CheckpointError(
-        f"{path}: {leaf.path} ({leaf.hf_name}) has shape {found}, expected {leaf.shape} "
+        f"{leaf.path} ({leaf.hf_name}) has shape {found}, expected {leaf.shape} "
         f"(JAX [in, out] layout){hint}"
     )
