@@ -224,11 +224,14 @@ def runs(checkpoint, tmp_path_factory):
 
     Returns (one-device results, [(report, logits)] per process).
     """
+    from conftest import FAST_COMPILE_FLAGS  # not at the top: this file is also the worker
+
     out_dir = tmp_path_factory.mktemp("multihost_out")
     env = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}",
+        "XLA_FLAGS": f"{FAST_COMPILE_FLAGS} "
+        f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}",
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
     port = free_port()

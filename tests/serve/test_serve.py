@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import openai
 import pytest
+from conftest import FAST_COMPILE_FLAGS
 from starlette.testclient import TestClient
 
 import grok
@@ -58,7 +59,7 @@ def _free_port() -> int:
 def server():
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "GROK_API_KEY": KEY}
-    env["XLA_FLAGS"] = ""  # one device is all the server uses
+    env["XLA_FLAGS"] = FAST_COMPILE_FLAGS  # one device is all the server uses
     proc = subprocess.Popen(
         [
             sys.executable,

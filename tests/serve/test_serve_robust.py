@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 import jax.numpy as jnp
 import pytest
+from conftest import FAST_COMPILE_FLAGS
 from starlette.testclient import TestClient
 
 import grok
@@ -428,7 +429,7 @@ def test_sigterm_drains_and_exits_0(tmp_path):
     port = _free_port()
     # One device, and the suite's fast compiler (see conftest.py): compiling is most of this.
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+    env["XLA_FLAGS"] = FAST_COMPILE_FLAGS
     cmd = [sys.executable, "-m", "grok.serve", "--port", str(port), "--max-batch", "8"]
     cmd += ["--dtype", "float32", "--drain-timeout", str(DRAIN_S)]
     log_path = tmp_path / "stderr.txt"
