@@ -45,6 +45,7 @@ def _positive(x) -> bool:
     return isinstance(x, int | float) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.slow
 def test_small_run_reports_every_figure(report):
     assert report["platform"] == "cpu" and report["small"] is True
     assert report["tests"] == {"skipped": "--tests none"}

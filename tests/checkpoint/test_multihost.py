@@ -267,6 +267,7 @@ def runs(checkpoint, tmp_path_factory):
     return single, reports
 
 
+@pytest.mark.slow
 def test_logits_and_generation_equal_one_device(runs):
     single, reports = runs
     for report, logits in reports:
@@ -280,6 +281,7 @@ def test_logits_and_generation_equal_one_device(runs):
     assert all(len(t) == MAX_NEW for t in single["result"].tokens)  # no early stop
 
 
+@pytest.mark.slow
 def test_each_process_reads_only_its_own_slices(runs, checkpoint):
     single, reports = runs
     whole = single["read_bytes"]  # one device reads every tensor once
@@ -291,6 +293,7 @@ def test_each_process_reads_only_its_own_slices(runs, checkpoint):
         assert report["read_bytes"] < 0.75 * whole
 
 
+@pytest.mark.slow
 def test_cli_prints_once_and_matches_one_process(runs):
     single, reports = runs
     status, expected = single["cli"]

@@ -303,6 +303,7 @@ def test_tpu_lowering_does_not_depend_on_the_host_backend(monkeypatch):
 
 
 @needs_libtpu
+@pytest.mark.slow
 def test_plan_cli_compiles_for_a_topology(capsys):
     argv = ["--config", "tiny-grok2", "--topology", "v5p:2x2x1", "--batch", "2", "--context", "32"]
     assert plan_cli.main(argv) == 0

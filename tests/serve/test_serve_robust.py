@@ -420,6 +420,7 @@ def _stream_lines(url: str, body: dict, lines: list[str], started: threading.Eve
     lines.append(f"ended {time.monotonic()}")
 
 
+@pytest.mark.slow
 def test_sigterm_drains_and_exits_0(tmp_path):
     """A real server: a 100 MB upload gets 413 within a second (Content-Length or chunked);
     1 MB stop strings get 400 with the server's memory unchanged. Then SIGTERM while two
