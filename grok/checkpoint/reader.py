@@ -57,7 +57,6 @@ class ReleasedCheckpoint:
         specs: Sequence[WeightSpec] | None = None,
     ):
         self.files = source if isinstance(source, CheckpointFiles) else CheckpointFiles(source)
-        self.directory = self.files.directory
         self.config = config
         self.specs = tuple(weight_specs(config) if specs is None else specs)
         self.scales = check_tensors(self.files, self.specs)  # FP8 weight -> its scale's name
@@ -217,7 +216,7 @@ class ReleasedCheckpoint:
             return
         bad = np.nonzero(~np.isfinite(grid.reshape(math.prod(grid.shape[: spec.lead]), -1)))
         unit = np.unravel_index(bad[0][0], grid.shape[: spec.lead])
-        raise non_finite_error(self.directory, [spec.unit_name(tuple(int(i) for i in unit))])
+        raise non_finite_error(self.files.directory, [spec.unit_name(tuple(int(i) for i in unit))])
 
     def _load_kept(self, param, device, mode, pipeline, on_bytes):
         """(float8 weight, float32 scale) of an FP8 weight kept as it is: its codes' bytes
