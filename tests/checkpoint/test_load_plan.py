@@ -3,13 +3,16 @@ reader builds what it says, its copy units filling every shard exactly once."""
 
 import collections
 import math
+import os
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_fp8 import write_fp8_checkpoint
 
+import grok
 from grok.checkpoint import ReleasedCheckpoint, hf_to_params, load, plan_load, units
 from grok.checkpoint.plan import shards_of
 from grok.errors import MemoryPlanError, ShardingError
@@ -57,6 +60,57 @@ def test_a_load_builds_its_plan_once(ckpt):
     specs = weight_specs(CONFIG)
     layered = sum(spec.quantized for spec in specs)
     assert calls == {"weight_specs": 1, "place_weights": 1, "shards_of": len(specs) + layered}
+
+
+def _holds(value, prefix: str, depth: int = 3) -> bool:
+    """Whether ``value`` is, or holds (in a container or an attribute, ``depth`` levels
+    down), a path naming ``prefix`` or something below it."""
+    if isinstance(value, str | os.PathLike):
+        return os.fspath(value).startswith(prefix)
+    if depth == 0 or isinstance(value, np.ndarray | jax.Array):
+        return False
+    if isinstance(value, dict):
+        value = list(value.values())
+    elif not isinstance(value, list | tuple):
+        value = list(getattr(value, "__dict__", {}).values())
+    return any(_holds(v, prefix, depth - 1) for v in value)
+
+
+def test_the_path_reaches_few_functions_and_never_comes_back(ckpt):
+    """``load_pretrained(path)``: the path (or a file below it) is handed to at most 20
+    calls in grok/, the directory itself to 6 functions, each file to one read of its
+    header; and no call returns it (it is resolved once, and tensors name their file
+    within the directory that ``CheckpointFiles`` alone holds)."""
+    package = os.path.dirname(grok.__file__)
+    prefix = os.fspath(ckpt)
+    stays, returned, stack = [], [], []
+
+    def profile(frame, event, arg):
+        code = frame.f_code
+        if event not in ("call", "return") or not code.co_filename.startswith(package):
+            return
+        if event == "call":
+            names = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
+            held = [
+                frame.f_locals.get(n) for n in names if _holds(frame.f_locals.get(n), prefix, 0)
+            ]
+            stack.append(bool(held))
+            if held:
+                stays.append((code.co_qualname, os.fspath(held[0])))
+        elif stack.pop() and _holds(arg, prefix):
+            returned.append(code.co_qualname)
+
+    grok.load_pretrained(ckpt, dtype=jnp.float32, quiet=True)  # imports and compiles first
+    sys.setprofile(profile)
+    try:
+        grok.load_pretrained(ckpt, dtype=jnp.float32, quiet=True)
+    finally:
+        sys.setprofile(None)
+    files = sorted(str(p) for p in ckpt.glob("*.safetensors"))
+    on_files = sorted(path for name, path in stays if path.endswith(".safetensors"))
+    on_directory = {name for name, path in stays if path.rstrip("/") == prefix}
+    assert len(stays) <= 20 and returned == [], (stays, returned)
+    assert on_files == files and len(on_directory) <= 6, (on_files, on_directory)
 
 
 def _region(index, shape):
