@@ -21,26 +21,21 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, f
   const AttnShape sh{qd[0], qd[1], kd[n_lead + 1], qd[2], qd[3], qd[4], scale, cap};
   if (kd[n_lead] != sh.B || kd[n_lead + 2] != sh.Kh || kd[n_lead + 3] != sh.H || sh.H % 2 != 0)
     return ffi::Error::InvalidArgument("grok_attention: k does not match q (or H is odd)");
-  if (tau.element_count() != size_t(sh.B * sh.T) || pos.element_count() != size_t(sh.B * sh.T) ||
-      lens.element_count() != size_t(sh.B))
-    return ffi::Error::InvalidArgument("grok_attention: tau, positions [B, T], lengths [B]");
-  const auto dt = q.element_type();
-  if (k.element_type() != dt || v.element_type() != dt || out->element_type() != dt)
-    return ffi::Error::InvalidArgument("grok_attention: q, k, v and out dtypes differ");
+  const ffi::Error checked = check_attention_inputs("grok_attention", sh, q, k, v, tau, pos, lens,
+                                                    out->element_type());
+  if (checked.failure()) return checked;
 #if defined(__AVX512F__)
   const int64_t offset =
       lead_offset(kd, index.typed_data(), n_lead, sh.B * sh.S * sh.Kh * sh.H);
-  return for_dtype("grok_attention", dt, [&](auto kernels) {
-    using T = typename decltype(kernels)::Elem;
-    const T* k0 = static_cast<const T*>(k.untyped_data()) + offset;
-    const T* v0 = static_cast<const T*>(v.untyped_data()) + offset;
-    const auto source = [&](int64_t b, int64_t kh) {
+  const auto source_of = [&](auto k0, auto v0) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(k0)>>;
+    return [=, &sh](int64_t b, int64_t kh) {
       const int64_t at = (b * sh.S * sh.Kh + kh) * sh.H;
       return DenseKV<T>{k0 + at, v0 + at, sh.Kh * sh.H};
     };
-    attention<T>(pool, sh, static_cast<const T*>(q.untyped_data()), source, tau.typed_data(),
-                 pos.typed_data(), lens.typed_data(), static_cast<T*>(out->untyped_data()));
-  });
+  };
+  return run_attention("grok_attention", pool, sh, q, k, v, offset, tau, pos, lens, out,
+                       source_of);
 #else
   return ffi::Error::Internal("grok_attention: built without AVX-512");
 #endif

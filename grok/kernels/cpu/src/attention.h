@@ -24,6 +24,21 @@ struct AttnShape {
   float scale, cap;  // cap 0: no cap
 };
 
+// The checks both handlers make once their KV layouts are read (`name` leads each message):
+// tau and positions [B, T] and lengths [B] sized to q, and one dtype for q, k, v and out.
+inline ffi::Error check_attention_inputs(const char* name, const AttnShape& sh,
+                                         ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                                         ffi::Buffer<ffi::F32> tau, ffi::Buffer<ffi::S32> pos,
+                                         ffi::Buffer<ffi::S32> lens, ffi::DataType out_dt) {
+  if (tau.element_count() != size_t(sh.B * sh.T) || pos.element_count() != size_t(sh.B * sh.T) ||
+      lens.element_count() != size_t(sh.B))
+    return ffi::Error::InvalidArgument(std::string(name) + ": tau, positions [B, T], lengths [B]");
+  const auto dt = q.element_type();
+  if (k.element_type() != dt || v.element_type() != dt || out_dt != dt)
+    return ffi::Error::InvalidArgument(std::string(name) + ": q, k, v and out dtypes differ");
+  return ffi::Error::Success();
+}
+
 #if defined(__AVX512F__)
 
 // exp for float32 lanes: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by its Taylor series to r^7
@@ -342,6 +357,25 @@ void attention(ffi::ThreadPool& pool, const AttnShape& sh, const T* q, const Sou
     auto kv = source(b, kh);
     attention_unit<T>(sh, q, kv, tau, pos, lens, out, b, kh, c * per,
                       std::min(sh.T, (c + 1) * per));
+  });
+}
+
+// A handler's run, once its inputs are checked: per dtype, k and v at element `offset` (a lead
+// index's layer), and the kernel over the KV source source_of(k, v) gives: a callable (b, kh)
+// -> the source of that batch row and kv head.
+template <typename SourceOf>
+ffi::Error run_attention(const char* name, ffi::ThreadPool& pool, const AttnShape& sh,
+                         ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, int64_t offset,
+                         ffi::Buffer<ffi::F32> tau, ffi::Buffer<ffi::S32> pos,
+                         ffi::Buffer<ffi::S32> lens, ffi::Result<ffi::AnyBuffer>& out,
+                         const SourceOf& source_of) {
+  return for_dtype(name, q.element_type(), [&](auto kernels) {
+    using T = typename decltype(kernels)::Elem;
+    const T* k0 = static_cast<const T*>(k.untyped_data()) + offset;
+    const T* v0 = static_cast<const T*>(v.untyped_data()) + offset;
+    attention<T>(pool, sh, static_cast<const T*>(q.untyped_data()), source_of(k0, v0),
+                 tau.typed_data(), pos.typed_data(), lens.typed_data(),
+                 static_cast<T*>(out->untyped_data()));
   });
 }
 

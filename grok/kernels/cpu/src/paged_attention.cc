@@ -64,25 +64,20 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer
         "grok_paged_attention: k or pages do not match q (or H is odd, or nothing to read)");
   if (Z % kPageMultiple != 0)
     return ffi::Error::InvalidArgument("grok_paged_attention: page size not a multiple of 16");
-  if (tau.element_count() != size_t(sh.B * sh.T) || pos.element_count() != size_t(sh.B * sh.T) ||
-      lens.element_count() != size_t(sh.B))
-    return ffi::Error::InvalidArgument("grok_paged_attention: tau, positions [B, T], lengths [B]");
-  const auto dt = q.element_type();
-  if (k.element_type() != dt || v.element_type() != dt || out->element_type() != dt)
-    return ffi::Error::InvalidArgument("grok_paged_attention: q, k, v and out dtypes differ");
+  const ffi::Error checked = check_attention_inputs("grok_paged_attention", sh, q, k, v, tau, pos,
+                                                    lens, out->element_type());
+  if (checked.failure()) return checked;
 #if defined(__AVX512F__)
   const int64_t offset = lead_offset(kd, index.typed_data(), n_lead, M * Z * sh.Kh * sh.H);
-  return for_dtype("grok_paged_attention", dt, [&](auto kernels) {
-    using T = typename decltype(kernels)::Elem;
-    const T* k0 = static_cast<const T*>(k.untyped_data()) + offset;
-    const T* v0 = static_cast<const T*>(v.untyped_data()) + offset;
-    const int32_t* table = pages.typed_data();
-    const auto source = [&](int64_t b, int64_t kh) {
+  const int32_t* table = pages.typed_data();
+  const auto source_of = [&](auto k0, auto v0) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(k0)>>;
+    return [=, &sh](int64_t b, int64_t kh) {
       return PagedKV<T>{k0 + kh * sh.H, v0 + kh * sh.H, table + b * W, W, M, Z, sh.Kh * sh.H};
     };
-    attention<T>(pool, sh, static_cast<const T*>(q.untyped_data()), source, tau.typed_data(),
-                 pos.typed_data(), lens.typed_data(), static_cast<T*>(out->untyped_data()));
-  });
+  };
+  return run_attention("grok_paged_attention", pool, sh, q, k, v, offset, tau, pos, lens, out,
+                       source_of);
 #else
   return ffi::Error::Internal("grok_paged_attention: built without AVX-512");
 #endif
