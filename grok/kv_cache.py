@@ -24,6 +24,15 @@ import jax.numpy as jnp
 from grok.config import GrokConfig
 
 
+def _zero_keys_values(
+    config: GrokConfig, rows: int, slots: int, dtype: jnp.dtype
+) -> tuple[jax.Array, jax.Array]:
+    """Zero keys and values [L, rows, slots, K, H]: a dense cache's [L, B, S, K, H] or a page
+    pool's [L, M, Z, K, H]."""
+    shape = (config.num_hidden_layers, rows, slots, config.num_key_value_heads, config.head_dim)
+    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
@@ -44,18 +53,8 @@ class KVCache:
         cls, config: GrokConfig, batch_size: int, max_len: int, dtype: jnp.dtype = jnp.bfloat16
     ) -> KVCache:
         """An empty cache for ``batch_size`` sequences of up to ``max_len`` tokens."""
-        shape = (
-            config.num_hidden_layers,
-            batch_size,
-            max_len,
-            config.num_key_value_heads,
-            config.head_dim,
-        )
-        return cls(
-            k=jnp.zeros(shape, dtype),
-            v=jnp.zeros(shape, dtype),
-            lengths=jnp.zeros((batch_size,), jnp.int32),
-        )
+        k, v = _zero_keys_values(config, batch_size, max_len, dtype)
+        return cls(k=k, v=v, lengths=jnp.zeros((batch_size,), jnp.int32))
 
     @property
     def max_len(self) -> int:
@@ -120,14 +119,8 @@ class PagedKVCache:
         cls, config: GrokConfig, num_pages: int, page_size: int, dtype: jnp.dtype = jnp.bfloat16
     ) -> PagedKVCache:
         """An empty pool of ``num_pages`` pages of ``page_size`` tokens, no tables attached."""
-        shape = (
-            config.num_hidden_layers,
-            num_pages,
-            page_size,
-            config.num_key_value_heads,
-            config.head_dim,
-        )
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+        k, v = _zero_keys_values(config, num_pages, page_size, dtype)
+        return cls(k=k, v=v)
 
     @property
     def num_pages(self) -> int:
