@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -17,6 +16,8 @@ import time
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
+
+from grok.bench.harness import free_port, stop_process
 
 PROMPTS = [
     "A class definition",
@@ -91,9 +92,7 @@ async def run_level(
 def start_server(flags: list[str]) -> tuple[subprocess.Popen, str]:
     """A fresh ``grok-serve`` process with ``flags`` on a free port; (process, base URL) once
     /health answers."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "grok.serve", "--port", str(port), *flags]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
@@ -119,12 +118,7 @@ def server(flags: list[str]) -> Iterator[str]:
     try:
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
+        stop_process(proc)
 
 
 def levels(args: argparse.Namespace) -> None:

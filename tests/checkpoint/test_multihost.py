@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -43,6 +42,7 @@ import pytest
 
 import grok
 from grok import distributed
+from grok.bench.harness import free_port
 from grok.checkpoint.units import Copier
 from grok.cli import sample as cli
 from grok.presets import TINY_GROK2
@@ -187,12 +187,6 @@ def worker(process_id: int, port: int, checkpoint: str, out_dir: str) -> None:
     (Path(out_dir) / f"report{process_id}.json").write_text(json.dumps(report))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("multihost_ckpt")
@@ -234,7 +228,7 @@ def runs(checkpoint, tmp_path_factory):
         f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}",
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
-    port = free_port()
+    port = free_port("localhost")
     procs = [
         subprocess.Popen(
             [sys.executable, __file__, "worker", str(i), str(port), str(checkpoint), str(out_dir)],

@@ -28,6 +28,7 @@ from conftest import FAST_COMPILE_FLAGS
 from starlette.testclient import TestClient
 
 import grok
+from grok.bench.harness import free_port, stop_process
 from grok.builtin import builtin_dir
 from grok.kernels.cpu import CpuKernels
 from grok.sampling import Sampler
@@ -49,15 +50,9 @@ STARTUP_S = 180  # bound on the server's start (import, load) on a busy machine
 PROMPTS = ["A class definition", "The for statement", "Exceptions are raised when"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server():
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "GROK_API_KEY": KEY}
     env["XLA_FLAGS"] = FAST_COMPILE_FLAGS  # one device is all the server uses
     proc = subprocess.Popen(
@@ -92,12 +87,7 @@ def server():
             pytest.fail("grok-serve did not start in time")
         time.sleep(0.2)
     yield base, proc
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=20)
+    stop_process(proc, timeout=20)
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ from conftest import FAST_COMPILE_FLAGS
 from starlette.testclient import TestClient
 
 import grok
+from grok.bench.harness import free_port
 from grok.bench.serve_checks import upload_100mb
 from grok.builtin import builtin_dir
 from grok.errors import TokenizerError
@@ -427,7 +428,7 @@ def test_sigterm_drains_and_exits_0(tmp_path):
     streams and a whole request run and two clients sit idle on open connections: /health and
     new requests get 503 (Retry-After), the short stream finishes, what is still running at
     --drain-timeout ends with an error naming it, and the process exits 0 in time."""
-    port = _free_port()
+    port = free_port()
     # One device, and the suite's fast compiler (see conftest.py): compiling is most of this.
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     env["XLA_FLAGS"] = FAST_COMPILE_FLAGS
@@ -445,12 +446,6 @@ def test_sigterm_drains_and_exits_0(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=20)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_started(proc: subprocess.Popen, base: str, log_path: Path) -> None:
