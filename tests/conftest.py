@@ -158,3 +158,24 @@ def attention_config(kv_heads: int, group: int, head_dim: int, cap, temperature_
         attn_logit_softcapping=cap,
         attn_temperature_len=temperature_len,
     )
+
+
+def quantised_params(config, params: dict, mode: str) -> tuple[dict, dict]:
+    """(``params`` with every matrix of ``config``'s weight table quantised in ``mode`` (codes,
+    and ``name + "_scale"``), the same values dequantised to float32 as plain parameters)."""
+    import jax
+    import numpy as np
+
+    from grok.params import weight_specs
+    from grok.quant import dequantize, quantize
+
+    quant = {m: dict(leaves) for m, leaves in params.items()}
+    exact = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+    for spec in weight_specs(config):
+        if spec.quantized:
+            w = np.asarray(params[spec.module][spec.name], np.float32)
+            q, scale = quantize(w, mode, spec.in_dims)
+            quant[spec.module][spec.name] = jnp.asarray(q)
+            quant[spec.module][spec.name + "_scale"] = jnp.asarray(scale)
+            exact[spec.module][spec.name] = jnp.asarray(dequantize(q, scale))
+    return quant, exact

@@ -27,7 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import check_lowering_ignores_host_backend, needs_bf16, needs_f32, random_params
+from conftest import (
+    check_lowering_ignores_host_backend,
+    needs_bf16,
+    needs_f32,
+    quantised_params,
+    random_params,
+)
 from reference import rel_err
 
 from grok.api import Model
@@ -366,20 +372,7 @@ needs_codes = pytest.mark.skipif(
 def _quantised(mode: str) -> tuple[dict, dict]:
     """(bfloat16 parameters with every matrix quantised in ``mode``, the same values
     dequantised to float32 as plain parameters)."""
-    from grok.params import weight_specs
-    from grok.quant import dequantize, quantize
-
-    params = _params(QUANT_CONFIG, "bfloat16")
-    quant = {m: dict(leaves) for m, leaves in params.items()}
-    exact = jax.tree.map(lambda x: x.astype(jnp.float32), params)
-    for spec in weight_specs(QUANT_CONFIG):
-        if spec.quantized:
-            w = np.asarray(params[spec.module][spec.name], np.float32)
-            q, scale = quantize(w, mode, spec.in_dims)
-            quant[spec.module][spec.name] = jnp.asarray(q)
-            quant[spec.module][spec.name + "_scale"] = jnp.asarray(scale)
-            exact[spec.module][spec.name] = jnp.asarray(dequantize(q, scale))
-    return quant, exact
+    return quantised_params(QUANT_CONFIG, _params(QUANT_CONFIG, "bfloat16"), mode)
 
 
 @needs_codes

@@ -22,7 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import attention_config, check_lowering_ignores_host_backend, random_params
+from conftest import (
+    attention_config,
+    check_lowering_ignores_host_backend,
+    quantised_params,
+    random_params,
+)
 from reference import reference_cached_attention, rel_err
 
 from grok import tpu_plan
@@ -171,17 +176,9 @@ def test_tpu_kernels_quantised_equal_xla(mode):
     (one device, interpreted): XLA's logits. Per-channel scales go through the grouped
     kernel; row-block scales ("fp8-block", an FP8 checkpoint's 128x128 tiles) through XLA's
     path, which dequantises them."""
-    from grok.params import weight_specs
-
     config, dt = TINY_GROK1.replace(hidden_size=160, moe_intermediate_size=136), jnp.bfloat16
     params = jax.tree.map(lambda a: a.astype(dt), random_params(config))
-    quant = {m: dict(leaves) for m, leaves in params.items()}
-    for spec in weight_specs(config):
-        if spec.quantized:
-            w = np.asarray(params[spec.module][spec.name], np.float32)
-            q, scale = quantize(w, mode, spec.in_dims)
-            quant[spec.module][spec.name] = jnp.asarray(q)
-            quant[spec.module][spec.name + "_scale"] = jnp.asarray(scale)
+    quant, _ = quantised_params(config, params, mode)
     tokens = jnp.asarray([[3, 4, 5, 6]], jnp.int32)
     positions = jnp.arange(4, dtype=jnp.int32)[None]
 
